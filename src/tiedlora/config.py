@@ -1,0 +1,157 @@
+"""What a Tied-LoRA adapter is, in the paper's symbols.
+
+z = W x + (alpha / r) * diag(v) B diag(u) A x, with A: r x d_in, B: d_out x r, u: r, v: d_out.
+Each of A, B, u, v is a `Part`: tied (one tensor shared by every layer) or per layer, trained
+or frozen, and how it starts. The eight configurations of the paper's Table 1 are presets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+PARTS = ("A", "B", "u", "v")
+NAMED_INITS = ("kaiming", "zeros", "ones")
+# Target groups the library finds by itself; see `model.GROUP_PATTERNS` for the module names.
+GROUP_ALIASES = ("qkv", "o", "mlp_in", "mlp_out")
+
+
+class TiedLoraError(ValueError):
+    """Bad input at the library's boundary: the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One of A, B, u, v. `init` is "kaiming" (Kaiming-uniform, as PEFT's LoRA and VeRA),
+    "zeros", "ones" or a number every entry starts at (PEFT's VeRA starts u at 0.1)."""
+
+    tied: bool = False
+    trainable: bool = True
+    init: str | float = "kaiming"
+
+    def __post_init__(self):
+        if not isinstance(self.tied, bool) or not isinstance(self.trainable, bool):
+            raise TiedLoraError(f"Part(tied={self.tied!r}, trainable={self.trainable!r}): both must be True or False.")
+        if isinstance(self.init, bool) or not (self.init in NAMED_INITS or isinstance(self.init, (int, float))):
+            raise TiedLoraError(f"init={self.init!r} is not an initialisation: use one of {NAMED_INITS} or a number.")
+
+
+def _p(tied: bool, trainable: bool, init) -> Part:
+    return Part(tied=tied, trainable=trainable, init=init)
+
+
+N, ZERO, ONE = "kaiming", "zeros", "ones"
+# Table 1 of the paper, part by part (A, B, u, v). tl1 is as printed: A and B random, so it
+# does not start at the base model; `init={"A": "zeros"}` gives the zero-start variant.
+PRESETS: dict[str, tuple[Part, Part, Part, Part]] = {
+    "lora": (_p(False, True, N), _p(False, True, ZERO), _p(False, False, ONE), _p(False, False, ONE)),
+    "vera": (_p(True, False, N), _p(True, False, N), _p(False, True, ONE), _p(False, True, ZERO)),
+    "tl1": (_p(True, True, N), _p(True, False, N), _p(False, False, ONE), _p(False, False, ONE)),
+    "tl2": (_p(True, True, N), _p(True, False, N), _p(False, True, ONE), _p(False, True, ZERO)),
+    "tl3": (_p(True, False, N), _p(True, True, ZERO), _p(False, False, ONE), _p(False, False, ONE)),
+    "tl4": (_p(True, False, N), _p(True, True, ZERO), _p(False, True, ONE), _p(False, False, ONE)),
+    "tl5": (_p(True, True, N), _p(True, True, ZERO), _p(False, False, ONE), _p(False, False, ONE)),
+    "tl6": (_p(True, True, N), _p(True, True, N), _p(False, True, ONE), _p(False, True, ZERO)),
+}
+
+
+@dataclass(frozen=True)
+class TiedLoraConfig:
+    """A point of the Tied-LoRA space.
+
+    `alpha` defaults to `rank` (scale 1), as in the paper. `layers` restricts the adapter to
+    those layer indices (the paper's Table 3 puts LoRA on one layer). `targets` names the
+    groups to adapt: aliases from GROUP_ALIASES ("qkv", the paper's fused attention input, by
+    default), or a mapping from a group name to the module names, relative to one decoder
+    layer, that share that group's input (e.g. {"qkv": ["attn.q", "attn.k", "attn.v"]}).
+    """
+
+    rank: int = 8
+    A: Part = field(default_factory=lambda: PRESETS["lora"][0])
+    B: Part = field(default_factory=lambda: PRESETS["lora"][1])
+    u: Part = field(default_factory=lambda: PRESETS["lora"][2])
+    v: Part = field(default_factory=lambda: PRESETS["lora"][3])
+    alpha: float | None = None
+    seed: int = 0
+    layers: tuple[int, ...] | None = None
+    targets: tuple[str, ...] | dict[str, tuple[str, ...]] = ("qkv",)
+    dropout: float = 0.0
+    name: str = "custom"
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise TiedLoraError(f"rank={self.rank!r} must be a positive integer, e.g. rank=8.")
+        for part in PARTS:
+            if not isinstance(getattr(self, part), Part):
+                raise TiedLoraError(f"{part}={getattr(self, part)!r} must be a tiedlora.Part(tied=..., trainable=..., init=...).")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
+            raise TiedLoraError(f"alpha={self.alpha!r} must be a positive number (or None for alpha = rank).")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TiedLoraError(f"seed={self.seed!r} must be an integer.")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise TiedLoraError(f"dropout={self.dropout!r} must be in [0, 1).")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise TiedLoraError(f"layers={self.layers!r} must be a non-empty list of layer indices (0, 1, ...), or None for all.")
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        object.__setattr__(self, "targets", _normalise_targets(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    @property
+    def parts(self) -> dict[str, Part]:
+        return {p: getattr(self, p) for p in PARTS}
+
+    @classmethod
+    def preset(cls, name: str, rank: int = 8, *, init: dict | None = None, **options) -> "TiedLoraConfig":
+        """One of Table 1's configurations; `init={"A": "zeros"}` overrides a part's start."""
+        if name not in PRESETS:
+            raise TiedLoraError(f"Unknown preset {name!r}: choose one of {', '.join(PRESETS)}.")
+        parts = dict(zip(PARTS, PRESETS[name]))
+        for part, value in (init or {}).items():
+            if part not in PARTS:
+                raise TiedLoraError(f"init names part {part!r}: parts are {', '.join(PARTS)}.")
+            parts[part] = dataclasses.replace(parts[part], init=value)
+        return cls(rank=rank, name=name, **parts, **options)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        d["targets"] = {k: list(v) for k, v in self.targets.items()} if isinstance(self.targets, dict) else list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TiedLoraConfig":
+        """The inverse of to_dict; unknown or mistyped keys are errors, never ignored."""
+        if not isinstance(data, dict):
+            raise TiedLoraError(f"An adapter config must be a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TiedLoraError(f"Unknown config keys {unknown}: the keys are {sorted(known)}.")
+        data = dict(data)
+        for part in PARTS:
+            if part in data:
+                value = data[part]
+                part_keys = {f.name for f in dataclasses.fields(Part)}
+                if not isinstance(value, dict) or set(value) - part_keys:
+                    raise TiedLoraError(f"Config part {part}={value!r} must be an object with keys {sorted(part_keys)}.")
+                data[part] = Part(**value)
+        return cls(**data)
+
+
+def _normalise_targets(targets) -> tuple[str, ...] | dict[str, tuple[str, ...]]:
+    if isinstance(targets, str):
+        targets = (targets,)
+    if isinstance(targets, dict):
+        if not targets or not all(isinstance(k, str) and k and isinstance(v, (list, tuple)) and v and all(isinstance(m, str) for m in v) for k, v in targets.items()):
+            raise TiedLoraError(f"targets={targets!r}: a mapping needs group names to non-empty lists of module names, e.g. {{'qkv': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj']}}.")
+        return {k: tuple(v) for k, v in targets.items()}
+    targets = tuple(targets)
+    bad = [t for t in targets if t not in GROUP_ALIASES]
+    if not targets or bad:
+        raise TiedLoraError(f"targets={list(targets)!r}: use groups from {list(GROUP_ALIASES)} or a mapping {{group: [module names]}}.")
+    return tuple(dict.fromkeys(targets))

@@ -1,0 +1,205 @@
+"""Adapter files: tiny, safe, checked.
+
+A folder holds `adapter.safetensors` (the trained tensors only; frozen ones are regenerated from
+the seed) and `adapter_config.json` (the config, the base model's identity and shapes, the
+library version and the tensors file's sha256). Tensors are read with safetensors only: a
+stranger's file is data, never code. Every file is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TiedLoraConfig, TiedLoraError
+from .model import ATTRIBUTE, adapter_parameters, apply, find_layers, remove, root
+
+TENSORS = "adapter.safetensors"
+CONFIG = "adapter_config.json"
+FORMAT = "tiedlora"
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def save(model: nn.Module, folder, *, include_frozen: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write the adapter to `folder`; frozen tensors too with include_frozen (for readers that
+    cannot regenerate them); `dtype` (e.g. torch.bfloat16) halves the file."""
+    from safetensors.torch import save as to_bytes
+
+    params = adapter_parameters(model)
+    tensors = {k: p.detach().to("cpu", dtype or p.dtype).contiguous() for k, p in params.items() if include_frozen or p.requires_grad}
+    blob = to_bytes(tensors)
+    meta = {
+        "format": FORMAT,
+        "format_version": 1,
+        "library_version": _version(),
+        "config": root(model).config.to_dict(),
+        "base_model": base_identity(model),
+        "tensors": {"file": TENSORS, "sha256": hashlib.sha256(blob).hexdigest(), "stored": "all" if include_frozen else "trained"},
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / TENSORS, blob)
+    write_atomic(folder / CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
+    return folder
+
+
+def load(model: nn.Module, folder) -> nn.Module:
+    """Put the adapter saved in `folder` on `model` (applying its config if the model has no
+    adapter yet) and return the model. Everything is checked before the model is touched."""
+    folder = Path(folder)
+    meta = read_config(folder)
+    config = TiedLoraConfig.from_dict(meta["config"])
+    tensors = _read_tensors(folder, meta)
+    fresh = not hasattr(model, ATTRIBUTE)
+    if fresh:
+        apply(model, config)
+    elif root(model).config != config:
+        raise TiedLoraError(f"{folder} holds a {config.name!r} adapter with another config than the one on this model; call tiedlora.remove(model) first.")
+    try:
+        _check_base(model, meta["base_model"], folder)
+        params = adapter_parameters(model)
+        expected = {k for k, p in params.items() if p.requires_grad or meta["tensors"]["stored"] == "all"}
+        if set(tensors) != expected:
+            raise TiedLoraError(f"{folder / TENSORS} holds tensors {sorted(set(tensors) ^ expected)[:6]} that do not match its config; the file is damaged or was written by another tool.")
+        for key, t in tensors.items():
+            if t.shape != params[key].shape or not t.is_floating_point():
+                raise TiedLoraError(f"{folder / TENSORS}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected a float tensor of shape {tuple(params[key].shape)}.")
+        if any(member.merged for site in root(model).sites for _, member in site.members):
+            raise TiedLoraError("The adapter on this model is merged into its weights: call tiedlora.unmerge(model) before loading another.")
+        with torch.no_grad():
+            for key, t in tensors.items():
+                params[key].copy_(t)
+    except TiedLoraError:
+        if fresh:
+            remove(model)
+        raise
+    return model
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise TiedLoraError(f"{path} does not exist: pass a folder written by tiedlora.save.")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise TiedLoraError(f"{path} is {path.stat().st_size} bytes, too large for an adapter config; it is not one.")
+    try:
+        meta = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TiedLoraError(f"{path} is not valid JSON ({e}); re-save the adapter.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise TiedLoraError(f"{path} is not a tiedlora adapter config (no \"format\": \"{FORMAT}\"); for a PEFT adapter use peft.")
+    expected = {"format", "format_version", "library_version", "config", "base_model", "tensors"}
+    if set(meta) != expected or not isinstance(meta["tensors"], dict) or not isinstance(meta["base_model"], dict):
+        raise TiedLoraError(f"{path} has keys {sorted(meta)}, expected {sorted(expected)}; the file is damaged.")
+    if meta["tensors"].get("stored") not in ("trained", "all") or not isinstance(meta["tensors"].get("sha256"), str):
+        raise TiedLoraError(f"{path}: \"tensors\" must give \"stored\" (trained or all) and \"sha256\"; the file is damaged.")
+    return meta
+
+
+def _read_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as from_bytes
+
+    path = folder / TENSORS
+    if path.is_symlink() or not path.is_file():
+        raise TiedLoraError(f"{path} is missing or not a regular file: pass a folder written by tiedlora.save.")
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta["tensors"]["sha256"]:
+        raise TiedLoraError(f"{path} does not match the sha256 in {CONFIG}: it was truncated or changed after saving; re-save or re-download it.")
+    try:
+        return from_bytes(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise TiedLoraError(f"{path} is not a valid safetensors file ({e}).") from None
+
+
+def base_identity(model: nn.Module) -> dict:
+    """What an adapter must match: the layer count and each group's member names and shapes."""
+    r = root(model)
+    config = getattr(model, "config", None)
+    groups = {}
+    for site in r.sites:
+        groups.setdefault(site.group, {
+            "members": [path.split(f".{site.layer}.", 1)[1] for path, _ in site.members],
+            "d_in": site.adapter.part("A").shape[1],
+            "d_out": [m.rows.stop - m.rows.start for _, m in site.members],
+        })
+    return {
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "model_type": getattr(config, "model_type", None),
+        "layers": len(find_layers(model)),
+        "groups": groups,
+    }
+
+
+def _check_base(model: nn.Module, saved: dict, folder: Path) -> None:
+    found = base_identity(model)
+    keys = ("model_type", "layers", "groups")
+    if any(saved.get(k) != found[k] for k in keys):
+        want = {k: saved.get(k) for k in keys}
+        have = {k: found[k] for k in keys}
+        raise TiedLoraError(f"{folder} was made for another base model: expected {want}, found {have}; load it on the model it was trained on ({saved.get('name_or_path')}).")
+
+
+def export_peft(model: nn.Module, folder) -> Path:
+    """Write a standard PEFT LoRA adapter (what PEFT, vLLM and other LoRA servers read):
+    per module A_l = diag(u_l) A and B_l = (alpha/r) diag(v_l) B[rows], with lora_alpha = r."""
+    from safetensors.torch import save as to_bytes
+
+    r = root(model)
+    rank = r.config.rank
+    tensors, names = {}, set()
+    with torch.no_grad():
+        for site in r.sites:
+            a = (site.adapter.part("u").unsqueeze(1) * site.adapter.part("A")).float().cpu().contiguous()
+            for path, member in site.members:
+                tensors[f"base_model.model.{path}.lora_A.weight"] = a.clone()
+                tensors[f"base_model.model.{path}.lora_B.weight"] = site.adapter.up_weight(member.rows).float().cpu().contiguous()
+                names.add(path.rsplit(".", 1)[1] if r.config.layers is None else path)
+    config = getattr(model, "config", None)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(names),
+        "fan_in_fan_out": any(m.transposed for site in r.sites for _, m in site.members),
+        "inference_mode": True,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "adapter_model.safetensors", to_bytes(tensors))
+    write_atomic(folder / "adapter_config.json", (json.dumps(peft_config, indent=2) + "\n").encode())
+    return folder
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename: a crash leaves
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,53 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+from transformers.utils import logging
+
+logging.set_verbosity_error()
+
+# Tiny random models of the four layouts: separate q/k/v with grouped-query attention (Llama,
+# Qwen2 with biases), GPT-2's fused Conv1D c_attn, GPT-NeoX's fused query_key_value.
+TINY = {
+    "llama": lambda: LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=96, vocab_size=128),
+    "qwen2": lambda: Qwen2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                 intermediate_size=64, vocab_size=128),
+    "gpt2": lambda: GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0),
+    "neox": lambda: GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=128, bos_token_id=0, eos_token_id=0),
+}
+# (d_in, d_out of the q/k/v group, layers) of each tiny model.
+SHAPES = {"llama": (64, 64 + 2 * 32, 3), "qwen2": (48, 48 + 2 * 12, 2), "gpt2": (32, 96, 3), "neox": (32, 96, 2)}
+
+
+def tiny_model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = TINY[kind]()
+    config._attn_implementation = "eager"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(params=sorted(TINY))
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def randomize(model, seed: int = 0):
+    """Give every adapter tensor random values so no part is a silent zero or one."""
+    import tiedlora
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tiedlora.adapter_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
