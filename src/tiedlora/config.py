@@ -107,10 +107,12 @@ class TiedLoraConfig:
 
     @classmethod
     def preset(cls, name: str, rank: int = 8, *, init: dict | None = None, **options) -> "TiedLoraConfig":
-        """One of Table 1's configurations; `init={"A": "zeros"}` overrides a part's start."""
+        """One of Table 1's configurations; `init={"A": "zeros"}` overrides a part's start,
+        `A=Part(...)` a whole part."""
         if name not in PRESETS:
             raise TiedLoraError(f"Unknown preset {name!r}: choose one of {', '.join(PRESETS)}.")
         parts = dict(zip(PARTS, PRESETS[name]))
+        parts.update({p: options.pop(p) for p in PARTS if p in options})
         for part, value in (init or {}).items():
             if part not in PARTS:
                 raise TiedLoraError(f"init names part {part!r}: parts are {', '.join(PARTS)}.")

@@ -1,0 +1,116 @@
+import copy
+
+import pytest
+import torch
+from conftest import randomize, tiny_model
+
+import tiedlora
+from tiedlora import Part, TiedLoraConfig
+from tiedlora.layer import GroupAdapter
+from tiedlora.model import root
+
+ZERO_START = ["lora", "vera", "tl2", "tl3", "tl4", "tl5", "tl6"]
+
+
+@pytest.mark.parametrize("name", ZERO_START)
+def test_zero_start_presets_begin_at_the_base_model(kind, tokens, name):
+    base = tiny_model(kind)
+    expected = base(tokens).logits
+    model = tiedlora.apply(copy.deepcopy(base), TiedLoraConfig.preset(name, rank=4))
+    assert torch.equal(model(tokens).logits, expected)
+
+
+def test_tl1_as_printed_moves_and_its_zero_start_variant_does_not(tokens):
+    base = tiny_model("llama")
+    expected = base(tokens).logits
+    printed = tiedlora.apply(copy.deepcopy(base), TiedLoraConfig.preset("tl1", rank=4))
+    assert (printed(tokens).logits - expected).abs().max() > 1e-3
+    zero = tiedlora.apply(copy.deepcopy(base), TiedLoraConfig.preset("tl1", rank=4, init={"A": "zeros"}))
+    assert torch.equal(zero(tokens).logits, expected)
+
+
+def test_forward_is_the_equation():
+    """z = W x + b + (alpha/r) diag(v) B diag(u) A x, row by row over q, k, v."""
+    model = tiny_model("qwen2")  # q/k/v with biases and grouped-query attention
+    cfg = TiedLoraConfig.preset("tl6", rank=4, alpha=8)
+    layer = tiedlora.apply(model, cfg).model.layers[1].self_attn
+    randomize(model)
+    ad = layer.tiedlora_qkv
+    A, B, u, v = (ad.part(p).detach() for p in "ABuv")
+    x = torch.randn(5, 48)
+    full = torch.cat([m.base(x) for m in (layer.q_proj, layer.k_proj, layer.v_proj)], dim=-1)
+    full = full + 2.0 * ((x @ A.T) * u) @ (B.T * v.unsqueeze(0))
+    got = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], dim=-1)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+def test_down_projection_runs_once_per_layer(tokens, monkeypatch):
+    model = randomize(tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl6", rank=4)))
+    calls = []
+    original = GroupAdapter.part
+    monkeypatch.setattr(GroupAdapter, "part", lambda self, name: calls.append(name) or original(self, name))
+    model(tokens)
+    assert calls.count("A") == 3  # one A x per layer, shared by q, k and v
+    assert calls.count("B") == 9  # one up-projection per member
+    assert all(site.adapter._cache is None for site in root(model).sites)
+
+
+@pytest.mark.parametrize("name", sorted(tiedlora.PRESETS))
+def test_gradients_reach_exactly_the_trainable_parts(kind, tokens, name):
+    model = randomize(tiedlora.apply(tiny_model(kind), TiedLoraConfig.preset(name, rank=4)))
+    model(tokens, labels=tokens).loss.backward()
+    cfg = root(model).config
+    for key, p in tiedlora.adapter_parameters(model).items():
+        part = cfg.parts[key.rsplit(".", 1)[1]]
+        assert p.requires_grad == part.trainable, key
+        if part.trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, key
+        else:
+            assert p.grad is None, key
+    base = [n for n, p in model.named_parameters() if "tiedlora" not in n]
+    assert base and all(not p.requires_grad and p.grad is None for n, p in model.named_parameters() if n in base)
+
+
+def test_tied_tensor_is_one_parameter(tokens):
+    model = tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl5", rank=4))
+    layers = model.model.layers
+    a0, a2 = layers[0].self_attn.tiedlora_qkv.part("A"), layers[2].self_attn.tiedlora_qkv.part("A")
+    assert a0 is a2 is model.tiedlora["qkv"]["A"]
+    keys = [k for k in model.state_dict() if k.endswith(".A") or k.endswith(".B")]
+    assert keys == ["tiedlora.qkv.A", "tiedlora.qkv.B"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    assert len(optimizer.param_groups[0]["params"]) == 2
+
+
+def test_tied_gradient_is_the_sum_over_layers(tokens):
+    """Tying = one tensor whose gradient accumulates every layer's: compare with per-layer copies."""
+    tied = randomize(tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl6", rank=4)))
+    untied_cfg = TiedLoraConfig.preset("tl6", rank=4, A=Part(tied=False), B=Part(tied=False))
+    untied = tiedlora.apply(tiny_model("llama"), untied_cfg)
+    with torch.no_grad():
+        for site_t, site_u in zip(root(tied).sites, root(untied).sites):
+            for p in "ABuv":
+                site_u.adapter.part(p).copy_(site_t.adapter.part(p))
+    for m in (tied, untied):
+        m(tokens, labels=tokens).loss.backward()
+    for p in "AB":
+        summed = sum(site.adapter.part(p).grad for site in root(untied).sites)
+        torch.testing.assert_close(tied.tiedlora["qkv"][p].grad, summed, rtol=1e-5, atol=1e-7)
+
+
+def test_dropout_only_when_asked(tokens):
+    plain = tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl6", rank=4))
+    assert all(site.adapter.dropout is None for site in root(plain).sites)
+    dropped = randomize(tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl6", rank=4, dropout=0.5)))
+    dropped.train()
+    torch.manual_seed(0)
+    a = dropped(tokens).logits
+    dropped.eval()
+    assert not torch.allclose(a, dropped(tokens).logits)
+
+
+def test_bf16_base_with_fp32_adapter(tokens):
+    model = tiedlora.apply(tiny_model("llama").to(torch.bfloat16), TiedLoraConfig.preset("tl6", rank=4))
+    assert tiedlora.adapter_parameters(model)["qkv.A"].dtype == torch.float32
+    randomize(model)(tokens, labels=tokens).loss.backward()
+    assert model.tiedlora["qkv"]["A"].grad.dtype == torch.float32
