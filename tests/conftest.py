@@ -42,12 +42,14 @@ def tokens():
     return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
-def randomize(model, seed: int = 0):
-    """Give every adapter tensor random values so no part is a silent zero or one."""
+def randomize(model, seed: int = 0, trainable_only: bool = False):
+    """Give adapter tensors random values so no part is a silent zero or one; trainable_only
+    keeps the frozen ones as seeded, as after training."""
     import tiedlora
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in tiedlora.adapter_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            if p.requires_grad or not trainable_only:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
