@@ -55,3 +55,26 @@ def test_vera_preset_equals_peft_vera_given_the_same_tensors(tokens):
     peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert tiedlora.trainable_parameters(ours) == peft_trainable
     torch.testing.assert_close(peft_model(tokens).logits, ours(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def saved_activation_bytes(model, tokens):
+    """Bytes autograd keeps for backward (each storage once), what training memory grows with."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, labels=tokens).loss
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("name", sorted(tiedlora.PRESETS))
+def test_no_more_saved_activations_than_peft_lora(tokens, name):
+    """v scales B (d_out x r), not the d_out-wide activations, so memory stays at LoRA's."""
+    tokens = tokens.repeat(4, 4)  # long enough that activations, not weights, dominate
+    base = tiny_model("llama")
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"]))
+    ours = tiedlora.apply(copy.deepcopy(base), TiedLoraConfig.preset(name, rank=4))
+    assert saved_activation_bytes(ours, tokens) <= saved_activation_bytes(peft_model, tokens)
