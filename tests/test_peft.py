@@ -1,6 +1,7 @@
 """Golden tests against PEFT (a test-only dependency): export, LoRA and VeRA equality."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -78,3 +79,18 @@ def test_no_more_saved_activations_than_peft_lora(tokens, name):
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"]))
     ours = tiedlora.apply(copy.deepcopy(base), TiedLoraConfig.preset(name, rank=4))
     assert saved_activation_bytes(ours, tokens) <= saved_activation_bytes(peft_model, tokens)
+
+
+def test_export_uses_short_target_names_only_where_they_are_exact(tmp_path):
+    gpt2 = randomize(tiedlora.apply(tiny_model("gpt2"), TiedLoraConfig.preset("tl5", rank=2, targets=["qkv", "o"])))
+    tiedlora.export_peft(gpt2, tmp_path / "a")
+    # attn.c_proj is adapted, mlp.c_proj is not: "c_proj" alone would catch both
+    names = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
+    assert names == ["c_attn"] + [f"transformer.h.{i}.attn.c_proj" for i in range(3)]
+    one = tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("lora", rank=2, layers=[2]))
+    tiedlora.export_peft(one, tmp_path / "b")
+    names = json.loads((tmp_path / "b" / "adapter_config.json").read_text())["target_modules"]
+    assert names == [f"model.layers.2.self_attn.{m}_proj" for m in "kqv"]
+    everywhere = tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("lora", rank=2))
+    tiedlora.export_peft(everywhere, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["target_modules"] == ["k_proj", "q_proj", "v_proj"]

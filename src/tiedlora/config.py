@@ -149,7 +149,7 @@ def _normalise_targets(targets) -> tuple[str, ...] | dict[str, tuple[str, ...]]:
     if isinstance(targets, str):
         targets = (targets,)
     if isinstance(targets, dict):
-        if not targets or not all(isinstance(k, str) and k and isinstance(v, (list, tuple)) and v and all(isinstance(m, str) for m in v) for k, v in targets.items()):
+        if not targets or not all(isinstance(k, str) and k.isidentifier() and isinstance(v, (list, tuple)) and v and all(isinstance(m, str) for m in v) for k, v in targets.items()):
             raise TiedLoraError(f"targets={targets!r}: a mapping needs group names to non-empty lists of module names, e.g. {{'qkv': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj']}}.")
         return {k: tuple(v) for k, v in targets.items()}
     targets = tuple(targets)

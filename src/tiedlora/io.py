@@ -126,7 +126,7 @@ def base_identity(model: nn.Module) -> dict:
     groups = {}
     for site in r.sites:
         groups.setdefault(site.group, {
-            "members": [path.split(f".{site.layer}.", 1)[1] for path, _ in site.members],
+            "members": list(site.names),
             "d_in": site.adapter.part("A").shape[1],
             "d_out": [m.rows.stop - m.rows.start for _, m in site.members],
         })
@@ -154,14 +154,14 @@ def export_peft(model: nn.Module, folder) -> Path:
 
     r = root(model)
     rank = r.config.rank
-    tensors, names = {}, set()
+    tensors, paths = {}, []
     with torch.no_grad():
         for site in r.sites:
             a = (site.adapter.part("u").unsqueeze(1) * site.adapter.part("A")).float().cpu().contiguous()
             for path, member in site.members:
                 tensors[f"base_model.model.{path}.lora_A.weight"] = a.clone()
                 tensors[f"base_model.model.{path}.lora_B.weight"] = site.adapter.up_weight(member.rows).float().cpu().contiguous()
-                names.add(path.rsplit(".", 1)[1] if r.config.layers is None else path)
+                paths.append(path)
     config = getattr(model, "config", None)
     peft_config = {
         "peft_type": "LORA",
@@ -171,7 +171,7 @@ def export_peft(model: nn.Module, folder) -> Path:
         "lora_alpha": rank,
         "lora_dropout": 0.0,
         "bias": "none",
-        "target_modules": sorted(names),
+        "target_modules": _target_names(model, paths),
         "fan_in_fan_out": any(m.transposed for site in r.sites for _, m in site.members),
         "inference_mode": True,
     }
@@ -180,6 +180,16 @@ def export_peft(model: nn.Module, folder) -> Path:
     write_atomic(folder / "adapter_model.safetensors", to_bytes(tensors))
     write_atomic(folder / "adapter_config.json", (json.dumps(peft_config, indent=2) + "\n").encode())
     return folder
+
+
+def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
+    """Short names ("q_proj"), as LoRA servers expect, where they pick out exactly the adapted
+    modules; full paths where a short name would also catch others (a layer subset, say)."""
+    by_short: dict[str, set[str]] = {}
+    for name, _ in model.named_modules():
+        by_short.setdefault(name.rsplit(".", 1)[-1], set()).add(name)
+    adapted = set(paths)
+    return sorted({p.rsplit(".", 1)[-1] if by_short[p.rsplit(".", 1)[-1]] <= adapted else p for p in paths})
 
 
 def write_atomic(path: Path, data: bytes) -> None:

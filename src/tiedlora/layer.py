@@ -132,6 +132,8 @@ class AdaptedLinear(nn.Module):
 class Site:
     """Where one group of one layer is adapted: its adapter and its members with their paths."""
 
-    def __init__(self, layer: int, group: str, adapter: GroupAdapter, owner: nn.Module, members: list[tuple[str, AdaptedLinear]]):
+    def __init__(self, layer: int, group: str, adapter: GroupAdapter, owner: nn.Module, names: tuple[str, ...],
+                 members: list[tuple[str, AdaptedLinear]]):
         self.layer, self.group, self.adapter, self.members = layer, group, adapter, members
         self.owner = owner  # the module that holds the adapter: the members' common parent
+        self.names = names  # the members' names relative to their layer

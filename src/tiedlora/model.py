@@ -67,7 +67,7 @@ def apply(model: nn.Module, config: TiedLoraConfig, *, device=None, dtype=torch.
                 _set_submodule(layers[i], name, member)
                 adapted.append((f"{prefix}.{i}.{name}", member))
                 start += d_out
-            root.sites.append(Site(i, group, adapter, owner, adapted))
+            root.sites.append(Site(i, group, adapter, owner, members, adapted))
     setattr(model, ATTRIBUTE, root)
     return model
 
