@@ -1,0 +1,418 @@
+"""Training with the paper's recipe (section 4.3), resumable to the bit.
+
+AdamW (weight decay 0.01), linear warm-up then cosine decay, global batches reached by gradient
+accumulation (and data parallelism through accelerate), validation every `val_every` steps with
+early stopping, the best adapter kept, then scored on the test split.
+
+Everything a resumed run needs is a function of the step or stored in a checkpoint: the data
+order is a seeded permutation per epoch, the learning rate a formula of the step, dropout's RNG
+is re-seeded every step, and the optimizer's moments are saved with safetensors (no pickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import TiedLoraConfig, TiedLoraError, adapter_parameters, apply, load, save, trainable_parameters
+from .io import write_atomic
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `tiedlora train`; the defaults are the paper's recipe."""
+
+    task: str = "gsm8k"
+    config: str = "tl6"
+    rank: int = 8
+    alpha: float | None = None
+    layers: list[int] | None = None
+    init: dict[str, str] | None = None
+    model: str = "smollm2-135m"
+    out: str = "runs/run"
+    source: str = "bundled"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_steps: int = 2000
+    batch_size: int = 256
+    micro_batch_size: int = 8
+    val_every: int = 30
+    val_rows: int | None = 500
+    patience: int = 10
+    early_stop_on: str = "loss"
+    checkpoint_every: int | None = None
+    max_length: int = 1024
+    train_rows: int | None = None
+    test_rows: int | None = None
+    max_new_tokens: int = 500
+    eval_batch_size: int = 16
+    chat: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("rank", "max_steps", "batch_size", "micro_batch_size", "val_every", "patience", "max_length", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise TiedLoraError(f"--{name} {getattr(self, name)} must be positive.")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise TiedLoraError(f"--lr {self.lr} must be a positive number, e.g. 1e-4.")
+        if self.early_stop_on not in ("loss", "metric"):
+            raise TiedLoraError(f"--early_stop_on {self.early_stop_on!r}: choose loss (validation loss) or metric (the task's headline, by generation).")
+
+    def adapter(self) -> TiedLoraConfig:
+        return TiedLoraConfig.preset(self.config, rank=self.rank, alpha=self.alpha, seed=self.seed,
+                                     layers=self.layers, init=self.init)
+
+
+# What may change between a run and its resumption without changing the result.
+RESUMABLE = ("out", "test_rows", "eval_batch_size", "max_new_tokens")
+
+
+class Diverged(TiedLoraError):
+    """A non-finite loss or gradient: training stops and the last good checkpoint stays."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to 0 at `max_steps` (step counts from 0)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def encode_rows(task, rows, tokenizer, cfg: TrainConfig) -> list[dict]:
+    """Tokenised examples, loss on answer tokens; an over-long example loses the start of its
+    prompt (the answer is what is learnt), and the run says how many did."""
+    from .tasks import encode
+
+    examples, cut = [], 0
+    for row in rows:
+        e = encode(tokenizer, task.prompt(row), task.target(row), cfg.chat)
+        extra = len(e["input_ids"]) - cfg.max_length
+        if extra > 0:
+            cut += 1
+            e = {k: v[extra:] for k, v in e.items()}
+        examples.append(e)
+    return examples, cut
+
+
+def step_batches(n: int, cfg: TrainConfig, step: int) -> list[int]:
+    """Example indices of global step `step`: epoch e reads a seed-(seed+e) permutation in
+    consecutive slices of batch_size (a remainder smaller than a batch is skipped)."""
+    size = min(cfg.batch_size, n)
+    per_epoch = n // size
+    epoch, pos = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    return order[pos * size:(pos + 1) * size]
+
+
+def micro_batches(indices: list[int], examples: list[dict], cfg: TrainConfig, world: int, rank: int) -> list[list[int]]:
+    """This process's share of a global batch: sorted by length (little padding), cut into
+    `world * k` near-equal micro batches, every k-th to each process, so all processes step
+    together and the union over processes is the global batch."""
+    ordered = sorted(indices, key=lambda i: len(examples[i]["input_ids"]))
+    k = math.ceil(len(ordered) / (cfg.micro_batch_size * world))
+    parts = world * k
+    bounds = [round(j * len(ordered) / parts) for j in range(parts + 1)]
+    chunks = [ordered[bounds[j]:bounds[j + 1]] for j in range(parts)]
+    return chunks[rank::world]
+
+
+def collate(examples: list[dict], pad_id: int, device) -> dict:
+    width = max(len(e["input_ids"]) for e in examples)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for e in examples:
+        gap = width - len(e["input_ids"])
+        rows["input_ids"].append(e["input_ids"] + [pad_id] * gap)
+        rows["attention_mask"].append([1] * len(e["input_ids"]) + [0] * gap)
+        rows["labels"].append(e["labels"] + [-100] * gap)
+    return {k: torch.tensor(v, device=device) for k, v in rows.items()}
+
+
+class TokenLoss(nn.Module):
+    """Summed next-token loss over the answer tokens, with the output head applied only where
+    there is a loss: on a 49k-word vocabulary the head is a fifth of the model's work. Used as
+    the module that DDP wraps, so its forward is the one that synchronises gradients."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def answer_tokens(examples: list[dict]) -> int:
+    return sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
+
+
+@torch.no_grad()
+def validation_loss(loss_fn, examples, cfg, pad_id, device) -> float:
+    """Mean loss per answer token over the validation examples."""
+    total = 0.0
+    ordered = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    for start in range(0, len(ordered), cfg.micro_batch_size):
+        chunk = [examples[i] for i in ordered[start:start + cfg.micro_batch_size]]
+        total += loss_fn(**collate(chunk, pad_id, device)).item()
+    return total / max(1, answer_tokens(examples))
+
+
+class Checkpoints:
+    """`checkpoint/step-N/` folders, each complete before `checkpoint/latest` (written atomically)
+    names it; older ones are deleted after. A kill at any moment leaves the previous one whole."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder / "checkpoint"
+
+    def latest(self) -> Path | None:
+        pointer = self.folder / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.folder / pointer.read_text().strip()
+        if not path.is_dir():
+            raise TiedLoraError(f"{pointer} names {path.name}, which is missing; delete {self.folder} to start over.")
+        return path
+
+    def write(self, model, optimizer, state: dict) -> Path:
+        from safetensors.torch import save as to_bytes
+
+        path = self.folder / f"step-{state['step']}"
+        if path.exists():
+            shutil.rmtree(path)
+        save(model, path)
+        params = {id(p): k for k, p in adapter_parameters(model).items()}
+        moments = {f"{params[id(p)]}/{name}": t.detach().cpu().contiguous()
+                   for p, s in optimizer.state.items() for name, t in s.items() if torch.is_tensor(t)}
+        write_atomic(path / "optimizer.safetensors", to_bytes(moments))
+        write_atomic(path / "state.json", (json.dumps(state, indent=2) + "\n").encode())
+        write_atomic(self.folder / "latest", path.name.encode())
+        for old in self.folder.glob("step-*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    @staticmethod
+    def read(path: Path, model, optimizer) -> dict:
+        from safetensors.torch import load_file
+
+        load(model, path)
+        params = adapter_parameters(model)
+        for key, t in load_file(path / "optimizer.safetensors").items():
+            name, _, field = key.rpartition("/")
+            if name not in params:
+                raise TiedLoraError(f"{path}/optimizer.safetensors has state for {name}, which this adapter lacks.")
+            # AdamW keeps its step count on the CPU unless fused or capturable
+            optimizer.state[params[name]][field] = t if field == "step" else t.to(params[name].device)
+        return json.loads((path / "state.json").read_text())
+
+
+def versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"tiedlora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
+    """The run folder: new, or (with resume) holding this same run; anything else is an error."""
+    folder = Path(cfg.out)
+    run_file = folder / "run.json"
+    mine = dataclasses.asdict(cfg)
+    if run_file.is_file():
+        theirs = json.loads(run_file.read_text())["config"]
+        if not resume:
+            raise TiedLoraError(f"{folder} already holds a run: pass --resume to continue it, or choose another --out.")
+        changed = sorted(k for k in set(mine) | set(theirs) if k not in RESUMABLE and mine.get(k) != theirs.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in changed)
+            raise TiedLoraError(f"--resume with a different config than {run_file} ({diff}); resume with the same options or choose another --out.")
+    elif folder.exists() and any(folder.iterdir()):
+        raise TiedLoraError(f"{folder} is not empty and holds no tiedlora run: choose another --out.")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not run_file.is_file():
+        write_atomic(run_file, (json.dumps({"config": mine, "versions": versions()}, indent=2) + "\n").encode())
+    return folder
+
+
+class Log:
+    """log.csv and TensorBoard events in the run folder; on resume both drop what came after the
+    checkpoint, so a resumed run's log reads as one run."""
+
+    FIELDS = ("step", "loss", "lr", "tokens_per_s", "val_loss", "val_metric", "elapsed_s")
+
+    def __init__(self, folder: Path, start: int, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = folder / "log.csv"
+        rows = []
+        if self.path.is_file():
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start + 1 if start else None)
+
+    def write(self, **row):
+        if not self.enabled:
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.FIELDS).writerow(row)
+        for key, value in row.items():
+            if key != "step" and value not in ("", None):
+                self.tb.add_scalar(key, value, row["step"])
+        self.tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self.tb.close()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
+    """Train, keep the best adapter, score it on the test split; returns results.json's content."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .evaluate import evaluate
+    from .models import load_model
+    from .tasks import get
+
+    started = time.time()
+    task = get(cfg.task)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    main_process = accelerator.is_main_process
+    folder = prepare_folder(cfg, resume) if main_process else Path(cfg.out)
+    accelerator.wait_for_everyone()
+    results_file = folder / "results.json"
+    if resume and results_file.is_file():
+        return json.loads(results_file.read_text())
+
+    model, tokenizer = load_model(cfg.model)
+    apply(model, cfg.adapter())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_rows = task.load("train", cfg.source)
+    val_rows = task.load("validation", cfg.source)
+    train_examples, cut = encode_rows(task, train_rows[:cfg.train_rows], tokenizer, cfg)
+    val_examples, _ = encode_rows(task, val_rows[:cfg.val_rows], tokenizer, cfg)
+    if cut and main_process:
+        print(f"tiedlora train: {cut} of {len(train_examples)} training examples exceed --max_length {cfg.max_length}; their prompts were cut from the start.")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    checkpoints = Checkpoints(folder)
+    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "elapsed_s": 0.0, "stopped": None}
+    latest = checkpoints.latest() if resume else None
+    if latest is not None:
+        state = Checkpoints.read(latest, model, optimizer)
+    loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    device = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    checkpoint_every = cfg.checkpoint_every or cfg.val_every
+    log = Log(folder, state["step"], main_process)
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"{cfg.task} {cfg.config} r{cfg.rank}", unit="step",
+               disable=quiet or not main_process, dynamic_ncols=True)
+    val_metric = ""
+    try:
+        while state["step"] < cfg.max_steps and state["stopped"] is None:
+            step = state["step"]
+            t0 = time.time()
+            torch.manual_seed(cfg.seed * 100_003 + step * world + rank)  # dropout masks: a function of the step
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss_fn.train()
+            indices = step_batches(len(train_examples), cfg, step)
+            n_tokens = answer_tokens([train_examples[i] for i in indices])
+            mine = micro_batches(indices, train_examples, cfg, world, rank)
+            total = torch.zeros((), device=device)
+            for j, chunk in enumerate(mine):
+                batch = collate([train_examples[i] for i in chunk], pad_id, device)
+                sync = accelerator.no_sync(loss_fn) if j < len(mine) - 1 else contextlib.nullcontext()
+                with sync:
+                    loss = loss_fn(**batch) / n_tokens
+                    accelerator.backward(loss * world)  # DDP averages over processes; the loss is a global mean
+                total += loss.detach()
+            total = accelerator.reduce(total, reduction="sum")
+            if not torch.isfinite(total) or any(not torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                raise Diverged(f"the training loss became {total.item()} at step {step + 1} (lr {lr_at(step, cfg):.3g}); "
+                               f"the last good checkpoint stays in {checkpoints.folder}; lower --lr and start again, or --resume from it.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            state["tokens"] += n_tokens
+            dt = time.time() - t0
+            state["elapsed_s"] += dt
+            tokens_per_s = sum(len(train_examples[i]["input_ids"]) for i in indices) / dt
+            bar.update(1)
+            bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr_at(step - 1, cfg):.2e}", tok_s=f"{tokens_per_s:.0f}")
+            row = {"step": step, "loss": round(total.item(), 6), "lr": lr_at(step - 1, cfg), "tokens_per_s": round(tokens_per_s, 1),
+                   "val_loss": "", "val_metric": "", "elapsed_s": round(state["elapsed_s"], 2)}
+            if step % cfg.val_every == 0 or step == cfg.max_steps:
+                loss_fn.eval()
+                val_loss = validation_loss(loss_fn, val_examples, cfg, pad_id, device)
+                if cfg.early_stop_on == "metric":
+                    scored = evaluate(model, tokenizer, task, val_rows[:cfg.val_rows], cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat)
+                    val_metric = next(iter(scored.values()))
+                value = -val_metric if cfg.early_stop_on == "metric" else val_loss
+                if state["best"] is None or value < state["best"]:
+                    state.update(best=value, best_step=step, bad_evals=0)
+                    if main_process:
+                        save(model, folder / "best")
+                else:
+                    state["bad_evals"] += 1
+                    if state["bad_evals"] >= cfg.patience:
+                        state["stopped"] = f"early stop: no better validation {cfg.early_stop_on} in {cfg.patience} validations"
+                row.update(val_loss=round(val_loss, 6), val_metric=val_metric)
+                if not quiet and main_process:
+                    bar.write(f"step {step}: validation loss {val_loss:.4f}" + (f", {cfg.early_stop_on} {val_metric:.2f}" if val_metric != "" else "")
+                              + (" (best)" if state["best_step"] == step else ""))
+            log.write(**row)
+            if main_process and (step % checkpoint_every == 0 or step == cfg.max_steps or state["stopped"]):
+                checkpoints.write(model, optimizer, state)
+            accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+        log.close()
+
+    if not main_process:
+        return {}
+    load(model, folder / "best")
+    test_all = task.load("test", cfg.source)
+    test_rows = test_all[:cfg.test_rows]
+    scores = evaluate(model, tokenizer, task, test_rows, cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat)
+    predictions = scores.pop("predictions")
+    results = {
+        "task": cfg.task, "config": cfg.config, "rank": cfg.rank, "model": cfg.model,
+        "params": trainable_parameters(model), "metrics": scores, "steps": state["step"], "best_step": state["best_step"],
+        "stopped": state["stopped"] or "max_steps", "train_tokens": state["tokens"], "train_time_s": round(state["elapsed_s"], 1),
+        "wall_time_s": round(time.time() - started, 1),
+        "data": {"train": train_rows.info, "validation": val_rows.info, "test": test_all.info,
+                 "train_rows_used": len(train_examples), "validation_rows_used": len(val_examples), "test_rows_used": len(test_rows)},
+        "recipe": dataclasses.asdict(cfg), "versions": versions(),
+    }
+    write_atomic(folder / "predictions.jsonl", "".join(json.dumps({"prediction": p}) + "\n" for p in predictions).encode())
+    write_atomic(results_file, (json.dumps(results, indent=2) + "\n").encode())
+    return results
