@@ -133,6 +133,7 @@ HELP = {
     "alpha": "Scale numerator (default: rank, i.e. scale 1 as in the paper).",
     "layers": "Adapt only these layer indices, e.g. [3].",
     "init": 'Override a part\'s init, e.g. {"A": "zeros"} (tl1\'s zero-start variant).',
+    "dropout": "Dropout on the adapter's input (0: none, no copy).",
     "model": "smollm2-135m (bundled), a local model folder, or a Hub id.",
     "out": "The run folder.",
     "source": "Data: bundled, hub, a folder of <split>.jsonl, or a root with one folder per task.",

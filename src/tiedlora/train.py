@@ -41,6 +41,7 @@ class TrainConfig:
     alpha: float | None = None
     layers: list[int] | None = None
     init: dict[str, str] | None = None
+    dropout: float = 0.0
     model: str = "smollm2-135m"
     out: str = "runs/run"
     source: str = "bundled"
@@ -71,10 +72,14 @@ class TrainConfig:
             raise TiedLoraError(f"--lr {self.lr} must be a positive number, e.g. 1e-4.")
         if self.early_stop_on not in ("loss", "metric"):
             raise TiedLoraError(f"--early_stop_on {self.early_stop_on!r}: choose loss (validation loss) or metric (the task's headline, by generation).")
+        from .tasks import get
+
+        get(self.task)
+        self.adapter()
 
     def adapter(self) -> TiedLoraConfig:
         return TiedLoraConfig.preset(self.config, rank=self.rank, alpha=self.alpha, seed=self.seed,
-                                     layers=self.layers, init=self.init)
+                                     layers=self.layers, init=self.init, dropout=self.dropout)
 
 
 # What may change between a run and its resumption without changing the result.
@@ -302,6 +307,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
 
     started = time.time()
     task = get(cfg.task)
+    train_rows = task.load("train", cfg.source)
+    val_rows = task.load("validation", cfg.source)
+    model, tokenizer = load_model(cfg.model)
+    apply(model, cfg.adapter())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_examples, cut = encode_rows(task, train_rows[:cfg.train_rows], tokenizer, cfg)
+    val_examples, _ = encode_rows(task, val_rows[:cfg.val_rows], tokenizer, cfg)
+
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     main_process = accelerator.is_main_process
@@ -310,14 +323,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     results_file = folder / "results.json"
     if resume and results_file.is_file():
         return json.loads(results_file.read_text())
-
-    model, tokenizer = load_model(cfg.model)
-    apply(model, cfg.adapter())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_rows = task.load("train", cfg.source)
-    val_rows = task.load("validation", cfg.source)
-    train_examples, cut = encode_rows(task, train_rows[:cfg.train_rows], tokenizer, cfg)
-    val_examples, _ = encode_rows(task, val_rows[:cfg.val_rows], tokenizer, cfg)
     if cut and main_process:
         print(f"tiedlora train: {cut} of {len(train_examples)} training examples exceed --max_length {cfg.max_length}; their prompts were cut from the start.")
 

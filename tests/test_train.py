@@ -1,0 +1,209 @@
+"""The training harness end to end on a tiny random Llama with SmolLM2's tokenizer."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiedlora import TiedLoraError
+from tiedlora.cli import main
+from tiedlora.train import Diverged, TokenLoss, TrainConfig, lr_at, micro_batches, step_batches, train
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A 2-layer Llama (d = 32) with the real SmolLM2 tokenizer, saved as a model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from tiedlora.models import SMOLLM2_FILE, smollm2_folder
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def options(tiny_folder, out, **extra):
+    """A small run: 6 steps of 4 SQuAD rows in micro batches of 2, validating every 2 steps."""
+    return dict(task="squad", config="tl6", rank=4, model=str(tiny_folder), out=str(out), max_steps=6, batch_size=4,
+                micro_batch_size=2, val_every=2, val_rows=4, train_rows=24, test_rows=3, max_new_tokens=4, lr=1e-2,
+                warmup_steps=2, eval_batch_size=4) | extra
+
+
+def flags(tiny_folder, out, **extra):
+    return [f"--{k}={v}" for k, v in options(tiny_folder, out, **extra).items()]
+
+
+def adapter_tensors(folder):
+    return load_file(folder / "adapter.safetensors")
+
+
+def test_learning_rate_is_warmup_then_cosine():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(5e-4) and lr_at(110, cfg) == pytest.approx(0.0)
+
+
+def test_data_order_covers_each_epoch_once_and_splits_evenly():
+    cfg = TrainConfig(batch_size=4, micro_batch_size=1, seed=3)
+    seen = [i for step in range(5) for i in step_batches(20, cfg, step)]
+    assert sorted(seen) == list(range(20)) and step_batches(20, cfg, 5) != step_batches(20, cfg, 0)
+    examples = [{"input_ids": [0] * n} for n in range(20)]
+    shares = [micro_batches(list(range(7)), examples, cfg, 2, r) for r in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 4
+    assert sorted(i for s in shares for chunk in s for i in chunk) == list(range(7))
+
+
+def test_token_loss_equals_the_model_loss(tiny_folder):
+    from tiedlora.models import load_model
+
+    model, _ = load_model(str(tiny_folder))
+    ids = torch.randint(0, 1000, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 10:] = -100
+    mask = (labels != -100).long() | 1
+    n = int((labels[:, 1:] != -100).sum())
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss * n
+    torch.testing.assert_close(TokenLoss(model)(ids, mask, labels), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_train_eval_merge_export_cycle(tiny_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *flags(tiny_folder, run), "--quiet"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["task"] == "squad" and results["config"] == "tl6" and results["steps"] == 6
+    assert results["params"] == 32 * 4 + 64 * 4 + 2 * (4 + 64)
+    assert list(results["metrics"]) == ["exact_match", "f1"]
+    assert results["data"]["train"]["rule"] and results["data"]["test_rows_used"] == 3
+    assert set(results["versions"]) == {"tiedlora", "torch", "transformers", "python"}
+    with (run / "log.csv").open() as f:
+        log = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["val_loss"] != "" for r in log] == [False, True, False, True, False, True]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    capsys.readouterr()
+
+    assert main(["eval", "--adapter", str(run), "--task", "squad", "--limit", "2", "--max_new_tokens", "3"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["rows"] == 2 and list(scored["metrics"]) == ["exact_match", "f1"]
+    assert main(["eval", "--adapter", str(run), "--task", "squad", "--limit", "2", "--max_new_tokens", "3", "--base"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapter"] is None
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tiedlora.cli import open_adapter
+
+    adapted, _, _ = open_adapter(str(run), None)
+    ids = torch.randint(0, 1000, (2, 10))
+    with torch.no_grad():
+        expected = adapted(ids).logits
+    assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert (merged(ids).logits - expected).abs().max() < 1e-4
+    assert main(["export", "--adapter", str(run), "--out", str(tmp_path / "peft")]) == 0
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_folder), tmp_path / "peft")
+    with torch.no_grad():
+        assert (peft_model(ids).logits - expected).abs().max() < 1e-4
+    assert main(["generate", "--adapter", str(run), "--max_new_tokens", "3", "Hello"]) == 0
+
+
+def test_resume_after_kill_ends_with_the_same_adapter(tiny_folder, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    options = dict(max_steps=8, checkpoint_every=2, dropout=0.1, test_rows=1)
+    assert main(["train", *flags(tiny_folder, whole, **options), "--quiet"]) == 0
+
+    child = subprocess.Popen([sys.executable, "-m", "tiedlora", "train", *flags(tiny_folder, killed, **options), "--quiet"],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint" / "latest").is_file() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    assert main(["train", *flags(tiny_folder, killed, **options), "--resume", "--quiet"]) == 0
+
+    for sub in ("checkpoint/step-8", "best"):
+        a, b = adapter_tensors(whole / sub), adapter_tensors(killed / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    with (whole / "log.csv").open() as f, (killed / "log.csv").open() as g:
+        assert [r["loss"] for r in csv.DictReader(f)] == [r["loss"] for r in csv.DictReader(g)]
+
+
+def test_two_process_ddp_matches_one_process(tiny_folder, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    options = dict(max_steps=3, batch_size=6, micro_batch_size=2, val_every=3, test_rows=1)
+    assert main(["train", *flags(tiny_folder, one, **options), "--quiet"]) == 0
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tiedlora", "train",
+                          *flags(tiny_folder, two, **options), "--quiet"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with (one / "log.csv").open() as f, (two / "log.csv").open() as g:
+        losses = [(float(a["loss"]), float(b["loss"])) for a, b in zip(csv.DictReader(f), csv.DictReader(g))]
+    assert len(losses) == 3 and all(a == pytest.approx(b, rel=1e-5) for a, b in losses)
+    a, b = adapter_tensors(one / "best"), adapter_tensors(two / "best")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_folder, tmp_path, monkeypatch):
+    forward = TokenLoss.forward
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(self.training)
+        loss = forward(self, *args, **kwargs)
+        return loss * float("nan") if sum(calls) > 6 else loss  # training steps 1-3 use 2 micro batches each
+
+    monkeypatch.setattr(TokenLoss, "forward", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(Diverged, match="the training loss became nan at step 4 .* the last good checkpoint stays in"):
+        train(TrainConfig(**options(tiny_folder, run)), quiet=True)
+    assert (run / "checkpoint" / "latest").read_text() == "step-2"
+    assert adapter_tensors(run / "checkpoint" / "step-2")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(task="squadd"), "No task 'squadd'; the tasks are squad"),
+    (dict(config="tl9"), "Unknown preset 'tl9'"),
+    (dict(model="no/such-model-here"), "Could not load --model 'no/such-model-here'"),
+    (dict(lr=-1), "--lr -1.0 must be a positive number"),
+])
+def test_bad_options_are_one_clear_line(tiny_folder, tmp_path, capsys, change, message):
+    assert main(["train", *flags(tiny_folder, tmp_path / "run", **change), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_folder_guards(tiny_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *flags(tiny_folder, run, max_steps=2), "--quiet"]) == 0
+    assert main(["train", *flags(tiny_folder, run, max_steps=2), "--quiet"]) == 2
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+    assert main(["train", *flags(tiny_folder, run, max_steps=2, rank=8), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume with a different config than" in err and "rank: 4 -> 8" in err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["train", *flags(tiny_folder, tmp_path / "other"), "--quiet"]) == 2
+    assert "is not empty and holds no tiedlora run" in capsys.readouterr().err
+
+
+def test_config_errors_without_the_cli():
+    with pytest.raises(TiedLoraError, match="--early_stop_on 'bleu'"):
+        TrainConfig(early_stop_on="bleu")
