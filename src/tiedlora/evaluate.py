@@ -1,0 +1,82 @@
+"""Scoring a model on a task as the paper does: greedy decoding of at most 500 new tokens, each
+answer ending at EOS; and HellaSwag's cheaper log-likelihood scorer. The model runs in eval
+mode and is given back in the mode it came in."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import Task, prompt_ids
+
+
+def _pad(seqs: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask of token lists padded to one length."""
+    width = max(map(len, seqs))
+    ids = [[pad] * (width - len(s)) + s if left else s + [pad] * (width - len(s)) for s in seqs]
+    mask = [[0] * (width - len(s)) + [1] * len(s) if left else [1] * len(s) + [0] * (width - len(s)) for s in seqs]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 500, batch_size: int = 8, chat: bool = False) -> list[str]:
+    """Greedy completions of `prompts`, in their order. Batches are left-padded so every answer
+    starts at the same position, and filled longest prompt first so they waste little on
+    padding. Decoding stops at EOS or `max_new_tokens`; no other stop string is assumed."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    answers = [""] * len(ids)
+    training = model.training
+    model.eval()
+    with tqdm(total=len(ids), desc="generate", unit="row") as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            input_ids, mask = _pad([ids[i] for i in rows], pad, True, model.device)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=greedy)
+            for i, new in zip(rows, out[:, input_ids.shape[1]:]):
+                answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            bar.update(len(rows))
+    model.train(training)
+    return answers
+
+
+def evaluate(model, tokenizer, task: Task, rows: list[dict], max_new_tokens: int = 500, batch_size: int = 8, chat: bool = False) -> dict:
+    """The task's scores on `rows` (headline first), then "predictions": the generated answers."""
+    predictions = generate(model, tokenizer, [task.prompt(r) for r in rows], max_new_tokens, batch_size, chat)
+    return {**task.score(predictions, rows), "predictions": predictions}
+
+
+@torch.no_grad()
+def loglik(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8) -> list[float]:
+    """The summed log-probability of each continuation given its context, from right-padded batches."""
+    ids = [(tokenizer(c)["input_ids"], tokenizer(e, add_special_tokens=False)["input_ids"]) for c, e in pairs]
+    out = []
+    training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(ids), batch_size), desc="log-likelihood", unit="batch"):
+        batch = ids[start:start + batch_size]
+        input_ids, mask = _pad([c + e for c, e in batch], 0, False, model.device)
+        logprobs = model(input_ids=input_ids, attention_mask=mask).logits.float().log_softmax(-1)
+        for row, (c, e) in zip(logprobs, batch):
+            # The logits at position t predict token t + 1.
+            out.append(row[torch.arange(len(c) - 1, len(c) + len(e) - 1), torch.tensor(e)].sum().item())
+    model.train(training)
+    return out
+
+
+def choice_loglik(model, tokenizer, task: Task, rows: list[dict], batch_size: int = 8) -> dict:
+    """Multiple choice by likelihood, as lm-evaluation-harness scores HellaSwag: "acc" picks the
+    ending with the highest summed log-probability after the context, "acc_norm" the highest
+    per character of the ending. Both on 0-100. `task` needs `choices(row)` (HellaSwag has it)."""
+    items = [task.choices(r) for r in rows]
+    scores = loglik(model, tokenizer, [(c, e) for c, endings, _ in items for e in endings], batch_size)
+    acc = acc_norm = 0
+    for _, endings, label in items:
+        ll, scores = scores[:len(endings)], scores[len(endings):]
+        acc += max(range(len(ll)), key=lambda k: ll[k]) == label
+        acc_norm += max(range(len(ll)), key=lambda k: ll[k] / len(endings[k])) == label
+    return {"acc": 100 * acc / len(rows), "acc_norm": 100 * acc_norm / len(rows)}

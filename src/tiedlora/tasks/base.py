@@ -1,0 +1,188 @@
+"""Where a task's rows come from, and which rows make its train, validation and test splits.
+
+A source is the Hub (`"hub"`, through the optional `datasets` package), the samples bundled with
+the package (`"bundled"`), a folder of `<split>.jsonl` files, a folder holding such a folder per
+task (like `../shared/data`), or one `.jsonl` file. Every load returns `Rows`, whose `info` says
+which source and which split rule made them, so a run can record both. The rules are in
+docs/TASKS.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from ..config import TiedLoraError
+from .prompts import TEMPLATES
+
+SPLITS = ("train", "validation", "test")
+BUNDLED = Path(__file__).parent / "data"
+# The offline split, for sources without a train split: a row goes to the first split whose
+# bound its group's share is under, so 80/10/10.
+OFFLINE = {"train": 0.8, "validation": 0.9, "test": 1.0}
+# The share of train held out as validation where a task has no labelled validation split.
+HELD_OUT = 0.1
+
+
+class DataError(TiedLoraError):
+    """Unusable task data: the message names the file (or Hub split), the line and the fields expected."""
+
+
+class Rows(list):
+    """A split's rows (dicts), plus `info`: task, split, source, location, rule and row count.
+    A slice is a plain list."""
+
+    def __init__(self, rows: list[dict], info: dict):
+        super().__init__(rows)
+        self.info = info
+
+
+def share(row: dict, group: tuple[str, ...]) -> float:
+    """Where the row's group lands in [0, 1). Rows of one group (a paragraph, a sentence pair)
+    land together, so a split rule built on it never puts one group in two splits; sha256, not
+    hash(), so the split is the same on every machine and Python."""
+    key = "\x1f".join(str(row[field]) for field in group)
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def _has(row, field: str) -> bool:
+    for part in field.split("."):
+        if not isinstance(row, dict) or part not in row:
+            return False
+        row = row[part]
+    return True
+
+
+def _expected(fields: tuple[str, ...]) -> str:
+    return f"expected one JSON object per row with fields {', '.join(fields)}"
+
+
+def check(rows: list, fields: tuple[str, ...], where: str, unit: str) -> list[dict]:
+    """Stop at the first unusable row, naming it: a KeyError deep inside a metric helps nobody.
+    A field "a|b" needs either of a, b; "a.b" needs key b inside a."""
+    if not rows:
+        raise DataError(f"{where}: no rows; {_expected(fields)}.")
+    for n, row in enumerate(rows, 1):
+        missing = [f for f in fields if not any(_has(row, alt) for alt in f.split("|"))]
+        if missing:
+            raise DataError(f"{where}, {unit} {n}: no {', '.join(missing)}; {_expected(fields)}.")
+    return rows
+
+
+def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}).") from None
+    if lines[-1] == b"":
+        lines.pop()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}, line {n}: not UTF-8; {_expected(fields)}.") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not JSON ({e.msg}); {_expected(fields)}.") from None
+    return check(rows, fields, str(path), "line")
+
+
+class Task:
+    """One of the paper's tasks. A subclass names its data and fields and defines `target`
+    and `metric`; the prompt is its template in prompts.py."""
+
+    name: str
+    folder: str  # the task's folder under a data root (the bundled one, ../shared/data)
+    fields: tuple[str, ...]  # what each row needs, as `check` reads them
+    group: tuple[str, ...]  # fields whose values must never straddle two splits
+    hub: dict  # datasets.load_dataset arguments
+    official: tuple[str, ...] = SPLITS  # the labelled official splits
+    held_out: int = 0  # the paper's rule (SQuAD): validation = this many seed-0 sampled train rows
+
+    def prompt(self, row: dict) -> str:
+        return TEMPLATES[self.name].format(**row)
+
+    def target(self, row: dict) -> str:
+        raise NotImplementedError
+
+    def metric(self, predictions: list[str], rows: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def from_hub(self, rows: list[dict]) -> list[dict]:
+        """The Hub copy in the layout of the official files, which the local sources keep."""
+        return rows
+
+    def score(self, predictions: list[str], rows: list[dict]) -> dict:
+        """Scores on 0-100, the headline metric first."""
+        if not rows or len(predictions) != len(rows):
+            raise DataError(f"{self.name}: {len(predictions)} predictions for {len(rows)} rows; need one per row, at least one.")
+        return self.metric(predictions, rows)
+
+    def load(self, split: str, source: str | Path = "bundled") -> Rows:
+        if split not in SPLITS:
+            raise DataError(f"{self.name}: no split {split!r}; use one of {', '.join(SPLITS)}.")
+        if source not in ("hub", "bundled") and Path(source).is_file():
+            rows, rule, location = read_jsonl(Path(source), self.fields), "the file as given, no split rule", source
+        else:
+            read, have, location = self._hub() if source == "hub" else self._folder(source)
+            rows, rule = self._split(split, read, have)
+        if not rows:
+            raise DataError(f"{self.name}: the {split} split of {location} is empty ({rule}).")
+        info = {"task": self.name, "split": split, "source": str(source), "location": str(location), "rule": rule, "rows": len(rows)}
+        return Rows(rows, info)
+
+    def _folder(self, source: str | Path):
+        """(read a split, the splits there, where): `source` may also be a root with a folder per task."""
+        path = BUNDLED / self.folder if source == "bundled" else Path(source)
+        path = path / self.folder if (path / self.folder).is_dir() else path
+        if not path.is_dir():
+            raise DataError(f"{self.name}: source {str(source)!r} is not 'bundled', 'hub', a folder or a .jsonl file.")
+
+        have = [s for s in SPLITS if (path / f"{s}.jsonl").is_file()]
+        if not have:
+            raise DataError(f"{self.name}: {path} has none of {', '.join(f'{s}.jsonl' for s in SPLITS)}.")
+
+        def read(s):
+            return read_jsonl(path / f"{s}.jsonl", self.fields)
+
+        return read, have, path
+
+    def _split(self, split: str, read, have: list[str]) -> tuple[list[dict], str]:
+        """The rows of `split` and the rule that chose them (docs/TASKS.md, "Splits")."""
+        if "train" not in have:
+            pool = [row for s in have for row in read(s)]
+            rows = [r for r in pool if next(s for s, bound in OFFLINE.items() if share(r, self.group) < bound) == split]
+            return rows, f"offline split: {' + '.join(have)} pooled, 80/10/10 to train/validation/test by sha256 of {'+'.join(self.group)}"
+        test = "test" if "test" in self.official else "validation"
+        if split == "test":
+            return read(test), f"official {test} split"
+        if "validation" in self.official and test == "test":
+            return read(split), f"official {split} split"
+        train = read("train")
+        if self.held_out:
+            if len(train) <= self.held_out:
+                raise DataError(f"{self.name}: train has {len(train)} rows; the paper's rule holds out {self.held_out} of them for validation.")
+            picked = set(random.Random(0).sample(range(len(train)), self.held_out))
+            held = [i in picked for i in range(len(train))]
+            rule = f"{self.held_out} train rows (seed-0 sample, the paper's rule)"
+        else:
+            held = [share(r, self.group) < HELD_OUT for r in train]
+            rule = f"train rows with sha256 of {'+'.join(self.group)} in the first {round(100 * HELD_OUT)}%"
+        keep = split == "validation"
+        rows = [r for r, h in zip(train, held) if h == keep]
+        return rows, (f"validation = {rule}" if keep else f"official train split minus the validation rows ({rule})")
+
+    def _hub(self):
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{self.name}: source 'hub' needs the datasets package: pip install 'tiedlora[hub]'.") from None
+        location = ", ".join(f"{k}={v}" for k, v in self.hub.items())
+
+        def read(s):
+            rows = self.from_hub([dict(r) for r in datasets.load_dataset(**self.hub, split=s)])
+            return check(rows, self.fields, f"Hub {location}, split {s}", "row")
+
+        return read, list(self.official), location
