@@ -116,7 +116,7 @@ def test_score_needs_one_prediction_per_row():
 # Prompts and targets.
 
 def test_templates_are_documented_verbatim():
-    docs = (ROOT / "docs" / "TASKS.md").read_text(encoding="utf-8")
+    docs = (ROOT / "README.md").read_text(encoding="utf-8")
     for name, template in tasks.TEMPLATES.items():
         assert template in docs, name
     assert tasks.prompts.CHOICE_CONTEXT in docs
