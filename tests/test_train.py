@@ -45,7 +45,7 @@ def options(tiny_folder, out, **extra):
 
 
 def flags(tiny_folder, out, **extra):
-    return [f"--{k}={v}" for k, v in options(tiny_folder, out, **extra).items()]
+    return [(f"--{k}" if v else f"--no_{k}") if isinstance(v, bool) else f"--{k}={v}" for k, v in options(tiny_folder, out, **extra).items()]
 
 
 def adapter_tensors(folder):
@@ -84,7 +84,7 @@ def test_token_loss_equals_the_model_loss(tiny_folder):
 
 def test_train_eval_merge_export_cycle(tiny_folder, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *flags(tiny_folder, run), "--quiet"]) == 0
+    assert main(["train", *flags(tiny_folder, run, val_metric=True), "--quiet"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["task"] == "squad" and results["config"] == "tl6" and results["steps"] == 6
     assert results["params"] == 32 * 4 + 64 * 4 + 2 * (4 + 64)
@@ -95,6 +95,7 @@ def test_train_eval_merge_export_cycle(tiny_folder, tmp_path, capsys):
         log = list(csv.DictReader(f))
     assert [int(r["step"]) for r in log] == [1, 2, 3, 4, 5, 6]
     assert [r["val_loss"] != "" for r in log] == [False, True, False, True, False, True]
+    assert [r["val_metric"] != "" for r in log] == [False, True, False, True, False, True]
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     capsys.readouterr()
 

@@ -55,6 +55,7 @@ class TrainConfig:
     val_rows: int | None = 500
     patience: int = 10
     early_stop_on: str = "loss"
+    val_metric: bool = False
     checkpoint_every: int | None = None
     max_length: int = 1024
     train_rows: int | None = None
@@ -378,9 +379,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
             if step % cfg.val_every == 0 or step == cfg.max_steps:
                 loss_fn.eval()
                 val_loss = validation_loss(loss_fn, val_examples, cfg, pad_id, device)
-                if cfg.early_stop_on == "metric":
+                if cfg.val_metric or cfg.early_stop_on == "metric":
                     scored = evaluate(model, tokenizer, task, val_rows[:cfg.val_rows], cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat)
-                    val_metric = next(iter(scored.values()))
+                    headline, val_metric = next(iter(scored.items()))
                 value = -val_metric if cfg.early_stop_on == "metric" else val_loss
                 if state["best"] is None or value < state["best"]:
                     state.update(best=value, best_step=step, bad_evals=0)
@@ -392,7 +393,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
                         state["stopped"] = f"early stop: no better validation {cfg.early_stop_on} in {cfg.patience} validations"
                 row.update(val_loss=round(val_loss, 6), val_metric=val_metric)
                 if not quiet and main_process:
-                    bar.write(f"step {step}: validation loss {val_loss:.4f}" + (f", {cfg.early_stop_on} {val_metric:.2f}" if val_metric != "" else "")
+                    bar.write(f"step {step}: validation loss {val_loss:.4f}" + (f", {headline} {val_metric:.2f}" if val_metric != "" else "")
                               + (" (best)" if state["best_step"] == step else ""))
             log.write(**row)
             if main_process and (step % checkpoint_every == 0 or step == cfg.max_steps or state["stopped"]):
