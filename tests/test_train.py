@@ -147,16 +147,19 @@ def test_resume_after_kill_ends_with_the_same_adapter(tiny_folder, tmp_path):
         assert [r["loss"] for r in csv.DictReader(f)] == [r["loss"] for r in csv.DictReader(g)]
 
 
-def test_two_process_ddp_matches_one_process(tiny_folder, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tiny_folder, tmp_path, engine):
     one, two = tmp_path / "one", tmp_path / "two"
     options = dict(max_steps=3, batch_size=6, micro_batch_size=2, val_every=3, test_rows=1)
     assert main(["train", *flags(tiny_folder, one, **options), "--quiet"]) == 0
+    options["fsdp"] = engine == "fsdp"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tiedlora", "train",
                           *flags(tiny_folder, two, **options), "--quiet"], env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     with (one / "log.csv").open() as f, (two / "log.csv").open() as g:
         losses = [(float(a["loss"]), float(b["loss"])) for a, b in zip(csv.DictReader(f), csv.DictReader(g))]
     assert len(losses) == 3 and all(a == pytest.approx(b, rel=1e-5) for a, b in losses)
+    assert json.loads((two / "results.json").read_text())["engine"] == engine
     a, b = adapter_tensors(one / "best"), adapter_tensors(two / "best")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 

@@ -147,6 +147,7 @@ HELP = {
     "val_rows": "Validation rows used (all if null).",
     "patience": "Stop after this many validations without improvement.",
     "early_stop_on": "loss (validation loss, cheap) or metric (the task's headline, by generation).",
+    "fsdp": "With several processes, shard the frozen base model's layers over them (torch FSDP2); the adapter stays whole.",
     "val_metric": "Also score the task's headline metric (by generation) at every validation.",
     "checkpoint_every": "Checkpoint every this many steps (default: val_every).",
     "max_length": "Longest training example in tokens; longer prompts lose their start.",

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import TiedLoraConfig, TiedLoraError, adapter_parameters, apply, load, save, trainable_parameters
+from .model import find_layers
 from .io import write_atomic
 
 
@@ -55,6 +56,7 @@ class TrainConfig:
     val_rows: int | None = 500
     patience: int = 10
     early_stop_on: str = "loss"
+    fsdp: bool = False
     val_metric: bool = False
     checkpoint_every: int | None = None
     max_length: int = 1024
@@ -163,6 +165,19 @@ class TokenLoss(nn.Module):
         keep = targets != -100
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def shard_base(model: nn.Module) -> nn.Module:
+    """FSDP for models too large for one device: torch's fully_shard splits each decoder
+    layer's frozen weights over the processes and gathers them for its forward and backward.
+    The adapter stays whole on every process (tied tensors at the root, per-layer ones ignored
+    by FSDP), so saving, loading and gradient averaging see plain tensors."""
+    from torch.distributed.fsdp import fully_shard
+
+    adapter = set(adapter_parameters(model).values())
+    for layer in find_layers(model):
+        fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
+    return TokenLoss(model)
 
 
 def answer_tokens(examples: list[dict]) -> int:
@@ -334,9 +349,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     latest = checkpoints.latest() if resume else None
     if latest is not None:
         state = Checkpoints.read(latest, model, optimizer)
-    loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
+    fsdp = cfg.fsdp and world > 1
+    if fsdp:
+        loss_fn = shard_base(model.to(device))
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
     checkpoint_every = cfg.checkpoint_every or cfg.val_every
     log = Log(folder, state["step"], main_process)
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"{cfg.task} {cfg.config} r{cfg.rank}", unit="step",
@@ -356,11 +376,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
             total = torch.zeros((), device=device)
             for j, chunk in enumerate(mine):
                 batch = collate([train_examples[i] for i in chunk], pad_id, device)
-                sync = accelerator.no_sync(loss_fn) if j < len(mine) - 1 else contextlib.nullcontext()
-                with sync:
+                sync = accelerator.no_sync(loss_fn) if j < len(mine) - 1 and not fsdp else contextlib.nullcontext()
+                with sync, accelerator.autocast():
                     loss = loss_fn(**batch) / n_tokens
                     accelerator.backward(loss * world)  # DDP averages over processes; the loss is a global mean
                 total += loss.detach()
+            if fsdp:  # the adapter is not sharded: average its gradients as DDP would
+                for p in params:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
             total = accelerator.reduce(total, reduction="sum")
             if not torch.isfinite(total) or any(not torch.isfinite(p.grad).all() for p in params if p.grad is not None):
                 raise Diverged(f"the training loss became {total.item()} at step {step + 1} (lr {lr_at(step, cfg):.3g}); "
@@ -403,7 +427,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         bar.close()
         log.close()
 
-    if not main_process:
+    if not (main_process or fsdp):  # sharded layers need every process in every forward
         return {}
     load(model, folder / "best")
     test_all = task.load("test", cfg.source)
@@ -415,10 +439,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         "params": trainable_parameters(model), "metrics": scores, "steps": state["step"], "best_step": state["best_step"],
         "stopped": state["stopped"] or "max_steps", "train_tokens": state["tokens"], "train_time_s": round(state["elapsed_s"], 1),
         "wall_time_s": round(time.time() - started, 1),
+        "processes": world, "engine": "fsdp" if fsdp else "ddp" if world > 1 else "single",
         "data": {"train": train_rows.info, "validation": val_rows.info, "test": test_all.info,
                  "train_rows_used": len(train_examples), "validation_rows_used": len(val_examples), "test_rows_used": len(test_rows)},
         "recipe": dataclasses.asdict(cfg), "versions": versions(),
     }
+    if not main_process:
+        return {}
     write_atomic(folder / "predictions.jsonl", "".join(json.dumps({"prediction": p}) + "\n" for p in predictions).encode())
     write_atomic(results_file, (json.dumps(results, indent=2) + "\n").encode())
     return results
