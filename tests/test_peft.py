@@ -33,7 +33,7 @@ def test_lora_preset_equals_peft_lora_given_the_same_matrices(tokens):
     with torch.no_grad():
         for site in root(ours).sites:
             attn = peft_model.base_model.model.model.layers[site.layer].self_attn
-            for (path, member), module in zip(site.members, (attn.q_proj, attn.k_proj, attn.v_proj)):
+            for (_, member), module in zip(site.members, (attn.q_proj, attn.k_proj, attn.v_proj)):
                 module.lora_A["default"].weight.copy_(site.adapter.part("A"))
                 module.lora_B["default"].weight.copy_(site.adapter.part("B")[member.rows])
     assert tiedlora.trainable_parameters(ours) < sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -67,7 +67,7 @@ def saved_activation_bytes(model, tokens):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, labels=tokens).loss
+        model(tokens, labels=tokens)
     return sum(storages.values())
 
 

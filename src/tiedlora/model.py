@@ -50,14 +50,12 @@ def apply(model: nn.Module, config: TiedLoraConfig, *, device=None, dtype=torch.
         d_in, d_outs = shapes[group]
         part_shapes = {"A": (config.rank, d_in), "B": (sum(d_outs), config.rank), "u": (config.rank,), "v": (sum(d_outs),)}
         place = dict(device=device if device is not None else first.get_submodule(members[0]).weight.device, dtype=dtype)
-
-        def parameter(part, key):
-            return new_parameter(config.parts[part], part_shapes[part], config.seed, key, **place)
-
-        tied = nn.ParameterDict({p: parameter(p, f"{group}.{p}") for p in PARTS if config.parts[p].tied})
+        tied = nn.ParameterDict({p: new_parameter(config.parts[p], part_shapes[p], config.seed, f"{group}.{p}", **place)
+                                 for p in PARTS if config.parts[p].tied})
         root[group] = tied
         for i in indices:
-            own = {p: parameter(p, f"{group}.layers.{i}.{p}") for p in PARTS if not config.parts[p].tied}
+            own = {p: new_parameter(config.parts[p], part_shapes[p], config.seed, f"{group}.layers.{i}.{p}", **place)
+                   for p in PARTS if not config.parts[p].tied}
             adapter = GroupAdapter(tied, own, config.scale, config.dropout, len(members))
             owner = layers[i].get_submodule(_common_parent(members))
             owner.add_module(f"{ATTRIBUTE}_{group}", adapter)
