@@ -53,3 +53,21 @@ def randomize(model, seed: int = 0, trainable_only: bool = False):
             if p.requires_grad or not trainable_only:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A 2-layer Llama (d = 32) with the real SmolLM2 tokenizer, saved as a model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from tiedlora.models import SMOLLM2_FILE, smollm2_folder
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

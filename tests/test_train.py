@@ -19,24 +19,6 @@ from tiedlora.train import Diverged, TokenLoss, TrainConfig, lr_at, micro_batche
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    """A 2-layer Llama (d = 32) with the real SmolLM2 tokenizer, saved as a model folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from tiedlora.models import SMOLLM2_FILE, smollm2_folder
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def options(tiny_folder, out, **extra):
     """A small run: 6 steps of 4 SQuAD rows in micro batches of 2, validating every 2 steps."""
     return dict(task="squad", config="tl6", rank=4, model=str(tiny_folder), out=str(out), max_steps=6, batch_size=4,

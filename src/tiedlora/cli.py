@@ -11,8 +11,6 @@ from pathlib import Path
 
 from . import PRESETS, TiedLoraConfig, TiedLoraError, apply, remove, trainable_parameters
 
-RECIPES = Path(__file__).parent / "configs" / "paper"
-
 
 def parameter_table(model_name: str, rank: int) -> list[dict]:
     """Trainable parameters of every preset on `model_name` at `rank`, and their share of LoRA's."""
@@ -160,6 +158,53 @@ HELP = {
 }
 
 
+def _sweep_parser():
+    """`tiedlora sweep`: the grid, plus every budget option of train (unset: the task's paper recipe)."""
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    from .sweep import CELL_FIELDS
+    from .train import TrainConfig
+
+    p = ArgumentParser(description="Run a grid of train runs (skips finished cells, resumes killed ones), one folder per cell.")
+    p.add_argument("--recipe", action=ActionConfigFile, help="A YAML file of these options.")
+    p.add_argument("--tasks", default="all", help="Comma-separated tasks, or all.")
+    p.add_argument("--configs", default="all", help=f"Comma-separated configurations, or all ({', '.join(PRESETS)}).")
+    p.add_argument("--ranks", default="2,8,32,128", help="Comma-separated ranks.")
+    p.add_argument("--lrs", default="1e-4", help="Comma-separated learning rates; the report picks one per cell on validation.")
+    p.add_argument("--layers", default="", help="Table 3: also LoRA on each of these single layers, e.g. 0,15,29.")
+    p.add_argument("--model", default="smollm2-135m", help="The base model of every cell.")
+    p.add_argument("--out", required=True, help="The sweep folder.")
+    p.add_argument("--shard", default="1/1", help="k/n: run every n-th cell from the k-th (machines share --out).")
+    p.add_argument("--quiet", action=ActionYesNo, default=False, help="No line per cell.")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in CELL_FIELDS:
+            kind = hints[f.name] if hints[f.name] is bool else typing.Optional[hints[f.name]]
+            p.add_argument(f"--{f.name}", type=kind, default=None, help=HELP.get(f.name, "") + " (unset: the task's paper recipe)")
+    return p
+
+
+def _split(text: str, allowed, cast=str) -> list:
+    values = list(allowed) if text == "all" else [cast(v) for v in text.split(",") if v.strip()]
+    return values
+
+
+def sweep_command(sub) -> None:
+    from .sweep import CELL_FIELDS, grid, parse_shard, run_sweep
+    from .tasks import TASKS
+    from .train import TrainConfig
+
+    try:
+        ranks, lrs = _split(sub.ranks, (), int), _split(sub.lrs, (), float)
+        layers = _split(sub.layers, (), int)
+    except ValueError as e:
+        raise TiedLoraError(f"--ranks, --lrs and --layers take comma-separated numbers ({e}).") from None
+    tasks, configs = _split(sub.tasks, TASKS), _split(sub.configs, PRESETS)
+    budget = {f.name: sub[f.name] for f in dataclasses.fields(TrainConfig) if f.name not in CELL_FIELDS}
+    run_sweep(grid(tasks, configs, ranks, lrs, layers), sub.out, model=sub.model, budget=budget,
+              shard=parse_shard(sub.shard), quiet=sub.quiet)
+
+
 def parser():
     from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
@@ -176,6 +221,13 @@ def parser():
     commands.add_subcommand("params", p, help="Print trainable parameters per configuration.")
 
     commands.add_subcommand("train", _train_parser(), help="Train an adapter (the paper's recipe) and score it.")
+
+    commands.add_subcommand("sweep", _sweep_parser(), help="Run a rank sweep over tasks and configurations.")
+
+    r = ArgumentParser(description="The paper's Table 2, Table 3, Figure 2 and Appendix A from a sweep's results.")
+    r.add_argument("sweep", help="The sweep folder.")
+    r.add_argument("--out", required=True, help="The folder for tables, plots and summary.")
+    commands.add_subcommand("report", r, help="Tables and figures from a sweep.")
 
     e = ArgumentParser(description="Score an adapter (or the base model) on a task by greedy decoding.")
     e.add_argument("--adapter", help="A run folder (runs/x) or an adapter folder.")
@@ -221,6 +273,8 @@ def _with_paper_recipe(argv: list[str]) -> list[str]:
         return argv
     task = next((a.split("=", 1)[1] for a in argv if a.startswith("--task=")), None)
     task = task or next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--task"), None)
+    from .train import RECIPES
+
     recipe = RECIPES / f"{task}.yaml"
     return ["train", "--recipe", str(recipe), *argv[1:]] if recipe.is_file() else argv
 
@@ -243,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
             results = train(TrainConfig(**options), resume=sub.resume, quiet=sub.quiet)
             if results:
                 print(json.dumps({k: results[k] for k in ("task", "config", "rank", "params", "metrics", "steps", "best_step", "stopped")}, indent=2))
+        elif args.command == "sweep":
+            sweep_command(sub)
+        elif args.command == "report":
+            from .report import report
+
+            written = report(sub.sweep, sub.out)
+            print(f"wrote {sub.out}: table2, table3 (md, csv), {', '.join(Path(f).name for f in written['figures'])}, summary.md")
         elif args.command == "eval":
             scores = evaluate_command(sub.adapter, sub.task, sub.split, sub.limit, sub.model, sub.base, sub.max_new_tokens,
                                       sub.batch_size, sub.loglik, sub.source, sub.chat)

@@ -84,6 +84,7 @@ class TrainConfig:
                                      layers=self.layers, init=self.init, dropout=self.dropout)
 
 
+RECIPES = Path(__file__).parent / "configs" / "paper"  # the paper's recipe per task, as YAML
 # What may change between a run and its resumption without changing the result.
 RESUMABLE = ("out", "test_rows", "eval_batch_size", "max_new_tokens")
 
@@ -436,6 +437,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     results = {
         "task": cfg.task, "config": cfg.config, "rank": cfg.rank, "model": cfg.model,
         "params": trainable_parameters(model), "metrics": scores, "steps": state["step"], "best_step": state["best_step"],
+        "validation": {"on": cfg.early_stop_on, "best": abs(state["best"]) if state["best"] is not None else None},
         "stopped": state["stopped"] or "max_steps", "train_tokens": state["tokens"], "train_time_s": round(state["elapsed_s"], 1),
         "wall_time_s": round(time.time() - started, 1),
         "processes": world, "engine": "fsdp" if fsdp else "ddp" if world > 1 else "single",

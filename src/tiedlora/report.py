@@ -1,0 +1,222 @@
+"""The paper's tables and figures from a sweep's results.json files alone.
+
+Every choice uses validation data: per (task, configuration, rank) the learning rate with the
+best validation value, per task the LoRA rank with the best validation value, per configuration
+its best rank likewise. The numbers reported are test metrics (each task's headline).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from pathlib import Path
+
+from .config import PRESETS
+from .io import write_atomic
+from .sweep import load_results
+
+# The paper's LLaMA-2 7B finding, for the summary: tl6 1.36 % below LoRA on average with 12.5 % of its parameters.
+PAPER = "The paper (LLaMA-2 7B): tl6 is 1.36 % below LoRA on average, with 12.5 % of LoRA's parameters or fewer."
+
+
+def _better(a: dict, b: dict) -> bool:
+    """Is run a better than run b on validation (lower loss, or higher metric)?"""
+    va, vb = a["validation"], b["validation"]
+    return va["best"] < vb["best"] if va["on"] == "loss" else va["best"] > vb["best"]
+
+
+def best(runs: dict):
+    """The key (a rank) of the run with the best validation value; ties go to the smaller key."""
+    top = None
+    for key in sorted(runs):
+        if top is None or _better(runs[key], runs[top]):
+            top = key
+    return top
+
+
+def select(results: list[dict]) -> dict:
+    """{(task, config, rank, layer): the run with the best validation over learning rates}."""
+    chosen = {}
+    for r in results:
+        layers = r["recipe"].get("layers")
+        key = (r["task"], r["config"], r["rank"], layers[0] if layers else None)
+        if key not in chosen or _better(r, chosen[key]):
+            chosen[key] = r
+    return chosen
+
+
+def headline(run: dict) -> float:
+    return next(iter(run["metrics"].values()))
+
+
+def table2(chosen: dict) -> tuple[list[dict], list[str]]:
+    """Rows per task and configuration: at LoRA's best rank, and at the configuration's own best rank."""
+    tasks = sorted({k[0] for k in chosen})
+    configs = [c for c in PRESETS if any(k[1] == c and k[3] is None for k in chosen)]
+    rows = []
+    for task in tasks:
+        lora = {k[2]: run for k, run in chosen.items() if k[0] == task and k[1] == "lora" and k[3] is None}
+        if not lora:
+            continue
+        star = best(lora)
+        base = lora[star]["params"]
+        for config in configs:
+            runs = {k[2]: run for k, run in chosen.items() if k[0] == task and k[1] == config and k[3] is None}
+            if not runs:
+                continue
+            top = best(runs)
+            at_star = runs.get(star)
+            rows.append({
+                "task": task, "config": config, "lora_rank": star,
+                "metric_at_lora_rank": headline(at_star) if at_star else None,
+                "P%_at_lora_rank": 100 * at_star["params"] / base if at_star else None,
+                "best_rank": top, "metric_at_best_rank": headline(runs[top]), "P%_at_best_rank": 100 * runs[top]["params"] / base,
+            })
+    averages = []
+    for config in configs:
+        mine = [r for r in rows if r["config"] == config]
+        if mine and len(mine) == len(tasks):
+            averages.append({
+                "task": "average", "config": config, "lora_rank": None,
+                "metric_at_lora_rank": _mean(r["metric_at_lora_rank"] for r in mine),
+                "P%_at_lora_rank": _mean(r["P%_at_lora_rank"] for r in mine),
+                "best_rank": None, "metric_at_best_rank": _mean(r["metric_at_best_rank"] for r in mine),
+                "P%_at_best_rank": _mean(r["P%_at_best_rank"] for r in mine),
+            })
+    return rows + averages, tasks
+
+
+def _mean(values):
+    values = list(values)
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+
+def table3(chosen: dict) -> list[dict]:
+    """LoRA on one layer against tl5 (the same parameter count) at each rank, per task."""
+    rows = []
+    for (task, config, rank, layer), run in sorted(chosen.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] is None, kv[0][3] or 0)):
+        if (config == "lora" and layer is not None) or (config == "tl5" and layer is None and
+                                                        any(k[0] == task and k[2] == rank and k[3] is not None for k in chosen)):
+            rows.append({"task": task, "rank": rank, "adapter": f"lora, layer {layer}" if layer is not None else "tl5, all layers",
+                         "params": run["params"], "metric": headline(run)})
+    return rows
+
+
+def gaps(rows: list[dict]) -> dict:
+    """Average over tasks of each configuration's gap to LoRA at LoRA's best rank: points and relative %."""
+    out = {}
+    per_task = [r for r in rows if r["task"] != "average"]
+    lora = {r["task"]: r["metric_at_lora_rank"] for r in per_task if r["config"] == "lora"}
+    for config in dict.fromkeys(r["config"] for r in per_task):
+        pairs = [(r["metric_at_lora_rank"], lora[r["task"]]) for r in per_task
+                 if r["config"] == config and r["metric_at_lora_rank"] is not None and r["task"] in lora]
+        if pairs:
+            out[config] = {
+                "points": sum(m - ref for m, ref in pairs) / len(pairs),
+                "relative_%": sum(100 * (m - ref) / ref for m, ref in pairs if ref) / max(1, sum(1 for _, ref in pairs if ref)),
+                "P%": _mean(r["P%_at_lora_rank"] for r in per_task if r["config"] == config),
+                "tasks": len(pairs),
+            }
+    return out
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        return "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    writer.writerows({c: r[c] for c in columns} for r in rows)
+    return buffer.getvalue()
+
+
+def plots(chosen: dict, out: Path) -> list[Path]:
+    """Figure 2 (metric vs rank averaged over tasks: all configurations; the best tied ones
+    against LoRA and VeRA) and Appendix A (one panel per task)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = defaultdict(dict)  # (task, config) -> {rank: metric}
+    for (task, config, rank, layer), run in chosen.items():
+        if layer is None:
+            curves[(task, config)][rank] = headline(run)
+    tasks = sorted({t for t, _ in curves})
+    configs = [c for c in PRESETS if any(k[1] == c for k in curves)]
+    average = {}
+    for config in configs:
+        ranks = sorted(set.intersection(*(set(curves.get((t, config), {})) for t in tasks)))
+        if ranks:
+            average[config] = {r: sum(curves[(t, config)][r] for t in tasks) / len(tasks) for r in ranks}
+
+    def draw(ax, series, title):
+        for config, points in series.items():
+            ranks = sorted(points)
+            ax.plot(ranks, [points[r] for r in ranks], marker="o", label=config, color=f"C{list(PRESETS).index(config)}",
+                    linestyle="--" if config in ("lora", "vera") else "-")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r for points in series.values() for r in points})
+        ax.set_xticks(ticks, [str(r) for r in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("rank r")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+
+    paths = []
+    if average:
+        tied = sorted((c for c in average if c not in ("lora", "vera")), key=lambda c: -sum(average[c].values()) / len(average[c]))[:2]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+        draw(a, average, f"All configurations, average over {len(tasks)} tasks")
+        draw(b, {c: average[c] for c in ("lora", "vera", *tied) if c in average}, "Best tied configurations vs LoRA and VeRA")
+        a.set_ylabel("test metric (task headline, 0-100)")
+        fig.tight_layout()
+        paths.append(out / "figure2.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            draw(ax, {c: curves[(task, c)] for c in configs if (task, c) in curves}, task)
+        axes[0][0].set_ylabel("test metric (task headline, 0-100)")
+        fig.tight_layout()
+        paths.append(out / "appendix_a.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+T2 = ["task", "config", "lora_rank", "metric_at_lora_rank", "P%_at_lora_rank", "best_rank", "metric_at_best_rank", "P%_at_best_rank"]
+T3 = ["task", "rank", "adapter", "params", "metric"]
+
+
+def report(sweep, out) -> dict:
+    """Write table2.{md,csv}, table3.{md,csv}, figure2.png, appendix_a.png and summary.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = load_results(sweep)
+    chosen = select(results)
+    rows2, tasks = table2(chosen)
+    rows3 = table3(chosen)
+    gap = gaps(rows2)
+    write_atomic(out / "table2.md", markdown(rows2, T2).encode())
+    write_atomic(out / "table2.csv", to_csv(rows2, T2).encode())
+    write_atomic(out / "table3.md", markdown(rows3, T3).encode())
+    write_atomic(out / "table3.csv", to_csv(rows3, T3).encode())
+    figures = plots(chosen, out)
+    lines = [f"# Summary of {len(results)} runs over {len(tasks)} tasks", "",
+             "Average gap to LoRA at LoRA's best rank (per task, chosen on validation), test metric:", ""]
+    for config, g in gap.items():
+        lines.append(f"- {config}: {g['points']:+.2f} points ({g['relative_%']:+.2f} % relative) with {g['P%']:.1f} % of LoRA's parameters, over {g['tasks']} tasks")
+    lines += ["", PAPER, ""]
+    write_atomic(out / "summary.md", "\n".join(lines).encode())
+    return {"table2": rows2, "table3": rows3, "gaps": gap, "figures": [str(p) for p in figures]}

@@ -1,0 +1,103 @@
+"""Rank sweeps: the grid of tasks x configurations x ranks x learning rates (and the paper's
+Table 3 cells, LoRA on one layer), each cell a normal `train` run in its own folder.
+
+A cell with results.json is done and skipped; one with run.json but no results resumes from
+its checkpoint; `shard=(k, n)` takes every n-th cell from the k-th, so n machines can split a
+sweep over one shared folder. Budgets left unset come from each task's paper recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import PRESETS, TiedLoraError
+from .io import write_atomic
+from .train import RECIPES, TrainConfig, train
+
+CELL_FIELDS = ("task", "config", "rank", "lr", "layers", "model", "out")  # set per cell, not by the budget
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    config: str
+    rank: int
+    lr: float
+    layer: int | None = None  # LoRA on this one layer only (Table 3)
+
+    @property
+    def name(self) -> str:
+        where = f"-L{self.layer}" if self.layer is not None else ""
+        return f"{self.task}/{self.config}{where}-r{self.rank}-lr{self.lr:g}"
+
+
+def grid(tasks, configs, ranks, lrs, layers=()) -> list[Cell]:
+    cells = [Cell(t, c, r, lr) for t in tasks for r in ranks for c in configs for lr in lrs]
+    return cells + [Cell(t, "lora", r, lr, layer) for t in tasks for r in ranks for layer in layers for lr in lrs]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise TiedLoraError(f"--shard {text!r}: write k/n with 1 <= k <= n, e.g. 2/4 for the second of four machines.")
+    return k, n
+
+
+def recipe(task: str, budget: dict, cell: Cell, model: str, out: Path) -> TrainConfig:
+    """The task's paper recipe, then the sweep's budget, then the cell's own values."""
+    base = yaml.safe_load((RECIPES / f"{task}.yaml").read_text())
+    options = {k: v for k, v in {**base, **budget}.items() if v is not None and k not in CELL_FIELDS}
+    return TrainConfig(**options, task=cell.task, config=cell.config, rank=cell.rank, lr=cell.lr, model=model,
+                       layers=[cell.layer] if cell.layer is not None else None, out=str(out / cell.name))
+
+
+def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1), quiet: bool = False) -> list[dict]:
+    """Run this shard's cells in order; returns their results. Prints a line per cell."""
+    out = Path(out)
+    unknown = sorted({c.config for c in cells} - set(PRESETS))
+    if unknown:
+        raise TiedLoraError(f"--configs names {unknown}: the configurations are {', '.join(PRESETS)}.")
+    manifest = {"model": model, "budget": budget, "cells": [c.name for c in cells]}
+    path = out / "sweep.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["model"] != model or saved["budget"] != budget:
+            raise TiedLoraError(f"{out} holds a sweep with another model or budget ({path}); use the same options or another --out.")
+        manifest["cells"] = sorted(set(saved["cells"]) | set(manifest["cells"]))
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    # A fixed shard's configs are validated before any cell runs.
+    configs = [recipe(c.task, budget, c, model, out) for c in cells]
+
+    k, n = shard
+    mine = [(c, cfg) for i, (c, cfg) in enumerate(zip(cells, configs)) if i % n == k - 1]
+    results, started = [], time.time()
+    for done, (cell, cfg) in enumerate(mine, 1):
+        folder = Path(cfg.out)
+        finished = (folder / "results.json").is_file()
+        t = time.time()
+        result = json.loads((folder / "results.json").read_text()) if finished else \
+            train(cfg, resume=(folder / "run.json").is_file(), quiet=True)
+        results.append(result)
+        if not quiet:
+            headline, value = next(iter(result["metrics"].items()))
+            left = (time.time() - started) / done * (len(mine) - done)
+            print(f"[{done}/{len(mine)}] {cell.name}: {headline} {value:.2f}, {result['params']:,} params, "
+                  f"{'already done' if finished else f'{time.time() - t:.0f} s'}; about {left / 60:.0f} min to go", flush=True)
+    return results
+
+
+def load_results(folder) -> list[dict]:
+    """Every results.json under a sweep folder."""
+    found = [json.loads(p.read_text()) for p in sorted(Path(folder).rglob("results.json"))]
+    if not found:
+        raise TiedLoraError(f"{folder} holds no results.json: run `tiedlora sweep --out {folder}` first.")
+    return found

@@ -1,0 +1,129 @@
+"""`tiedlora report` on synthetic results whose right answers are known, and `sweep` bookkeeping."""
+
+import csv
+import json
+
+import pytest
+
+from tiedlora import TiedLoraError
+from tiedlora.cli import main
+from tiedlora.report import report
+from tiedlora.sweep import Cell, grid, parse_shard
+
+# (task, config, rank, lr, layer) -> (validation loss, test metric, params). Test metrics that
+# disagree with validation check that every choice is made on validation.
+RUNS = {
+    ("squad", "lora", 2, 1e-4, None): (1.00, 60.0, 250),   # best test, worse validation
+    ("squad", "lora", 8, 1e-4, None): (0.90, 50.0, 1000),  # LoRA's best rank on validation
+    ("squad", "vera", 8, 1e-4, None): (1.30, 20.0, 94),
+    ("squad", "vera", 2, 1e-4, None): (1.10, 25.0, 88),    # vera's own best rank
+    ("squad", "tl5", 8, 1e-4, None): (1.00, 40.0, 31),
+    ("squad", "tl6", 8, 1e-4, None): (1.20, 80.0, 125),   # the lr that validation rejects
+    ("squad", "tl6", 8, 1e-2, None): (0.95, 45.0, 125),
+    ("squad", "lora", 8, 1e-4, 0): (1.05, 35.0, 31),
+    ("squad", "lora", 8, 1e-4, 5): (1.02, 38.0, 31),
+    ("gsm8k", "lora", 8, 1e-4, None): (0.50, 20.0, 1000),
+    ("gsm8k", "vera", 8, 1e-4, None): (0.70, 10.0, 94),
+    ("gsm8k", "tl5", 8, 1e-4, None): (0.60, 16.0, 31),
+    ("gsm8k", "tl6", 8, 1e-4, None): (0.55, 19.0, 125),
+}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for (task, config, rank, lr, layer), (val, metric, params) in RUNS.items():
+        folder = tmp_path / "sweep" / Cell(task, config, rank, lr, layer).name
+        folder.mkdir(parents=True)
+        headline = "exact_match"
+        (folder / "results.json").write_text(json.dumps({
+            "task": task, "config": config, "rank": rank, "params": params, "metrics": {headline: metric, "f1": 0.0},
+            "validation": {"on": "loss", "best": val}, "recipe": {"lr": lr, "layers": [layer] if layer is not None else None},
+        }))
+    return tmp_path / "sweep"
+
+
+def rows_of(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_table_2_places_every_number(sweep, tmp_path):
+    written = report(sweep, tmp_path / "out")
+    by = {(r["task"], r["config"]): r for r in written["table2"]}
+    squad_tl6 = by[("squad", "tl6")]
+    assert squad_tl6["lora_rank"] == 8 and squad_tl6["metric_at_lora_rank"] == 45.0  # lr 1e-2, chosen on validation
+    assert squad_tl6["P%_at_lora_rank"] == pytest.approx(12.5)
+    assert by[("squad", "lora")]["metric_at_lora_rank"] == 50.0  # not rank 2's better test score
+    assert by[("squad", "vera")]["best_rank"] == 2 and by[("squad", "vera")]["metric_at_best_rank"] == 25.0
+    assert by[("squad", "vera")]["P%_at_best_rank"] == pytest.approx(8.8)
+    assert by[("squad", "tl5")]["P%_at_lora_rank"] == pytest.approx(3.1)
+    assert by[("average", "tl6")]["metric_at_lora_rank"] == pytest.approx((45 + 19) / 2)
+    assert by[("average", "lora")]["metric_at_lora_rank"] == pytest.approx(35.0)
+    csv_rows = rows_of(tmp_path / "out" / "table2.csv")
+    assert len(csv_rows) == len(written["table2"]) == 8 + 4
+    assert "| squad | tl6 | 8 | 45.00 | 12.50 | 8 | 45.00 | 12.50 |" in (tmp_path / "out" / "table2.md").read_text()
+
+
+def test_gaps_and_summary(sweep, tmp_path):
+    gap = report(sweep, tmp_path / "out")["gaps"]
+    assert gap["tl6"]["points"] == pytest.approx(((45 - 50) + (19 - 20)) / 2)
+    assert gap["tl6"]["relative_%"] == pytest.approx((100 * -5 / 50 + 100 * -1 / 20) / 2)
+    assert gap["lora"]["points"] == 0 and gap["tl5"]["tasks"] == 2
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "- tl6: -3.00 points (-7.50 % relative) with 12.5 % of LoRA's parameters, over 2 tasks" in summary
+    assert "1.36 %" in summary
+
+
+def test_table_3_and_figures(sweep, tmp_path, capsys):
+    assert main(["report", str(sweep), "--out", str(tmp_path / "out")]) == 0
+    assert "figure2.png, appendix_a.png" in capsys.readouterr().out
+    rows = rows_of(tmp_path / "out" / "table3.csv")
+    assert [(r["task"], r["adapter"], r["params"], r["metric"]) for r in rows] == [
+        ("squad", "lora, layer 0", "31", "35.0"), ("squad", "lora, layer 5", "31", "38.0"), ("squad", "tl5, all layers", "31", "40.0")]
+    for name in ("figure2.png", "appendix_a.png"):
+        data = (tmp_path / "out" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_report_on_an_empty_folder(tmp_path):
+    with pytest.raises(TiedLoraError, match="holds no results.json"):
+        report(tmp_path, tmp_path / "out")
+
+
+def test_grid_names_and_shards():
+    cells = grid(["squad", "gsm8k"], ["lora", "tl6"], [2, 8], [1e-4], layers=[0])
+    assert len(cells) == 2 * 2 * 2 + 2 * 2
+    assert cells[0].name == "squad/lora-r2-lr0.0001" and cells[-1].name == "gsm8k/lora-L0-r8-lr0.0001"
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("0/4", "5/4", "x", "1/0"):
+        with pytest.raises(TiedLoraError, match="--shard"):
+            parse_shard(bad)
+
+
+SWEEP = ["--tasks", "squad,gsm8k", "--configs", "lora,tl5", "--ranks", "2", "--lrs", "1e-2", "--layers", "0", "--max_steps", "2",
+         "--batch_size", "4", "--micro_batch_size", "2", "--val_every", "2", "--val_rows", "4", "--train_rows", "8",
+         "--test_rows", "2", "--max_new_tokens", "3", "--warmup_steps", "1", "--quiet"]
+
+
+def test_sweep_runs_skips_resumes_and_shards(tiny_folder, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(out)]) == 0
+    names = [c.name for c in grid(["squad", "gsm8k"], ["lora", "tl5"], [2], [1e-2], [0])]
+    files = {n: out / n / "results.json" for n in names}
+    assert len(names) == 6 and all(f.is_file() for f in files.values())
+    result = json.loads(files["gsm8k/lora-L0-r2-lr0.01"].read_text())
+    assert result["recipe"]["layers"] == [0] and result["recipe"]["max_steps"] == 2 and result["recipe"]["batch_size"] == 4
+    assert result["params"] == json.loads(files["gsm8k/tl5-r2-lr0.01"].read_text())["params"]  # Table 3's premise
+    assert json.loads(files["squad/lora-r2-lr0.01"].read_text())["recipe"]["val_every"] == 2
+
+    stamps = {n: f.stat().st_mtime_ns for n, f in files.items()}
+    files["squad/tl5-r2-lr0.01"].unlink()  # as if killed after training, before scoring
+    assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(out)]) == 0
+    assert all(files[n].stat().st_mtime_ns == stamps[n] for n in names if n != "squad/tl5-r2-lr0.01")
+    assert files["squad/tl5-r2-lr0.01"].is_file()
+    assert report(out, tmp_path / "report")["table3"]
+
+    part = tmp_path / "shard"
+    assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(part), "--shard", "2/3"]) == 0
+    assert sorted(p.parent.relative_to(part).as_posix() for p in part.rglob("results.json")) == sorted(names[1::3])
+    assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(part), "--max_steps", "3"]) == 2
