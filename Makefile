@@ -6,7 +6,7 @@ PIP     := $(BIN)/python -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Not part of the tests: timings belong in benchmarks/, as ratios measured in one run.
+bench: install
+	$(BIN)/python benchmarks/train_step.py --device cpu --out benchmarks/train_step_cpu.json
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

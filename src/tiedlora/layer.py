@@ -119,7 +119,10 @@ class AdaptedLinear(nn.Module):
         adapter = self.adapter
         if self.merged or not adapter.enabled:
             return z
-        return z + F.linear(adapter.down(x), adapter.up_weight(self.rows).to(x.dtype))
+        h = adapter.down(x)
+        # z + h B'^T in one kernel (addmm), no separate delta tensor to allocate and add
+        out = torch.addmm(z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1]), adapter.up_weight(self.rows).to(x.dtype).t())
+        return out.view(z.shape)
 
     @torch.no_grad()
     def fold(self, sign: int) -> None:
