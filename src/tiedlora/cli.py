@@ -185,8 +185,8 @@ def _sweep_parser():
 
 
 def _split(text: str, allowed, cast=str) -> list:
-    values = list(allowed) if text == "all" else [cast(v) for v in text.split(",") if v.strip()]
-    return values
+    """A comma-separated flag as a list; "all" is every allowed value."""
+    return list(allowed) if text == "all" else [cast(v) for v in text.split(",") if v.strip()]
 
 
 def sweep_command(sub) -> None:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .tasks import Task, prompt_ids
 
 
-def _pad(seqs: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask of token lists padded to one length."""
     width = max(map(len, seqs))
     ids = [[pad] * (width - len(s)) + s if left else s + [pad] * (width - len(s)) for s in seqs]
@@ -35,7 +35,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 500, ba
     with tqdm(total=len(ids), desc="generate", unit="row") as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            input_ids, mask = _pad([ids[i] for i in rows], pad, True, model.device)
+            input_ids, mask = pad_batch([ids[i] for i in rows], pad, True, model.device)
             out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=greedy)
             for i, new in zip(rows, out[:, input_ids.shape[1]:]):
                 answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -59,7 +59,7 @@ def loglik(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8) 
     model.eval()
     for start in tqdm(range(0, len(ids), batch_size), desc="log-likelihood", unit="batch"):
         batch = ids[start:start + batch_size]
-        input_ids, mask = _pad([c + e for c, e in batch], 0, False, model.device)
+        input_ids, mask = pad_batch([c + e for c, e in batch], 0, False, model.device)
         logprobs = model(input_ids=input_ids, attention_mask=mask).logits.float().log_softmax(-1)
         for row, (c, e) in zip(logprobs, batch):
             # The logits at position t predict token t + 1.

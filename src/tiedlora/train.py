@@ -140,14 +140,12 @@ def micro_batches(indices: list[int], examples: list[dict], cfg: TrainConfig, wo
 
 
 def collate(examples: list[dict], pad_id: int, device) -> dict:
-    width = max(len(e["input_ids"]) for e in examples)
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for e in examples:
-        gap = width - len(e["input_ids"])
-        rows["input_ids"].append(e["input_ids"] + [pad_id] * gap)
-        rows["attention_mask"].append([1] * len(e["input_ids"]) + [0] * gap)
-        rows["labels"].append(e["labels"] + [-100] * gap)
-    return {k: torch.tensor(v, device=device) for k, v in rows.items()}
+    """A right-padded batch; padding is masked out of attention and of the loss."""
+    from .evaluate import pad_batch
+
+    input_ids, attention_mask = pad_batch([e["input_ids"] for e in examples], pad_id, False, device)
+    labels, _ = pad_batch([e["labels"] for e in examples], -100, False, device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class TokenLoss(nn.Module):
