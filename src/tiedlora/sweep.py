@@ -17,6 +17,7 @@ import yaml
 
 from .config import PRESETS, TiedLoraError
 from .io import write_atomic
+from .models import load_model
 from .train import RECIPES, TrainConfig, train
 
 CELL_FIELDS = ("task", "config", "rank", "lr", "layers", "model", "out")  # set per cell, not by the budget
@@ -79,13 +80,15 @@ def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1),
 
     k, n = shard
     mine = [(c, cfg) for i, (c, cfg) in enumerate(zip(cells, configs)) if i % n == k - 1]
-    results, started = [], time.time()
+    results, started, base = [], time.time(), None
     for done, (cell, cfg) in enumerate(mine, 1):
         folder = Path(cfg.out)
         finished = (folder / "results.json").is_file()
         t = time.time()
+        if not finished and base is None:
+            base = load_model(model)  # once per sweep; each cell trains a copy
         result = json.loads((folder / "results.json").read_text()) if finished else \
-            train(cfg, resume=(folder / "run.json").is_file(), quiet=True)
+            train(cfg, resume=(folder / "run.json").is_file(), quiet=True, base=base)
         results.append(result)
         if not quiet:
             headline, value = next(iter(result["metrics"].items()))

@@ -12,6 +12,7 @@ is re-seeded every step, and the optimizer's moments are saved with safetensors 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import dataclasses
 import json
@@ -310,8 +311,10 @@ class Log:
             self.tb.close()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
-    """Train, keep the best adapter, score it on the test split; returns results.json's content."""
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=None) -> dict:
+    """Train, keep the best adapter, score it on the test split; returns results.json's content.
+    `base` = (model, tokenizer) already loaded for cfg.model: a copy is trained, so a sweep
+    loads its model once rather than once per cell."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -323,7 +326,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     task = get(cfg.task)
     train_rows = task.load("train", cfg.source)
     val_rows = task.load("validation", cfg.source)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model) if base is None else (copy.deepcopy(base[0]), base[1])
     apply(model, cfg.adapter())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_examples, cut = encode_rows(task, train_rows[:cfg.train_rows], tokenizer, cfg)
