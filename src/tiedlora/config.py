@@ -8,6 +8,7 @@ or frozen, and how it starts. The eight configurations of the paper's Table 1 ar
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 PARTS = ("A", "B", "u", "v")
@@ -32,8 +33,10 @@ class Part:
     def __post_init__(self):
         if not isinstance(self.tied, bool) or not isinstance(self.trainable, bool):
             raise TiedLoraError(f"Part(tied={self.tied!r}, trainable={self.trainable!r}): both must be True or False.")
-        if isinstance(self.init, bool) or not (self.init in NAMED_INITS or isinstance(self.init, (int, float))):
-            raise TiedLoraError(f"init={self.init!r} is not an initialisation: use one of {NAMED_INITS} or a number.")
+        named = isinstance(self.init, str) and self.init in NAMED_INITS
+        number = isinstance(self.init, (int, float)) and not isinstance(self.init, bool) and math.isfinite(self.init)
+        if not (named or number):
+            raise TiedLoraError(f"init={self.init!r} is not an initialisation: use one of {NAMED_INITS} or a finite number.")
 
 
 def _p(tied: bool, trainable: bool, init) -> Part:
@@ -84,13 +87,18 @@ class TiedLoraConfig:
         for part in PARTS:
             if not isinstance(getattr(self, part), Part):
                 raise TiedLoraError(f"{part}={getattr(self, part)!r} must be a tiedlora.Part(tied=..., trainable=..., init=...).")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                                       or not math.isfinite(self.alpha) or self.alpha <= 0):
             raise TiedLoraError(f"alpha={self.alpha!r} must be a positive number (or None for alpha = rank).")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TiedLoraError(f"seed={self.seed!r} must be an integer.")
+        if not isinstance(self.name, str):
+            raise TiedLoraError(f"name={self.name!r} must be a string.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise TiedLoraError(f"seed={self.seed!r} must be an integer from 0 to 2**32 - 1.")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise TiedLoraError(f"dropout={self.dropout!r} must be in [0, 1).")
         if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)):
+                raise TiedLoraError(f"layers={self.layers!r} must be a list of layer indices, e.g. [3], or None for all.")
             layers = tuple(self.layers)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
                 raise TiedLoraError(f"layers={self.layers!r} must be a non-empty list of layer indices (0, 1, ...), or None for all.")
@@ -148,6 +156,8 @@ class TiedLoraConfig:
 def _normalise_targets(targets) -> tuple[str, ...] | dict[str, tuple[str, ...]]:
     if isinstance(targets, str):
         targets = (targets,)
+    if not isinstance(targets, (dict, list, tuple)):
+        raise TiedLoraError(f"targets={targets!r}: use a list of groups from {list(GROUP_ALIASES)} or a mapping {{group: [module names]}}.")
     if isinstance(targets, dict):
         if not targets or not all(isinstance(k, str) and k.isidentifier() and isinstance(v, (list, tuple)) and v and all(isinstance(m, str) for m in v) for k, v in targets.items()):
             raise TiedLoraError(f"targets={targets!r}: a mapping needs group names to non-empty lists of module names, e.g. {{'qkv': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj']}}.")

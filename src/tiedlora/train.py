@@ -294,7 +294,7 @@ class Log:
             writer = csv.DictWriter(f, self.FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start + 1 if start else None)
+        self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start + 1)
 
     def write(self, **row):
         if not self.enabled:
@@ -387,9 +387,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
             total = accelerator.reduce(total, reduction="sum")
-            if not torch.isfinite(total) or any(not torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-                raise Diverged(f"the training loss became {total.item()} at step {step + 1} (lr {lr_at(step, cfg):.3g}); "
-                               f"the last good checkpoint stays in {checkpoints.folder}; lower --lr and start again, or --resume from it.")
+            bad_loss = not torch.isfinite(total)
+            if bad_loss or any(not torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                what = f"the training loss became {total.item()}" if bad_loss else f"a gradient became non-finite (loss {total.item():.4g})"
+                raise Diverged(f"{what} at step {step + 1} (lr {lr_at(step, cfg):.3g}); the last good checkpoint stays in "
+                               f"{checkpoints.folder}; lower --lr and start again, or --resume from it.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1

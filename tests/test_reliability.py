@@ -1,0 +1,265 @@
+"""Faults and hostile input: kills, full disks, fuzzed configs and headers, numerical faults.
+docs/RELIABILITY.md reports what these tried and found."""
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import randomize, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import tiedlora
+from tiedlora import TiedLoraConfig, TiedLoraError
+from tiedlora.cli import main
+from tiedlora.io import read_config
+from tiedlora.train import TrainConfig, train
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+KILLS = 5
+
+
+def run_flags(tiny_folder, out):
+    """40 steps, a checkpoint every step, so kills often land inside a checkpoint write."""
+    return ["--task=squad", "--config=tl6", "--rank=4", f"--model={tiny_folder}", f"--out={out}", "--max_steps=40",
+            "--batch_size=4", "--micro_batch_size=2", "--val_every=5", "--val_rows=4", "--train_rows=24", "--test_rows=2",
+            "--max_new_tokens=3", "--lr=1e-2", "--warmup_steps=2", "--checkpoint_every=1", "--dropout=0.1", "--quiet"]
+
+
+def assert_no_torn_files(folder):
+    """Every file under its final name is whole: JSON parses, safetensors loads, and each
+    adapter's tensors match the hash in its config."""
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            load_file(path)
+        if path.name == "adapter_config.json" and path.parent.name.startswith("step-"):
+            assert hashlib.sha256((path.parent / "adapter.safetensors").read_bytes()).hexdigest() == read_config(path.parent)["tensors"]["sha256"]
+
+
+def latest_step(folder) -> int:
+    pointer = folder / "checkpoint" / "latest"
+    return int(pointer.read_text().split("-")[1]) if pointer.is_file() else 0
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_is_exact(tiny_folder, tmp_path):
+    """Each life of the run is killed at a random moment once it has passed a new checkpoint:
+    within a step, between steps or inside a checkpoint write (one is written every step)."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["train", *run_flags(tiny_folder, whole)]) == 0
+    delays = random.Random(0)
+    for _ in range(KILLS):
+        before = latest_step(killed)
+        child = subprocess.Popen([sys.executable, "-m", "tiedlora", "train", *run_flags(tiny_folder, killed), "--resume"],
+                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while latest_step(killed) <= before and child.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(delays.uniform(0, 0.1))
+        assert child.poll() is None, "the run ended before it could be killed"
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert_no_torn_files(killed)
+    assert 0 < latest_step(killed) < 40
+    assert main(["train", *run_flags(tiny_folder, killed), "--resume"]) == 0
+    a, b = load_file(whole / "best" / "adapter.safetensors"), load_file(killed / "best" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_file(f / "checkpoint" / "step-40" / "adapter.safetensors") for f in (whole, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((whole / "results.json").read_text())["metrics"] == json.loads((killed / "results.json").read_text())["metrics"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_write_errors_keep_the_previous_checkpoint(tiny_folder, tmp_path, monkeypatch, code):
+    run = tmp_path / "run"
+    options = dict(task="squad", config="tl6", rank=4, model=str(tiny_folder), out=str(run), max_steps=6, batch_size=4,
+                   micro_batch_size=2, val_every=2, val_rows=4, train_rows=24, test_rows=2, max_new_tokens=3, lr=1e-2, warmup_steps=2)
+    real_fsync, writes = os.fsync, []
+
+    def failing_fsync(fd):
+        writes.append(fd)
+        if len(writes) > 12:  # step 2's checkpoint and best/ succeed, step 4's writes fail
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(TiedLoraError, match=f"Could not write .*: {os.strerror(code)}; the file there before, if any, is unchanged"):
+        train(TrainConfig(**options), quiet=True)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    latest = (run / "checkpoint" / "latest").read_text()
+    assert latest == "step-2"
+    model = tiedlora.load(tiny_model_from(tiny_folder), run / "checkpoint" / latest)
+    assert tiedlora.trainable_parameters(model) > 0
+    assert not [p for p in run.rglob("*.tmp")]  # no temporary file left behind either
+
+
+def tiny_model_from(folder):
+    from tiedlora.models import load_model
+
+    return load_model(str(folder))[0]
+
+
+# Fuzzing: whatever a stranger's file holds, the answer is a TiedLoraError, never another exception.
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                           max_leaves=12)
+CONFIG_KEYS = ["rank", "A", "B", "u", "v", "alpha", "seed", "layers", "targets", "dropout", "name", "extra"]
+part_like = st.fixed_dictionaries({}, optional={"tied": json_values, "trainable": json_values, "init": json_values})
+config_like = st.dictionaries(st.sampled_from(CONFIG_KEYS), json_values | part_like, max_size=8)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=config_like | json_values)
+def test_fuzz_config_dicts(data):
+    try:
+        cfg = TiedLoraConfig.from_dict(data)
+    except TiedLoraError:
+        return
+    assert TiedLoraConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapter")
+    tiedlora.save(randomize(tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl6", rank=4)), trainable_only=True), folder)
+    return folder
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(blob=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_fuzz_config_files(saved_adapter, tmp_path_factory, blob):
+    folder = tmp_path_factory.mktemp("fuzz")
+    (folder / "adapter_config.json").write_bytes(blob)
+    (folder / "adapter.safetensors").write_bytes((saved_adapter / "adapter.safetensors").read_bytes())
+    with pytest.raises(TiedLoraError):
+        tiedlora.load(tiny_model("llama"), folder)
+
+
+def header(meta: dict, body: bytes = b"") -> bytes:
+    text = json.dumps(meta).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+safetensors_headers = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda n, rest: struct.pack("<Q", n) + rest, st.integers(0, 2**64 - 1), st.binary(max_size=64)),
+    st.builds(lambda name, dtype, shape, start, end: header({name: {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}}, b"\0" * 64),
+              st.sampled_from(["qkv.A", "qkv.B", "x"]), st.sampled_from(["F32", "BF16", "I64", "U8", "F64", "XX"]),
+              st.lists(st.integers(0, 2**40), max_size=3), st.integers(0, 2**40), st.integers(0, 2**40)),
+)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(blob=safetensors_headers)
+def test_fuzz_tensor_files(saved_adapter, tmp_path_factory, blob):
+    """Hostile tensor files whose hash is made to match: headers claiming huge sizes, wrong
+    dtypes and shapes, garbage. The config is valid, so only the tensors file is on trial."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    (folder / "adapter.safetensors").write_bytes(blob)
+    meta = json.loads((saved_adapter / "adapter_config.json").read_text())
+    meta["tensors"]["sha256"] = hashlib.sha256(blob).hexdigest()
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(TiedLoraError):
+        tiedlora.load(tiny_model("llama"), folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8])
+def test_integer_tensors_are_refused(saved_adapter, tmp_path, dtype):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    tensors = {k: v.to(dtype) for k, v in load_file(saved_adapter / "adapter.safetensors").items()}
+    save_file(tensors, folder / "adapter.safetensors")
+    meta = json.loads((saved_adapter / "adapter_config.json").read_text())
+    meta["tensors"]["sha256"] = hashlib.sha256((folder / "adapter.safetensors").read_bytes()).hexdigest()
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(TiedLoraError, match="expected a float tensor"):
+        tiedlora.load(tiny_model("llama"), folder)
+
+
+def test_a_diverging_learning_rate_is_reported(tiny_folder, tmp_path):
+    """An absurd learning rate: training must stop on the non-finite loss, naming the step."""
+    options = dict(task="squad", config="lora", rank=4, model=str(tiny_folder), out=str(tmp_path / "run"), max_steps=40,
+                   batch_size=4, micro_batch_size=4, val_every=40, val_rows=4, train_rows=24, test_rows=2, max_new_tokens=3,
+                   lr=1e12, warmup_steps=1, alpha=1e6)
+    with pytest.raises(TiedLoraError, match=r"the training loss became (nan|inf) at step \d+"):
+        train(TrainConfig(**options), quiet=True)
+
+
+def test_no_pickle_loader_in_the_package():
+    """Checks of trust: tensors are read with safetensors only, nowhere with torch.load or pickle."""
+    import pathlib
+
+    source = pathlib.Path(tiedlora.__file__).parent
+    for path in source.rglob("*.py"):
+        text = path.read_text()
+        assert "torch.load(" not in text and "import pickle" not in text and "pickle.load" not in text, path
+
+
+@pytest.mark.parametrize("target", ["adapter.safetensors", "optimizer.safetensors", "latest"])
+def test_death_inside_a_checkpoint_write_then_resume_is_exact(tiny_folder, tmp_path, monkeypatch, target):
+    """The process dies (here: SystemExit from the rename) in the middle of step 4's checkpoint,
+    at each of its writes in turn; the resumed run ends as the uninterrupted one."""
+    options = dict(task="squad", config="tl6", rank=4, model=str(tiny_folder), max_steps=6, batch_size=4, micro_batch_size=2,
+                   val_every=2, val_rows=4, train_rows=24, test_rows=2, max_new_tokens=3, lr=1e-2, warmup_steps=2, dropout=0.1)
+    train(TrainConfig(**options, out=str(tmp_path / "whole")), quiet=True)
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if os.path.basename(dst) == target and "step-4" in str(dst) + open(src, "rb").read(64).decode("latin-1"):
+            raise SystemExit("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(SystemExit):
+        train(TrainConfig(**options, out=str(tmp_path / "killed")), quiet=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert latest_step(tmp_path / "killed") == 2
+    assert_no_torn_files(tmp_path / "killed")
+    train(TrainConfig(**options, out=str(tmp_path / "killed")), resume=True, quiet=True)
+    for sub in ("best", "checkpoint/step-6"):
+        a, b = (load_file(tmp_path / f / sub / "adapter.safetensors") for f in ("whole", "killed"))
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def small_run(tiny_folder, out, **extra):
+    return TrainConfig(**{**dict(task="squad", config="tl6", rank=4, model=str(tiny_folder), out=str(out), max_steps=4, batch_size=4,
+                                 micro_batch_size=2, val_every=2, val_rows=4, train_rows=24, test_rows=2, max_new_tokens=3,
+                                 lr=1e-2, warmup_steps=2), **extra})
+
+
+def test_prompts_longer_than_the_context_lose_their_start_and_say_so_once(tiny_folder, tmp_path, capsys):
+    train(small_run(tiny_folder, tmp_path / "run", max_length=48), quiet=True)
+    out = capsys.readouterr().out
+    assert out.count("training examples exceed --max_length 48; their prompts were cut from the start.") == 1
+
+
+def test_an_infinite_gradient_stops_training_at_its_step(tiny_folder, tmp_path, monkeypatch):
+    from tiedlora.train import Diverged, TokenLoss
+
+    forward, calls = TokenLoss.forward, []
+
+    def poison(self, *args, **kwargs):
+        loss = forward(self, *args, **kwargs)
+        calls.append(self.training)
+        if sum(calls) == 5:  # step 3's first micro batch: a finite loss whose gradient is infinite
+            self.model.tiedlora["qkv"]["A"].register_hook(lambda g: g * float("inf"))
+        return loss
+
+    monkeypatch.setattr(TokenLoss, "forward", poison)
+    with pytest.raises(Diverged, match="a gradient became non-finite \\(loss [0-9.]+\\) at step 3 .* the last good checkpoint stays in"):
+        train(small_run(tiny_folder, tmp_path / "run"), quiet=True)
+    assert latest_step(tmp_path / "run") == 2
