@@ -19,7 +19,8 @@ def pad_batch(seqs: list[list[int]], pad: int, left: bool, device) -> tuple[torc
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 500, batch_size: int = 8, chat: bool = False) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 500, batch_size: int = 8, chat: bool = False,
+             progress: bool = True) -> list[str]:
     """Greedy completions of `prompts`, in their order. Batches are left-padded so every answer
     starts at the same position, and filled longest prompt first so they waste little on
     padding. Decoding stops at EOS or `max_new_tokens`; no other stop string is assumed."""
@@ -32,7 +33,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 500, ba
     answers = [""] * len(ids)
     training = model.training
     model.eval()
-    with tqdm(total=len(ids), desc="generate", unit="row") as bar:
+    with tqdm(total=len(ids), desc="generate", unit="row", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             input_ids, mask = pad_batch([ids[i] for i in rows], pad, True, model.device)
@@ -44,9 +45,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 500, ba
     return answers
 
 
-def evaluate(model, tokenizer, task: Task, rows: list[dict], max_new_tokens: int = 500, batch_size: int = 8, chat: bool = False) -> dict:
+def evaluate(model, tokenizer, task: Task, rows: list[dict], max_new_tokens: int = 500, batch_size: int = 8, chat: bool = False,
+             progress: bool = True) -> dict:
     """The task's scores on `rows` (headline first), then "predictions": the generated answers."""
-    predictions = generate(model, tokenizer, [task.prompt(r) for r in rows], max_new_tokens, batch_size, chat)
+    predictions = generate(model, tokenizer, [task.prompt(r) for r in rows], max_new_tokens, batch_size, chat, progress)
     return {**task.score(predictions, rows), "predictions": predictions}
 
 

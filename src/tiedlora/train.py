@@ -407,7 +407,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
                 loss_fn.eval()
                 val_loss = validation_loss(loss_fn, val_examples, cfg, pad_id, device)
                 if cfg.val_metric or cfg.early_stop_on == "metric":
-                    scored = evaluate(model, tokenizer, task, val_rows[:cfg.val_rows], cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat)
+                    scored = evaluate(model, tokenizer, task, val_rows[:cfg.val_rows], cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat,
+                                      progress=not quiet)
                     headline, val_metric = next(iter(scored.items()))
                 value = -val_metric if cfg.early_stop_on == "metric" else val_loss
                 if state["best"] is None or value < state["best"]:
@@ -435,7 +436,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     load(model, folder / "best")
     test_all = task.load("test", cfg.source)
     test_rows = test_all[:cfg.test_rows]
-    scores = evaluate(model, tokenizer, task, test_rows, cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat)
+    scores = evaluate(model, tokenizer, task, test_rows, cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat, progress=not quiet)
     predictions = scores.pop("predictions")
     results = {
         "task": cfg.task, "config": cfg.config, "rank": cfg.rank, "model": cfg.model,
