@@ -1,0 +1,205 @@
+"""Many adapters on one base model, each row of a batch with its own adapter (or none).
+
+Serving adapters are frozen, so each is kept as stored, its tied tensors not expanded per layer:
+per group, a bank of A matrices (one per adapter when A is tied, one per layer when not), a bank
+of B matrices likewise, an index per (adapter, layer) into each bank, and u and v per adapter
+and layer (the scale folded into v). A row's adapter is an id: an adapted projection gathers
+its rows' A, u, B, v and does one batched matmul down and one up for the whole batch, whatever
+the mix of configurations and ranks (ranks are zero-padded to the largest). Id 0 is the base
+model alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TiedLoraConfig, TiedLoraError
+from .io import _read_tensors, read_config
+from .layer import initial_value
+from .model import _find_group, _group_shape, _set_submodule, find_layers
+
+
+class Bank(nn.Module):
+    """One group's adapters, stacked: A (n_A, r, d_in), B (n_B, d_out, r), u (ids, L, r),
+    v (ids, L, d_out), and a_index, b_index (ids, L) into A and B. Rebuilt on every change."""
+
+    def __init__(self, n_layers: int, d_in: int, d_out: int):
+        super().__init__()
+        self.n_layers, self.d_in, self.d_out = n_layers, d_in, d_out
+
+    def rebuild(self, entries: list, device, dtype) -> None:
+        """`entries[i]` is adapter i's (As, Bs, a_index, b_index, u, v), or None for an empty slot."""
+        rank = max([1] + [e[0][0].shape[0] for e in entries if e is not None])
+
+        def padded(t, dim):
+            gap = list(t.shape)
+            gap[dim] = rank - t.shape[dim]
+            return torch.cat([t, t.new_zeros(gap)], dim=dim)
+
+        As, Bs = [torch.zeros(rank, self.d_in)], [torch.zeros(self.d_out, rank)]  # row 0: nothing
+        a_index, b_index, us, vs = [], [], [], []
+        zero_layers = torch.zeros(self.n_layers, dtype=torch.long)
+        for e in [None, *entries]:
+            if e is None:
+                a_index.append(zero_layers)
+                b_index.append(zero_layers)
+                us.append(torch.zeros(self.n_layers, rank))
+                vs.append(torch.zeros(self.n_layers, self.d_out))
+                continue
+            a_list, b_list, a_at, b_at, u, v = e
+            # local index k >= 1 is this adapter's k-th matrix, which lands at len(As) + k - 1
+            a_index.append(torch.where(a_at > 0, a_at - 1 + len(As), 0))
+            b_index.append(torch.where(b_at > 0, b_at - 1 + len(Bs), 0))
+            As += [padded(a, 0) for a in a_list]
+            Bs += [padded(b, 1) for b in b_list]
+            us.append(padded(u, 1))
+            vs.append(v)
+        place = dict(device=device, dtype=dtype)
+        self.A, self.B = torch.stack(As).to(**place), torch.stack(Bs).to(**place)
+        self.u, self.v = torch.stack(us).to(**place), torch.stack(vs).to(**place)
+        self.a_index, self.b_index = torch.stack(a_index).to(device), torch.stack(b_index).to(device)
+
+
+class BankedLinear(nn.Module):
+    """A frozen projection plus, for each row, its adapter's rows of (v B) diag(u) A x."""
+
+    def __init__(self, base: nn.Module, bank: Bank, layer: int, rows: slice, owner: "MultiAdapterModel"):
+        super().__init__()
+        self.base = base
+        self.layer, self.rows = layer, rows
+        self._bank, self._owner = (bank,), (owner,)  # references: the bank and the ids live elsewhere
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.base(x)
+        ids = self._owner[0].adapter_ids
+        if ids is None:
+            return z
+        bank, layer = self._bank[0], self.layer
+        a = bank.A[bank.a_index[ids, layer]].to(x.dtype)                    # rows x r x d_in
+        h = torch.bmm(x, a.transpose(1, 2)) * bank.u[ids, layer].unsqueeze(1).to(x.dtype)
+        b = bank.B[bank.b_index[ids, layer]][:, self.rows].to(x.dtype)      # rows x d_out_j x r
+        return z + torch.bmm(h, b.transpose(1, 2)) * bank.v[ids, layer, self.rows].unsqueeze(1).to(x.dtype)
+
+
+class MultiAdapterModel(nn.Module):
+    """A base model and any number of loaded adapters: `forward(..., adapter_ids=ids)` and
+    `generate(..., adapter_ids=ids)` with one id per row (0: no adapter); `add` and `remove`
+    load and unload adapters at run time."""
+
+    def __init__(self, model: nn.Module, targets=("qkv",), dtype=torch.float32):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        self.dtype = dtype
+        self.names: list[str | None] = []
+        self.adapter_ids = None
+        self.layers = find_layers(model)
+        indices = list(range(len(self.layers)))
+        self.banks = nn.ModuleDict()
+        self.shapes = {}
+        for group in targets:
+            members = _find_group(self.layers[0], group)
+            d_in, d_outs = _group_shape(self.layers, indices, group, members)
+            self.banks[group] = bank = Bank(len(self.layers), d_in, sum(d_outs))
+            self.shapes[group] = {"members": list(members), "d_in": d_in, "d_out": list(d_outs)}
+            for i in indices:
+                start = 0
+                for name, d_out in zip(members, d_outs):
+                    member = BankedLinear(self.layers[i].get_submodule(name), bank, i, slice(start, start + d_out), self)
+                    _set_submodule(self.layers[i], name, member)
+                    start += d_out
+        self.entries: dict[str, list] = {group: [] for group in targets}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        device = next(self.model.parameters()).device
+        for group, bank in self.banks.items():
+            bank.rebuild(self.entries[group], device, self.dtype)
+
+    def id_of(self, name: str) -> int:
+        if name not in self.names:
+            raise TiedLoraError(f"No adapter named {name!r} is loaded; loaded: {[n for n in self.names if n]}.")
+        return self.names.index(name) + 1
+
+    def add(self, name: str, folder) -> int:
+        """Load the adapter saved in `folder` (by tiedlora.save) as `name`; returns its id."""
+        if not name or name in self.names:
+            raise TiedLoraError(f"Adapter name {name!r} is empty or already loaded: choose another.")
+        folder = Path(folder)
+        meta = read_config(folder)
+        config = TiedLoraConfig.from_dict(meta["config"])
+        tensors = _read_tensors(folder, meta)
+        groups = config.targets if not isinstance(config.targets, dict) else tuple(config.targets)
+        found = {"layers": len(self.layers), "groups": {g: self.shapes.get(g) for g in groups}}
+        saved = {"layers": meta["base_model"].get("layers"), "groups": {g: meta["base_model"].get("groups", {}).get(g) for g in groups}}
+        if found != saved:
+            raise TiedLoraError(f"{folder} was made for another base model or targets: expected {saved}, found {found}.")
+        entries = {g: self._entry(g, config, tensors, folder) for g in groups}
+        slot = self.names.index(None) if None in self.names else len(self.names)
+        if slot == len(self.names):
+            self.names.append(None)
+            for g in self.entries:
+                self.entries[g].append(None)
+        self.names[slot] = name
+        for g, entry in entries.items():
+            self.entries[g][slot] = entry
+        self._rebuild()
+        return slot + 1
+
+    def remove(self, name: str) -> None:
+        slot = self.id_of(name) - 1
+        self.names[slot] = None
+        for g in self.entries:
+            self.entries[g][slot] = None
+        self._rebuild()
+
+    def _entry(self, group: str, config: TiedLoraConfig, tensors: dict, folder: Path):
+        """(As, Bs, a_index, b_index, u, v) of one adapter: stored tensors where the file has
+        them, frozen ones regenerated from the seed exactly as `apply` made them."""
+        shape = self.shapes[group]
+        d_in, d_out, r, L = shape["d_in"], sum(shape["d_out"]), config.rank, len(self.layers)
+        sizes = {"A": (r, d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}
+        adapted = list(config.layers) if config.layers is not None else list(range(L))
+
+        def value(part: str, layer: int) -> torch.Tensor:
+            key = f"{group}.{part}" if config.parts[part].tied else f"{group}.layers.{layer}.{part}"
+            t = tensors[key].float() if key in tensors else initial_value(config.parts[part], sizes[part], config.seed, key)
+            if tuple(t.shape) != sizes[part]:
+                raise TiedLoraError(f"{folder}: tensor {key} is {tuple(t.shape)}, expected {sizes[part]}.")
+            return t
+
+        mats, index = {}, {}
+        for part in ("A", "B"):
+            tied = config.parts[part].tied
+            mats[part] = [value(part, layer) for layer in (adapted[:1] if tied else adapted)]
+            # per layer: 0 where not adapted, else this adapter's 1-based matrix for that layer
+            index[part] = torch.tensor([0 if layer not in adapted else 1 if tied else 1 + adapted.index(layer) for layer in range(L)])
+        u = torch.stack([value("u", layer) if layer in adapted else torch.zeros(r) for layer in range(L)])
+        v = torch.stack([config.scale * value("v", layer) if layer in adapted else torch.zeros(d_out) for layer in range(L)])
+        return mats["A"], mats["B"], index["A"], index["B"], u, v
+
+    def forward(self, *args, adapter_ids=None, **kwargs):
+        with self._rows(adapter_ids, args, kwargs):
+            return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args, adapter_ids=None, **kwargs):
+        with self._rows(adapter_ids, args, kwargs):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _rows(self, adapter_ids, args, kwargs):
+        """Every BankedLinear reads the ids of the call in progress; checked first."""
+        batch = (args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))).shape[0]
+        ids = None if adapter_ids is None else torch.as_tensor(adapter_ids, dtype=torch.long, device=next(self.model.parameters()).device)
+        if ids is not None and (ids.shape != (batch,) or ids.min() < 0 or ids.max() > len(self.names)
+                                or any(self.names[i - 1] is None for i in ids.tolist() if i)):
+            raise TiedLoraError(f"adapter_ids {adapter_ids!r}: need one id per row ({batch}), each 0 (none) or a loaded adapter's id.")
+        self.adapter_ids = ids
+        try:
+            yield
+        finally:
+            self.adapter_ids = None

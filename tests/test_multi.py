@@ -1,0 +1,93 @@
+"""Mixed-adapter batches: every row's output equals its adapter applied alone."""
+
+import pytest
+import torch
+from conftest import randomize, tiny_model
+
+import tiedlora
+from tiedlora import TiedLoraConfig, TiedLoraError
+from tiedlora.multi import MultiAdapterModel
+
+ADAPTERS = {  # name -> config: tied and untied, different ranks, a layer subset, alpha != rank
+    "tl6": TiedLoraConfig.preset("tl6", rank=4, seed=1),
+    "lora": TiedLoraConfig.preset("lora", rank=2, alpha=6, layers=[1]),
+    "vera": TiedLoraConfig.preset("vera", rank=8, seed=2),
+    "tl2": TiedLoraConfig.preset("tl2", rank=3),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for i, (name, cfg) in enumerate(ADAPTERS.items()):
+        model = randomize(tiedlora.apply(tiny_model("llama"), cfg), seed=i, trainable_only=True)
+        tiedlora.save(model, root / name)
+    return root
+
+
+def alone(name, saved, tokens):
+    with torch.no_grad():
+        if name is None:
+            return tiny_model("llama")(tokens).logits
+        return tiedlora.load(tiny_model("llama"), saved / name)(tokens).logits
+
+
+def test_each_row_equals_its_adapter_alone(saved):
+    multi = MultiAdapterModel(tiny_model("llama"))
+    ids = {name: multi.add(name, saved / name) for name in ADAPTERS}
+    assert list(ids.values()) == [1, 2, 3, 4]
+    tokens = torch.randint(0, 128, (6, 10), generator=torch.Generator().manual_seed(3))
+    rows = [None, "tl6", "lora", "vera", "tl2", "tl6"]
+    with torch.no_grad():
+        mixed = multi(tokens, adapter_ids=[0 if r is None else ids[r] for r in rows]).logits
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], alone(name, saved, tokens)[i], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(multi(tokens).logits, alone(None, saved, tokens))  # no ids: the base model exactly
+
+
+def test_generate_per_row_and_unload_at_run_time(saved):
+    multi = MultiAdapterModel(tiny_model("llama"))
+    for name in ADAPTERS:
+        multi.add(name, saved / name)
+    tokens = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(4))
+    out = multi.generate(tokens, adapter_ids=[multi.id_of("vera"), 0, multi.id_of("tl6")], max_new_tokens=5, do_sample=False)
+    for row, name in zip(out, ["vera", None, "tl6"]):
+        model = tiny_model("llama") if name is None else tiedlora.load(tiny_model("llama"), saved / name)
+        i = ["vera", None, "tl6"].index(name)
+        expected = model.generate(tokens[i:i + 1], max_new_tokens=5, do_sample=False)[0]
+        assert torch.equal(row, expected)
+    vera = multi.id_of("vera")
+    multi.remove("vera")
+    with pytest.raises(TiedLoraError, match="each 0 \\(none\\) or a loaded adapter's id"):
+        multi(tokens, adapter_ids=[vera, 0, 0])
+    assert multi.add("vera-again", saved / "vera") == vera  # the freed slot is reused
+    with torch.no_grad():
+        torch.testing.assert_close(multi(tokens, adapter_ids=[vera] * 3).logits, alone("vera", saved, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_tensors_are_stored_once_per_adapter(saved):
+    multi = MultiAdapterModel(tiny_model("llama"))
+    multi.add("tl6", saved / "tl6")
+    multi.add("lora", saved / "lora")
+    bank = multi.banks["qkv"]
+    assert bank.A.shape[0] == 1 + 1 + 1  # nothing, tl6's one tied A, lora's A for its one layer
+    assert bank.B.shape[0] == 3 and bank.A.shape[1] == 4  # ranks padded to the largest
+
+
+def test_bad_requests(saved, tmp_path):
+    multi = MultiAdapterModel(tiny_model("llama"))
+    multi.add("tl6", saved / "tl6")
+    tokens = torch.randint(0, 128, (2, 5))
+    with pytest.raises(TiedLoraError, match="need one id per row \\(2\\)"):
+        multi(tokens, adapter_ids=[1])
+    with pytest.raises(TiedLoraError, match="each 0 \\(none\\) or a loaded adapter's id"):
+        multi(tokens, adapter_ids=[1, 7])
+    with pytest.raises(TiedLoraError, match="already loaded"):
+        multi.add("tl6", saved / "tl6")
+    with pytest.raises(TiedLoraError, match="No adapter named 'x' is loaded"):
+        multi.remove("x")
+    other = tmp_path / "gpt2"
+    tiedlora.save(tiedlora.apply(tiny_model("gpt2"), TiedLoraConfig.preset("tl6", rank=2)), other)
+    with pytest.raises(TiedLoraError, match="was made for another base model or targets"):
+        multi.add("gpt2", other)
