@@ -109,16 +109,9 @@ def _train_parser():
     task's paper recipe (configs/paper/<task>.yaml) gives the defaults."""
     from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-    from .train import TrainConfig
-
     p = ArgumentParser(description="Train a Tied-LoRA adapter with the paper's recipe (its values are the defaults), then score it on the test split.")
     p.add_argument("--recipe", action=ActionConfigFile, help="A YAML file of these options (configs/paper/<task>.yaml is the default).")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if hints[f.name] is bool:
-            p.add_argument(f"--{f.name}", action=ActionYesNo, default=f.default, help=HELP.get(f.name, ""))
-        else:
-            p.add_argument(f"--{f.name}", type=hints[f.name], default=f.default, help=HELP.get(f.name, ""))
+    _add_train_options(p)
     p.add_argument("--resume", action=ActionYesNo, default=False, help="Continue the run in --out from its last checkpoint.")
     p.add_argument("--quiet", action=ActionYesNo, default=False, help="No progress bar or validation lines.")
     return p
@@ -163,7 +156,6 @@ def _sweep_parser():
     from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
     from .sweep import CELL_FIELDS
-    from .train import TrainConfig
 
     p = ArgumentParser(description="Run a grid of train runs (skips finished cells, resumes killed ones), one folder per cell.")
     p.add_argument("--recipe", action=ActionConfigFile, help="A YAML file of these options.")
@@ -176,12 +168,29 @@ def _sweep_parser():
     p.add_argument("--out", required=True, help="The sweep folder.")
     p.add_argument("--shard", default="1/1", help="k/n: run every n-th cell from the k-th (machines share --out).")
     p.add_argument("--quiet", action=ActionYesNo, default=False, help="No line per cell.")
+    _add_train_options(p, skip=CELL_FIELDS, unset_is_recipe=True)
+    return p
+
+
+def _add_train_options(p, skip=(), unset_is_recipe: bool = False) -> None:
+    """A flag per TrainConfig field. For a sweep every one defaults to unset (None), meaning
+    the task's paper recipe, so booleans stay three-valued rather than yes/no switches."""
+    from jsonargparse import ActionYesNo
+
+    from .train import TrainConfig
+
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in CELL_FIELDS:
-            kind = hints[f.name] if hints[f.name] is bool else typing.Optional[hints[f.name]]
-            p.add_argument(f"--{f.name}", type=kind, default=None, help=HELP.get(f.name, "") + " (unset: the task's paper recipe)")
-    return p
+        if f.name in skip:
+            continue
+        kind, help_text = hints[f.name], HELP.get(f.name, "")
+        if unset_is_recipe:
+            p.add_argument(f"--{f.name}", type=kind if kind is bool else typing.Optional[kind], default=None,
+                           help=help_text + " (unset: the task's paper recipe)")
+        elif kind is bool:
+            p.add_argument(f"--{f.name}", action=ActionYesNo, default=f.default, help=help_text)
+        else:
+            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
 
 
 def _split(text: str, allowed, cast=str) -> list:

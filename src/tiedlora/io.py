@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import TiedLoraConfig, TiedLoraError
-from .model import ATTRIBUTE, adapter_parameters, apply, find_layers, remove, root
+from .model import ATTRIBUTE, adapter_parameters, apply, find_layers, is_merged, remove, root
 
 TENSORS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
@@ -71,7 +71,7 @@ def load(model: nn.Module, folder) -> nn.Module:
         for key, t in tensors.items():
             if t.shape != params[key].shape or not t.is_floating_point():
                 raise TiedLoraError(f"{folder / TENSORS}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected a float tensor of shape {tuple(params[key].shape)}.")
-        if any(member.merged for site in root(model).sites for _, member in site.members):
+        if is_merged(model):
             raise TiedLoraError("The adapter on this model is merged into its weights: call tiedlora.unmerge(model) before loading another.")
         with torch.no_grad():
             for key, t in tensors.items():

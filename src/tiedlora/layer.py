@@ -18,6 +18,21 @@ from torch import nn
 from .config import Part
 
 
+def tensor_key(group: str, part: str, layer: int | None = None) -> str:
+    """An adapter tensor's name in files and in the seeded init: `<group>.<part>` when tied
+    (layer None), `<group>.layers.<i>.<part>` when per layer. Saving, loading, regenerating
+    frozen tensors and serving all depend on this one scheme."""
+    return f"{group}.{part}" if layer is None else f"{group}.layers.{layer}.{part}"
+
+
+def row_slices(d_outs) -> list[slice]:
+    """Each member's rows of a group's fused output (q, then k, then v)."""
+    bounds = [0]
+    for d in d_outs:
+        bounds.append(bounds[-1] + d)
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 def initial_value(part: Part, shape: tuple[int, ...], seed: int, key: str) -> torch.Tensor:
     """A part's starting tensor, a function of (seed, key) alone: frozen random tensors are
     regenerated from the seed when an adapter is loaded instead of being stored (as PEFT's

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import PARTS, TiedLoraConfig, TiedLoraError
-from .layer import AdaptedLinear, GroupAdapter, Site, TiedParameters, new_parameter
+from .layer import AdaptedLinear, GroupAdapter, Site, TiedParameters, new_parameter, row_slices, tensor_key
 
 # For each group alias, the module names (relative to one shared parent inside a layer) that
 # read the group's input, in the order their output rows are split; the first match wins.
@@ -50,21 +50,20 @@ def apply(model: nn.Module, config: TiedLoraConfig, *, device=None, dtype=torch.
         d_in, d_outs = shapes[group]
         part_shapes = {"A": (config.rank, d_in), "B": (sum(d_outs), config.rank), "u": (config.rank,), "v": (sum(d_outs),)}
         place = dict(device=device if device is not None else first.get_submodule(members[0]).weight.device, dtype=dtype)
-        tied = nn.ParameterDict({p: new_parameter(config.parts[p], part_shapes[p], config.seed, f"{group}.{p}", **place)
+        tied = nn.ParameterDict({p: new_parameter(config.parts[p], part_shapes[p], config.seed, tensor_key(group, p), **place)
                                  for p in PARTS if config.parts[p].tied})
         root[group] = tied
         for i in indices:
-            own = {p: new_parameter(config.parts[p], part_shapes[p], config.seed, f"{group}.layers.{i}.{p}", **place)
+            own = {p: new_parameter(config.parts[p], part_shapes[p], config.seed, tensor_key(group, p, i), **place)
                    for p in PARTS if not config.parts[p].tied}
             adapter = GroupAdapter(tied, own, config.scale, config.dropout, len(members))
             owner = layers[i].get_submodule(_common_parent(members))
             owner.add_module(f"{ATTRIBUTE}_{group}", adapter)
-            adapted, start = [], 0
-            for name, d_out in zip(members, d_outs):
-                member = AdaptedLinear(layers[i].get_submodule(name), adapter, slice(start, start + d_out))
+            adapted = []
+            for name, rows in zip(members, row_slices(d_outs)):
+                member = AdaptedLinear(layers[i].get_submodule(name), adapter, rows)
                 _set_submodule(layers[i], name, member)
                 adapted.append((f"{prefix}.{i}.{name}", member))
-                start += d_out
             root.sites.append(Site(i, group, adapter, owner, members, adapted))
     setattr(model, ATTRIBUTE, root)
     return model
@@ -81,9 +80,9 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every adapter tensor once, under a key that does not depend on where the model is
     wrapped: `<group>.<part>` when tied, `<group>.layers.<i>.<part>` when per layer."""
     r = root(model)
-    params = {f"{group}.{name}": p for group, tied in r.items() for name, p in tied.items()}
+    params = {tensor_key(group, name): p for group, tied in r.items() for name, p in tied.items()}
     for site in r.sites:
-        params.update({f"{site.group}.layers.{site.layer}.{name}": p for name, p in site.adapter.named_parameters()})
+        params.update({tensor_key(site.group, name, site.layer): p for name, p in site.adapter.named_parameters()})
     return params
 
 
@@ -111,10 +110,14 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_merged(model: nn.Module) -> bool:
+    return any(m.merged for m in _members(model))
+
+
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Run the base model alone: inside, outputs equal the unadapted model's exactly."""
-    if any(m.merged for m in _members(model)):
+    if is_merged(model):
         raise TiedLoraError("The adapter is merged into the weights, so it cannot be switched off exactly: call tiedlora.unmerge(model) first.")
     sites = root(model).sites
     for site in sites:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import TiedLoraConfig, TiedLoraError
 from .io import _read_tensors, read_config
-from .layer import initial_value
+from .layer import initial_value, row_slices, tensor_key
 from .model import _find_group, _group_shape, _set_submodule, find_layers
 
 
@@ -106,11 +106,8 @@ class MultiAdapterModel(nn.Module):
             self.banks[group] = bank = Bank(len(self.layers), d_in, sum(d_outs))
             self.shapes[group] = {"members": list(members), "d_in": d_in, "d_out": list(d_outs)}
             for i in indices:
-                start = 0
-                for name, d_out in zip(members, d_outs):
-                    member = BankedLinear(self.layers[i].get_submodule(name), bank, i, slice(start, start + d_out), self)
-                    _set_submodule(self.layers[i], name, member)
-                    start += d_out
+                for name, rows in zip(members, row_slices(d_outs)):
+                    _set_submodule(self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), bank, i, rows, self))
         self.entries: dict[str, list] = {group: [] for group in targets}
         self._rebuild()
 
@@ -165,7 +162,7 @@ class MultiAdapterModel(nn.Module):
         adapted = list(config.layers) if config.layers is not None else list(range(L))
 
         def value(part: str, layer: int) -> torch.Tensor:
-            key = f"{group}.{part}" if config.parts[part].tied else f"{group}.layers.{layer}.{part}"
+            key = tensor_key(group, part, None if config.parts[part].tied else layer)
             t = tensors[key].float() if key in tensors else initial_value(config.parts[part], sizes[part], config.seed, key)
             if tuple(t.shape) != sizes[part]:
                 raise TiedLoraError(f"{folder}: tensor {key} is {tuple(t.shape)}, expected {sizes[part]}.")
