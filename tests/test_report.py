@@ -127,3 +127,15 @@ def test_sweep_runs_skips_resumes_and_shards(tiny_folder, tmp_path):
     assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(part), "--shard", "2/3"]) == 0
     assert sorted(p.parent.relative_to(part).as_posix() for p in part.rglob("results.json")) == sorted(names[1::3])
     assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(part), "--max_steps", "3"]) == 2
+
+
+def test_a_diverged_cell_is_recorded_and_the_sweep_goes_on(tiny_folder, tmp_path):
+    out = tmp_path / "sweep"
+    flags = [*SWEEP[:SWEEP.index("--lrs")], "--lrs", "1e-2,1e12", *SWEEP[SWEEP.index("--lrs") + 2:]]
+    assert main(["sweep", *flags, "--tasks", "squad", "--configs", "lora", "--layers", "", "--model", str(tiny_folder), "--out", str(out)]) == 0
+    bad = json.loads((out / "squad/lora-r2-lr1e+12/results.json").read_text())
+    assert "non-finite" in bad["diverged"] or "loss became" in bad["diverged"]
+    written = report(out, tmp_path / "report")
+    assert [(r["config"], r["lora_rank"]) for r in written["table2"] if r["task"] == "squad"] == [("lora", 2)]
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "1 runs diverged" in summary and "lora-r2-lr1e+12" in summary

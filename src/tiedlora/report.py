@@ -39,6 +39,8 @@ def select(results: list[dict]) -> dict:
     """{(task, config, rank, layer): the run with the best validation over learning rates}."""
     chosen = {}
     for r in results:
+        if "diverged" in r:  # its learning rate lost; another one's run stands for the cell
+            continue
         layers = r["recipe"].get("layers")
         key = (r["task"], r["config"], r["rank"], layers[0] if layers else None)
         if key not in chosen or _better(r, chosen[key]):
@@ -213,7 +215,10 @@ def report(sweep, out) -> dict:
     write_atomic(out / "table3.md", markdown(rows3, T3).encode())
     write_atomic(out / "table3.csv", to_csv(rows3, T3).encode())
     figures = plots(chosen, out)
+    diverged = [r["recipe"]["out"] for r in results if "diverged" in r]
     lines = [f"# Summary of {len(results)} runs over {len(tasks)} tasks", "",
+             f"{len(diverged)} runs diverged (their learning rate was too high; the cell's other learning rates stand): "
+             f"{', '.join(Path(d).name for d in diverged) or 'none'}.", "",
              "Average gap to LoRA at LoRA's best rank (per task, chosen on validation), test metric:", ""]
     for config, g in gap.items():
         lines.append(f"- {config}: {g['points']:+.2f} points ({g['relative_%']:+.2f} % relative) with {g['P%']:.1f} % of LoRA's parameters, over {g['tasks']} tasks")

@@ -1,13 +1,14 @@
 """Rank sweeps: the grid of tasks x configurations x ranks x learning rates (and the paper's
 Table 3 cells, LoRA on one layer), each cell a normal `train` run in its own folder.
 
-A cell with results.json is done and skipped; one with run.json but no results resumes from
+A cell with results.json is done and skipped (a diverged one too: its results.json says so); one with run.json but no results resumes from
 its checkpoint; `shard=(k, n)` takes every n-th cell from the k-th, so n machines can split a
 sweep over one shared folder. Budgets left unset come from each task's paper recipe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import yaml
 from .config import PRESETS, TiedLoraError
 from .io import write_atomic
 from .models import load_model
-from .train import RECIPES, TrainConfig, train
+from .train import RECIPES, Diverged, TrainConfig, train
 
 CELL_FIELDS = ("task", "config", "rank", "lr", "layers", "model", "out")  # set per cell, not by the budget
 
@@ -38,8 +39,10 @@ class Cell:
 
 
 def grid(tasks, configs, ranks, lrs, layers=()) -> list[Cell]:
-    cells = [Cell(t, c, r, lr) for t in tasks for r in ranks for c in configs for lr in lrs]
-    return cells + [Cell(t, "lora", r, lr, layer) for t in tasks for r in ranks for layer in layers for lr in lrs]
+    """Rank by rank in the order given, so a sweep cut short by its budget has every task and
+    configuration at its first ranks (`--ranks 8,2,32,128` does r = 8 first)."""
+    return [cell for r in ranks for t in tasks for cell in
+            [Cell(t, c, r, lr) for c in configs for lr in lrs] + [Cell(t, "lora", r, lr, layer) for layer in layers for lr in lrs]]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -87,13 +90,20 @@ def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1),
         t = time.time()
         if not finished and base is None:
             base = load_model(model)  # once per sweep; each cell trains a copy
-        result = json.loads((folder / "results.json").read_text()) if finished else \
-            train(cfg, resume=(folder / "run.json").is_file(), quiet=True, base=base)
+        if finished:
+            result = json.loads((folder / "results.json").read_text())
+        else:
+            try:
+                result = train(cfg, resume=(folder / "run.json").is_file(), quiet=True, base=base)
+            except Diverged as e:  # a learning rate too high for this cell: recorded, and the sweep goes on
+                result = {"task": cell.task, "config": cell.config, "rank": cell.rank, "diverged": str(e), "recipe": dataclasses.asdict(cfg)}
+                write_atomic(folder / "results.json", (json.dumps(result, indent=2) + "\n").encode())
         results.append(result)
         if not quiet:
-            headline, value = next(iter(result["metrics"].items()))
+            outcome = f"diverged ({result['diverged']})" if "diverged" in result else \
+                "{} {:.2f}, {:,} params".format(*next(iter(result["metrics"].items())), result["params"])
             left = (time.time() - started) / done * (len(mine) - done)
-            print(f"[{done}/{len(mine)}] {cell.name}: {headline} {value:.2f}, {result['params']:,} params, "
+            print(f"[{done}/{len(mine)}] {cell.name}: {outcome}, "
                   f"{'already done' if finished else f'{time.time() - t:.0f} s'}; about {left / 60:.0f} min to go", flush=True)
     return results
 
