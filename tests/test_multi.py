@@ -70,6 +70,7 @@ def test_tied_tensors_are_stored_once_per_adapter(saved):
     multi = MultiAdapterModel(tiny_model("llama"))
     multi.add("tl6", saved / "tl6")
     multi.add("lora", saved / "lora")
+    multi(torch.zeros(1, 2, dtype=torch.long), adapter_ids=[1])  # the banks are stacked before the first forward
     bank = multi.banks["qkv"]
     assert bank.A.shape[0] == 1 + 1 + 1  # nothing, tl6's one tied A, lora's A for its one layer
     assert bank.B.shape[0] == 3 and bank.A.shape[1] == 4  # ranks padded to the largest

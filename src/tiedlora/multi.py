@@ -25,7 +25,7 @@ from .model import _find_group, _group_shape, _set_submodule, find_layers
 
 class Bank(nn.Module):
     """One group's adapters, stacked: A (n_A, r, d_in), B (n_B, d_out, r), u (ids, L, r),
-    v (ids, L, d_out), and a_index, b_index (ids, L) into A and B. Rebuilt on every change."""
+    v (ids, L, d_out), and a_index, b_index (ids, L) into A and B. Rebuilt after changes."""
 
     def __init__(self, n_layers: int, d_in: int, d_out: int):
         super().__init__()
@@ -64,25 +64,45 @@ class Bank(nn.Module):
         self.a_index, self.b_index = torch.stack(a_index).to(device), torch.stack(b_index).to(device)
 
 
+class LayerDown:
+    """h = u * (A x) of one layer's group, gathered per row, computed once for all members (q, k
+    and v read the same x one after another) and dropped once each has used it."""
+
+    def __init__(self, bank: Bank, layer: int, n_members: int):
+        self.bank, self.layer, self.n_members = bank, layer, n_members
+        self._cache = None  # (x, h, uses)
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        cache = self._cache
+        if cache is not None and cache[0] is x:
+            h, uses = cache[1], cache[2] + 1
+        else:
+            bank, layer = self.bank, self.layer
+            a = bank.A[bank.a_index[ids, layer]].to(x.dtype)                              # rows x r x d_in
+            h, uses = torch.bmm(x, a.transpose(1, 2)) * bank.u[ids, layer].unsqueeze(1).to(x.dtype), 1
+        self._cache = None if uses >= self.n_members else (x, h, uses)
+        return h
+
+
 class BankedLinear(nn.Module):
     """A frozen projection plus, for each row, its adapter's rows of (v B) diag(u) A x."""
 
-    def __init__(self, base: nn.Module, bank: Bank, layer: int, rows: slice, owner: "MultiAdapterModel"):
+    def __init__(self, base: nn.Module, down: LayerDown, rows: slice, owner: "MultiAdapterModel"):
         super().__init__()
         self.base = base
-        self.layer, self.rows = layer, rows
-        self._bank, self._owner = (bank,), (owner,)  # references: the bank and the ids live elsewhere
+        self.rows = rows
+        self._down, self._owner = (down,), (owner,)  # references: the bank and the ids live elsewhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.base(x)
         ids = self._owner[0].adapter_ids
         if ids is None:
             return z
-        bank, layer = self._bank[0], self.layer
-        a = bank.A[bank.a_index[ids, layer]].to(x.dtype)                    # rows x r x d_in
-        h = torch.bmm(x, a.transpose(1, 2)) * bank.u[ids, layer].unsqueeze(1).to(x.dtype)
-        b = bank.B[bank.b_index[ids, layer]][:, self.rows].to(x.dtype)      # rows x d_out_j x r
-        return z + torch.bmm(h, b.transpose(1, 2)) * bank.v[ids, layer, self.rows].unsqueeze(1).to(x.dtype)
+        down = self._down[0]
+        bank, layer = down.bank, down.layer
+        # v scales B's rows (d_out x r per row of the batch), never the d_out-wide activations
+        b = bank.B[bank.b_index[ids, layer]][:, self.rows] * bank.v[ids, layer, self.rows].unsqueeze(-1)
+        return torch.baddbmm(z, down(x, ids), b.transpose(1, 2).to(x.dtype))
 
 
 class MultiAdapterModel(nn.Module):
@@ -106,15 +126,19 @@ class MultiAdapterModel(nn.Module):
             self.banks[group] = bank = Bank(len(self.layers), d_in, sum(d_outs))
             self.shapes[group] = {"members": list(members), "d_in": d_in, "d_out": list(d_outs)}
             for i in indices:
+                down = LayerDown(bank, i, len(members))
                 for name, rows in zip(members, row_slices(d_outs)):
-                    _set_submodule(self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), bank, i, rows, self))
+                    _set_submodule(self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), down, rows, self))
         self.entries: dict[str, list] = {group: [] for group in targets}
         self._rebuild()
 
     def _rebuild(self) -> None:
+        """Stack the banks again on the base model's device; done before the next forward, not
+        at every add or remove, so loading a thousand adapters stacks them once."""
         device = next(self.model.parameters()).device
         for group, bank in self.banks.items():
             bank.rebuild(self.entries[group], device, self.dtype)
+        self._stale = False
 
     def id_of(self, name: str) -> int:
         if name not in self.names:
@@ -143,7 +167,7 @@ class MultiAdapterModel(nn.Module):
         self.names[slot] = name
         for g, entry in entries.items():
             self.entries[g][slot] = entry
-        self._rebuild()
+        self._stale = True
         return slot + 1
 
     def remove(self, name: str) -> None:
@@ -151,7 +175,7 @@ class MultiAdapterModel(nn.Module):
         self.names[slot] = None
         for g in self.entries:
             self.entries[g][slot] = None
-        self._rebuild()
+        self._stale = True
 
     def _entry(self, group: str, config: TiedLoraConfig, tensors: dict, folder: Path):
         """(As, Bs, a_index, b_index, u, v) of one adapter: stored tensors where the file has
@@ -195,6 +219,8 @@ class MultiAdapterModel(nn.Module):
         if ids is not None and (ids.shape != (batch,) or ids.min() < 0 or ids.max() > len(self.names)
                                 or any(self.names[i - 1] is None for i in ids.tolist() if i)):
             raise TiedLoraError(f"adapter_ids {adapter_ids!r}: need one id per row ({batch}), each 0 (none) or a loaded adapter's id.")
+        if ids is not None and self._stale:
+            self._rebuild()
         self.adapter_ids = ids
         try:
             yield
