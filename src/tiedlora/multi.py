@@ -3,8 +3,9 @@
 Serving adapters are frozen, so each is kept as stored, its tied tensors not expanded per layer:
 per group, a bank of A matrices (one per adapter when A is tied, one per layer when not), a bank
 of B matrices likewise, an index per (adapter, layer) into each bank, and u and v per adapter
-and layer (the scale folded into v). A row's adapter is an id: an adapted projection gathers
-its rows' A, u, B, v and does one batched matmul down and one up for the whole batch, whatever
+and layer (the scale folded into v). A row's adapter is an id: a call gathers its rows' u * A
+and v * B for every layer once (a generate call once for all its steps), and each layer does one
+batched matmul down, shared by q, k and v, and one up per projection for the whole batch, whatever
 the mix of configurations and ranks (ranks are zero-padded to the largest). Id 0 is the base
 model alone.
 """
@@ -30,6 +31,16 @@ class Bank(nn.Module):
     def __init__(self, n_layers: int, d_in: int, d_out: int):
         super().__init__()
         self.n_layers, self.d_in, self.d_out = n_layers, d_in, d_out
+        self.rows_a = self.rows_b = None  # the call in progress's per-row matrices, all layers
+
+    def select(self, ids: torch.Tensor | None) -> None:
+        """Gather each row's (u * A) and (v * B) for every layer once per call, so a generate
+        call gathers once for all its steps and a layer does one bmm down and one up."""
+        if ids is None:
+            self.rows_a = self.rows_b = None
+            return
+        self.rows_a = self.A[self.a_index[ids]] * self.u[ids].unsqueeze(-1)   # rows x L x r x d_in
+        self.rows_b = self.B[self.b_index[ids]] * self.v[ids].unsqueeze(-1)   # rows x L x d_out x r
 
     def rebuild(self, entries: list, device, dtype) -> None:
         """`entries[i]` is adapter i's (As, Bs, a_index, b_index, u, v), or None for an empty slot."""
@@ -65,21 +76,19 @@ class Bank(nn.Module):
 
 
 class LayerDown:
-    """h = u * (A x) of one layer's group, gathered per row, computed once for all members (q, k
-    and v read the same x one after another) and dropped once each has used it."""
+    """h = (u * A) x of one layer's group for each row, computed once for all members (q, k and
+    v read the same x one after another) and dropped once each has used it."""
 
     def __init__(self, bank: Bank, layer: int, n_members: int):
         self.bank, self.layer, self.n_members = bank, layer, n_members
         self._cache = None  # (x, h, uses)
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         cache = self._cache
         if cache is not None and cache[0] is x:
             h, uses = cache[1], cache[2] + 1
         else:
-            bank, layer = self.bank, self.layer
-            a = bank.A[bank.a_index[ids, layer]].to(x.dtype)                              # rows x r x d_in
-            h, uses = torch.bmm(x, a.transpose(1, 2)) * bank.u[ids, layer].unsqueeze(1).to(x.dtype), 1
+            h, uses = torch.bmm(x, self.bank.rows_a[:, self.layer].transpose(1, 2).to(x.dtype)), 1
         self._cache = None if uses >= self.n_members else (x, h, uses)
         return h
 
@@ -87,22 +96,19 @@ class LayerDown:
 class BankedLinear(nn.Module):
     """A frozen projection plus, for each row, its adapter's rows of (v B) diag(u) A x."""
 
-    def __init__(self, base: nn.Module, down: LayerDown, rows: slice, owner: "MultiAdapterModel"):
+    def __init__(self, base: nn.Module, down: LayerDown, rows: slice):
         super().__init__()
         self.base = base
         self.rows = rows
-        self._down, self._owner = (down,), (owner,)  # references: the bank and the ids live elsewhere
+        self._down = (down,)  # a reference: shared by the layer's members
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.base(x)
-        ids = self._owner[0].adapter_ids
-        if ids is None:
-            return z
         down = self._down[0]
-        bank, layer = down.bank, down.layer
-        # v scales B's rows (d_out x r per row of the batch), never the d_out-wide activations
-        b = bank.B[bank.b_index[ids, layer]][:, self.rows] * bank.v[ids, layer, self.rows].unsqueeze(-1)
-        return torch.baddbmm(z, down(x, ids), b.transpose(1, 2).to(x.dtype))
+        b = down.bank.rows_b
+        if b is None:
+            return z
+        return torch.baddbmm(z, down(x), b[:, down.layer, self.rows].transpose(1, 2).to(x.dtype))
 
 
 class MultiAdapterModel(nn.Module):
@@ -115,7 +121,6 @@ class MultiAdapterModel(nn.Module):
         self.model = model.requires_grad_(False)
         self.dtype = dtype
         self.names: list[str | None] = []
-        self.adapter_ids = None
         self.layers = find_layers(model)
         indices = list(range(len(self.layers)))
         self.banks = nn.ModuleDict()
@@ -128,7 +133,7 @@ class MultiAdapterModel(nn.Module):
             for i in indices:
                 down = LayerDown(bank, i, len(members))
                 for name, rows in zip(members, row_slices(d_outs)):
-                    _set_submodule(self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), down, rows, self))
+                    _set_submodule(self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), down, rows))
         self.entries: dict[str, list] = {group: [] for group in targets}
         self._rebuild()
 
@@ -213,7 +218,7 @@ class MultiAdapterModel(nn.Module):
 
     @contextlib.contextmanager
     def _rows(self, adapter_ids, args, kwargs):
-        """Every BankedLinear reads the ids of the call in progress; checked first."""
+        """Every BankedLinear reads its rows' matrices, gathered for the call in progress; ids checked first."""
         batch = (args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))).shape[0]
         ids = None if adapter_ids is None else torch.as_tensor(adapter_ids, dtype=torch.long, device=next(self.model.parameters()).device)
         if ids is not None and (ids.shape != (batch,) or ids.min() < 0 or ids.max() > len(self.names)
@@ -221,8 +226,10 @@ class MultiAdapterModel(nn.Module):
             raise TiedLoraError(f"adapter_ids {adapter_ids!r}: need one id per row ({batch}), each 0 (none) or a loaded adapter's id.")
         if ids is not None and self._stale:
             self._rebuild()
-        self.adapter_ids = ids
+        for bank in self.banks.values():
+            bank.select(ids)
         try:
             yield
         finally:
-            self.adapter_ids = None
+            for bank in self.banks.values():
+                bank.select(None)
