@@ -61,7 +61,8 @@ def test_table_2_places_every_number(sweep, tmp_path):
     assert by[("average", "lora")]["metric_at_lora_rank"] == pytest.approx(35.0)
     csv_rows = rows_of(tmp_path / "out" / "table2.csv")
     assert len(csv_rows) == len(written["table2"]) == 8 + 4
-    assert "| squad | tl6 | 8 | 45.00 | 12.50 | 8 | 45.00 | 12.50 |" in (tmp_path / "out" / "table2.md").read_text()
+    assert squad_tl6["lr_at_lora_rank"] == 1e-2
+    assert "| squad | tl6 | 8 | 45.00 | 12.50 | 0.01 | 8 | 45.00 | 12.50 | 0.01 |" in (tmp_path / "out" / "table2.md").read_text()
 
 
 def test_gaps_and_summary(sweep, tmp_path):
@@ -139,3 +140,25 @@ def test_a_diverged_cell_is_recorded_and_the_sweep_goes_on(tiny_folder, tmp_path
     assert [(r["config"], r["lora_rank"]) for r in written["table2"] if r["task"] == "squad"] == [("lora", 2)]
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "1 runs diverged" in summary and "lora-r2-lr1e+12" in summary
+
+
+def test_learning_rates_per_configuration(tmp_path):
+    from tiedlora.sweep import chosen_lrs, parse_lrs
+
+    assert parse_lrs("1e-3,1e-2") == [1e-3, 1e-2]
+    assert parse_lrs("lora:1e-3,tl6:1e-2,tl6:3e-3") == {"lora": [1e-3], "tl6": [1e-2, 3e-3]}
+    cells = grid(["squad"], ["lora", "tl6"], [2], {"lora": [1e-3], "tl6": [1e-2, 3e-3]}, layers=[0])
+    assert [c.name for c in cells] == ["squad/lora-r2-lr0.001", "squad/tl6-r2-lr0.01", "squad/tl6-r2-lr0.003", "squad/lora-L0-r2-lr0.001"]
+    for bad in ("lora:x", "lora:1e-3:2", "1e-3,,x"):
+        with pytest.raises(TiedLoraError, match="--lrs"):
+            parse_lrs(bad)
+    with pytest.raises(TiedLoraError, match="no learning rate for \\['vera'\\]"):
+        grid(["squad"], ["lora", "vera"], [2], {"lora": [1e-3]})
+    # the choice is the validation winner per configuration at that rank, whatever the test says
+    for config, lr, val, test in [("lora", 1e-3, 0.5, 10.0), ("lora", 1e-2, 0.9, 90.0), ("tl6", 1e-3, 0.8, 50.0), ("tl6", 1e-2, 0.4, 5.0)]:
+        run = {"task": "squad", "config": config, "rank": 8, "params": 1, "metrics": {"exact_match": test},
+               "validation": {"on": "loss", "best": val}, "recipe": {"lr": lr, "layers": None}}
+        folder = tmp_path / f"{config}-{lr:g}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(run))
+    assert chosen_lrs(tmp_path, 8) == "lora:0.001,tl6:0.01"

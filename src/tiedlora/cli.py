@@ -162,7 +162,8 @@ def _sweep_parser():
     p.add_argument("--tasks", default="all", help="Comma-separated tasks, or all.")
     p.add_argument("--configs", default="all", help=f"Comma-separated configurations, or all ({', '.join(PRESETS)}).")
     p.add_argument("--ranks", default="2,8,32,128", help="Comma-separated ranks.")
-    p.add_argument("--lrs", default="1e-4", help="Comma-separated learning rates; the report picks one per cell on validation.")
+    p.add_argument("--lrs", default="1e-4", help="Comma-separated learning rates (the report picks one per cell on validation), "
+                   "or config:lr pairs, e.g. lora:1e-3,tl6:1e-2 (table2 of `tiedlora report` gives those chosen).")
     p.add_argument("--layers", default="", help="Table 3: also LoRA on each of these single layers, e.g. 0,15,29.")
     p.add_argument("--model", default="smollm2-135m", help="The base model of every cell.")
     p.add_argument("--out", required=True, help="The sweep folder.")
@@ -199,15 +200,15 @@ def _split(text: str, allowed, cast=str) -> list:
 
 
 def sweep_command(sub) -> None:
-    from .sweep import CELL_FIELDS, grid, parse_shard, run_sweep
+    from .sweep import CELL_FIELDS, grid, parse_lrs, parse_shard, run_sweep
     from .tasks import TASKS
     from .train import TrainConfig
 
     try:
-        ranks, lrs = _split(sub.ranks, (), int), _split(sub.lrs, (), float)
-        layers = _split(sub.layers, (), int)
+        ranks, layers = _split(sub.ranks, (), int), _split(sub.layers, (), int)
     except ValueError as e:
-        raise TiedLoraError(f"--ranks, --lrs and --layers take comma-separated numbers ({e}).") from None
+        raise TiedLoraError(f"--ranks and --layers take comma-separated numbers ({e}).") from None
+    lrs = parse_lrs(sub.lrs)
     tasks, configs = _split(sub.tasks, TASKS), _split(sub.configs, PRESETS)
     budget = {f.name: sub[f.name] for f in dataclasses.fields(TrainConfig) if f.name not in CELL_FIELDS}
     run_sweep(grid(tasks, configs, ranks, lrs, layers), sub.out, model=sub.model, budget=budget,
@@ -273,6 +274,16 @@ def parser():
     g.add_argument("--max_new_tokens", type=int, default=200, help="Stop after this many tokens.")
     g.add_argument("--chat", action=ActionYesNo, default=False, help="Use the chat template.")
     commands.add_subcommand("generate", g, help="Complete one prompt.")
+
+    s = ArgumentParser(description="An OpenAI-compatible HTTP server: one base model, every adapter under --adapters, requests batched across adapters.")
+    s.add_argument("--model", default="smollm2-135m", help="The base model; requests name it to use no adapter.")
+    s.add_argument("--adapters", default="runs", help="Serve every run folder (its best/) and adapter folder under it, named by relative path.")
+    s.add_argument("--host", default="127.0.0.1", help="The address to listen on.")
+    s.add_argument("--port", type=int, default=8000, help="The port.")
+    s.add_argument("--max_batch", type=int, default=32, help="At most this many requests decoded together.")
+    s.add_argument("--max_prompt_tokens", type=int, default=2048, help="Longer prompts are refused.")
+    s.add_argument("--max_tokens_limit", type=int, default=1024, help="The largest max_tokens a request may ask for.")
+    commands.add_subcommand("serve", s, help="Serve adapters over HTTP (OpenAI API).")
     return top
 
 
@@ -328,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             export_command(sub.adapter, sub.out, sub.format, sub.model)
         elif args.command == "generate":
             print(generate_command(sub.adapter, sub.prompt, sub.model, sub.max_new_tokens, sub.chat))
+        elif args.command == "serve":
+            from .serve import serve
+
+            serve(sub.model, sub.adapters, sub.host, sub.port, sub.max_batch, sub.max_prompt_tokens, sub.max_tokens_limit)
     except TiedLoraError as e:
         print(f"tiedlora {args.command}: {e}", file=sys.stderr)
         return 2

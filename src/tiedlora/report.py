@@ -73,7 +73,9 @@ def table2(chosen: dict) -> tuple[list[dict], list[str]]:
                 "task": task, "config": config, "lora_rank": star,
                 "metric_at_lora_rank": headline(at_star) if at_star else None,
                 "P%_at_lora_rank": 100 * at_star["params"] / base if at_star else None,
+                "lr_at_lora_rank": at_star["recipe"]["lr"] if at_star else None,
                 "best_rank": top, "metric_at_best_rank": headline(runs[top]), "P%_at_best_rank": 100 * runs[top]["params"] / base,
+                "lr_at_best_rank": runs[top]["recipe"]["lr"],
             })
     averages = []
     for config in configs:
@@ -82,9 +84,9 @@ def table2(chosen: dict) -> tuple[list[dict], list[str]]:
             averages.append({
                 "task": "average", "config": config, "lora_rank": None,
                 "metric_at_lora_rank": _mean(r["metric_at_lora_rank"] for r in mine),
-                "P%_at_lora_rank": _mean(r["P%_at_lora_rank"] for r in mine),
+                "P%_at_lora_rank": _mean(r["P%_at_lora_rank"] for r in mine), "lr_at_lora_rank": None,
                 "best_rank": None, "metric_at_best_rank": _mean(r["metric_at_best_rank"] for r in mine),
-                "P%_at_best_rank": _mean(r["P%_at_best_rank"] for r in mine),
+                "P%_at_best_rank": _mean(r["P%_at_best_rank"] for r in mine), "lr_at_best_rank": None,
             })
     return rows + averages, tasks
 
@@ -125,7 +127,7 @@ def gaps(rows: list[dict]) -> dict:
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
     def cell(v):
-        return "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+        return "" if v is None else f"{v:g}" if isinstance(v, float) and 0 < abs(v) < 0.01 else f"{v:.2f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
@@ -197,7 +199,8 @@ def plots(chosen: dict, out: Path) -> list[Path]:
     return paths
 
 
-T2 = ["task", "config", "lora_rank", "metric_at_lora_rank", "P%_at_lora_rank", "best_rank", "metric_at_best_rank", "P%_at_best_rank"]
+T2 = ["task", "config", "lora_rank", "metric_at_lora_rank", "P%_at_lora_rank", "lr_at_lora_rank",
+      "best_rank", "metric_at_best_rank", "P%_at_best_rank", "lr_at_best_rank"]
 T3 = ["task", "rank", "adapter", "params", "metric"]
 
 

@@ -40,9 +40,41 @@ class Cell:
 
 def grid(tasks, configs, ranks, lrs, layers=()) -> list[Cell]:
     """Rank by rank in the order given, so a sweep cut short by its budget has every task and
-    configuration at its first ranks (`--ranks 8,2,32,128` does r = 8 first)."""
+    configuration at its first ranks (`--ranks 8,2,32,128` does r = 8 first). `lrs` is a list
+    for every configuration, or {configuration: list} (e.g. the ones chosen on validation at
+    another rank); Table 3's single-layer cells use LoRA's."""
+    if isinstance(lrs, dict):
+        missing = [c for c in [*configs, *(["lora"] if layers else [])] if c not in lrs]
+        if missing:
+            raise TiedLoraError(f"--lrs gives no learning rate for {sorted(set(missing))}: name every configuration, e.g. lora:1e-3,tl6:1e-2.")
+    def lrs_of(config):
+        return lrs[config] if isinstance(lrs, dict) else lrs
+
     return [cell for r in ranks for t in tasks for cell in
-            [Cell(t, c, r, lr) for c in configs for lr in lrs] + [Cell(t, "lora", r, lr, layer) for layer in layers for lr in lrs]]
+            [Cell(t, c, r, lr) for c in configs for lr in lrs_of(c)] + [Cell(t, "lora", r, lr, layer) for layer in layers for lr in lrs_of("lora")]]
+
+
+def parse_lrs(text: str) -> list[float] | dict[str, list[float]]:
+    """"1e-3,1e-2": these for every configuration; "lora:1e-3,tl6:1e-2,tl6:3e-3": per configuration."""
+    try:
+        if ":" not in text:
+            return [float(v) for v in text.split(",") if v.strip()]
+        lrs: dict[str, list[float]] = {}
+        for item in text.split(","):
+            config, lr = item.split(":")
+            lrs.setdefault(config.strip(), []).append(float(lr))
+        return lrs
+    except ValueError:
+        raise TiedLoraError(f"--lrs {text!r}: write comma-separated numbers (1e-3,1e-2) or config:lr pairs (lora:1e-3,tl6:1e-2).") from None
+
+
+def chosen_lrs(folder, rank: int) -> str:
+    """The learning rate of each (configuration) chosen on validation at `rank` in a sweep folder
+    of one task, as `--lrs` takes it: to sweep the other ranks at those alone."""
+    from .report import select
+
+    chosen = select(load_results(folder))
+    return ",".join(f"{config}:{run['recipe']['lr']:g}" for (_, config, r, layer), run in sorted(chosen.items()) if r == rank and layer is None)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
