@@ -155,10 +155,11 @@ def test_learning_rates_per_configuration(tmp_path):
     with pytest.raises(TiedLoraError, match="no learning rate for \\['vera'\\]"):
         grid(["squad"], ["lora", "vera"], [2], {"lora": [1e-3]})
     # the choice is the validation winner per configuration at that rank, whatever the test says
-    for config, lr, val, test in [("lora", 1e-3, 0.5, 10.0), ("lora", 1e-2, 0.9, 90.0), ("tl6", 1e-3, 0.8, 50.0), ("tl6", 1e-2, 0.4, 5.0)]:
+    for config, lr, val, test, layers in [("tl6", 1e-3, 0.8, 50.0, None), ("tl6", 1e-2, 0.4, 5.0, None), ("lora", 1e-3, 0.5, 10.0, None),
+                                          ("lora", 1e-2, 0.9, 90.0, None), ("lora", 1e-2, 0.1, 90.0, [3])]:
         run = {"task": "squad", "config": config, "rank": 8, "params": 1, "metrics": {"exact_match": test},
-               "validation": {"on": "loss", "best": val}, "recipe": {"lr": lr, "layers": None}}
-        folder = tmp_path / f"{config}-{lr:g}"
+               "validation": {"on": "loss", "best": val}, "recipe": {"lr": lr, "layers": layers}}
+        folder = tmp_path / f"{config}-{lr:g}-{layers}"
         folder.mkdir()
         (folder / "results.json").write_text(json.dumps(run))
     assert chosen_lrs(tmp_path, 8) == "lora:0.001,tl6:0.01"

@@ -74,7 +74,8 @@ def chosen_lrs(folder, rank: int) -> str:
     from .report import select
 
     chosen = select(load_results(folder))
-    return ",".join(f"{config}:{run['recipe']['lr']:g}" for (_, config, r, layer), run in sorted(chosen.items()) if r == rank and layer is None)
+    picked = {config: run["recipe"]["lr"] for (_, config, r, layer), run in chosen.items() if r == rank and layer is None}
+    return ",".join(f"{config}:{picked[config]:g}" for config in PRESETS if config in picked)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
