@@ -32,7 +32,7 @@ SHAPES = {
     "cpu": dict(config=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
                             intermediate_size=688, vocab_size=1000), batch=16, tokens=64, new=16, dtype=torch.float32),
     "cuda": dict(config=dict(hidden_size=4096, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=32,
-                             intermediate_size=11008, vocab_size=32000), batch=64, tokens=256, new=64, dtype=torch.bfloat16),
+                             intermediate_size=11008, vocab_size=32000), batch=64, tokens=256, new=32, dtype=torch.bfloat16),
 }
 RANK = 8
 TARGETS = ["q_proj", "k_proj", "v_proj"]

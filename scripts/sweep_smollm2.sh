@@ -20,7 +20,7 @@ TIEDLORA=${TIEDLORA:-tiedlora}
 PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-smollm2-135m}
 EXTRA=${EXTRA:-}  # more flags, e.g. a smaller budget for a trial
-BUDGET=(--source "$DATA" --batch_size 32 --micro_batch_size 32 --max_steps 80 --warmup_steps 10 --val_every 20
+BUDGET=(--source "$DATA" --batch_size 32 --micro_batch_size 16 --max_steps 80 --warmup_steps 10 --val_every 20
         --val_rows 64 --patience 2 --test_rows 150 --eval_batch_size 128)
 declare -A NEW_TOKENS=([squad]=32 [hellaswag]=8 [iwslt2017-de-en]=128 [dialogsum]=128 [gsm8k]=256)
 mkdir -p "$OUT_DIR"
