@@ -9,12 +9,12 @@
 #   3. r = 2, 32, 128 at that learning rate, until DEADLINE seconds have passed.
 # A cell cut off by the deadline has no results.json; running this again resumes it.
 #
-#   DATA=../shared/data OUT_DIR=sweeps/smollm2-135m WORKERS=2 DEADLINE=3600 scripts/sweep_smollm2.sh
+#   DATA=../shared/data OUT_DIR=sweeps/smollm2-135m DEADLINE=3600 scripts/sweep_smollm2.sh
 #   tiedlora report sweeps/smollm2-135m --out results/smollm2-135m
 set -u
 OUT_DIR=${OUT_DIR:-sweeps/smollm2-135m}
 DATA=${DATA:-../shared/data}
-WORKERS=${WORKERS:-2}
+WORKERS=${WORKERS:-1}  # per task; 2 per task (10 processes) ran out of the H100's 80 GB
 DEADLINE=${DEADLINE:-86400}
 TIEDLORA=${TIEDLORA:-tiedlora}
 PYTHON=${PYTHON:-python}

@@ -163,3 +163,27 @@ def test_learning_rates_per_configuration(tmp_path):
         folder.mkdir()
         (folder / "results.json").write_text(json.dumps(run))
     assert chosen_lrs(tmp_path, 8) == "lora:0.001,tl6:0.01"
+
+
+def test_a_cell_out_of_memory_is_left_for_a_rerun(tiny_folder, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import tiedlora.sweep as sweep
+
+    real = sweep.train
+
+    def flaky(cfg, **kw):
+        if "tl5" in cfg.out and not flaky.failed:
+            flaky.failed = True
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real(cfg, **kw)
+
+    flaky.failed = False
+    monkeypatch.setattr(sweep, "train", flaky)
+    flags = [*SWEEP, "--tasks", "squad", "--layers", "", "--model", str(tiny_folder), "--out", str(tmp_path / "s")]
+    flags.remove("--quiet")
+    assert main(["sweep", *flags]) == 0
+    assert "squad/tl5-r2-lr0.01: out of memory (CUDA out of memory. Tried to allocate 20.00 MiB); skipped" in capsys.readouterr().out
+    assert (tmp_path / "s/squad/lora-r2-lr0.01/results.json").is_file() and not (tmp_path / "s/squad/tl5-r2-lr0.01/results.json").exists()
+    assert main(["sweep", *flags]) == 0  # the rerun finishes it
+    assert (tmp_path / "s/squad/tl5-r2-lr0.01/results.json").is_file()

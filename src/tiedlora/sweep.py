@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from .config import PRESETS, TiedLoraError
@@ -131,6 +132,10 @@ def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1),
             except Diverged as e:  # a learning rate too high for this cell: recorded, and the sweep goes on
                 result = {"task": cell.task, "config": cell.config, "rank": cell.rank, "diverged": str(e), "recipe": dataclasses.asdict(cfg)}
                 write_atomic(folder / "results.json", (json.dumps(result, indent=2) + "\n").encode())
+            except torch.OutOfMemoryError as e:  # the machine's state, not the cell's: left unfinished, so a rerun resumes it
+                torch.cuda.empty_cache()
+                print(f"[{done}/{len(mine)}] {cell.name}: out of memory ({str(e).splitlines()[0]}); skipped, a rerun resumes it", flush=True)
+                continue
         results.append(result)
         if not quiet:
             outcome = f"diverged ({result['diverged']})" if "diverged" in result else \
