@@ -77,11 +77,11 @@ def test_gaps_and_summary(sweep, tmp_path):
 
 def test_table_3_and_figures(sweep, tmp_path, capsys):
     assert main(["report", str(sweep), "--out", str(tmp_path / "out")]) == 0
-    assert "figure2.png, appendix_a.png" in capsys.readouterr().out
+    assert "table2.png, figure2.png, appendix_a.png" in capsys.readouterr().out
     rows = rows_of(tmp_path / "out" / "table3.csv")
     assert [(r["task"], r["adapter"], r["params"], r["metric"]) for r in rows] == [
         ("squad", "lora, layer 0", "31", "35.0"), ("squad", "lora, layer 5", "31", "38.0"), ("squad", "tl5, all layers", "31", "40.0")]
-    for name in ("figure2.png", "appendix_a.png"):
+    for name in ("table2.png", "figure2.png", "appendix_a.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 

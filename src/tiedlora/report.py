@@ -199,13 +199,46 @@ def plots(chosen: dict, out: Path) -> list[Path]:
     return paths
 
 
+def bars(rows: list[dict], out: Path) -> Path | None:
+    """Table 2 as a picture: per task, every configuration's test metric at LoRA's best rank,
+    labelled with its share of LoRA's parameters; readable when a sweep has few ranks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r for r in rows if r["task"] != "average" and r["metric_at_lora_rank"] is not None]
+    if not cells:
+        return None
+    tasks = list(dict.fromkeys(r["task"] for r in cells))
+    configs = [c for c in PRESETS if any(r["config"] == c for r in cells)]
+    width = 0.8 / len(configs)
+    fig, ax = plt.subplots(figsize=(1.9 * len(tasks) + 3, 4.2))
+    for j, config in enumerate(configs):
+        mine = {r["task"]: r for r in cells if r["config"] == config}
+        xs = [i + (j - (len(configs) - 1) / 2) * width for i, t in enumerate(tasks) if t in mine]
+        share = _mean(r["P%_at_lora_rank"] for r in mine.values())
+        ax.bar(xs, [mine[t]["metric_at_lora_rank"] for t in tasks if t in mine], width, color=f"C{list(PRESETS).index(config)}",
+               label=f"{config} ({share:.1f} % of LoRA)")
+    ax.set_xticks(range(len(tasks)), [f"{t}\n(r = {next(r['lora_rank'] for r in cells if r['task'] == t)})" for t in tasks])
+    ax.set_ylabel("test metric (task headline, 0-100)")
+    ax.set_title("Every configuration at LoRA's best rank per task (chosen on validation)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    path = out / "table2.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 T2 = ["task", "config", "lora_rank", "metric_at_lora_rank", "P%_at_lora_rank", "lr_at_lora_rank",
       "best_rank", "metric_at_best_rank", "P%_at_best_rank", "lr_at_best_rank"]
 T3 = ["task", "rank", "adapter", "params", "metric"]
 
 
 def report(sweep, out) -> dict:
-    """Write table2.{md,csv}, table3.{md,csv}, figure2.png, appendix_a.png and summary.md."""
+    """Write table2.{md,csv,png}, table3.{md,csv}, figure2.png, appendix_a.png and summary.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(sweep)
@@ -217,7 +250,7 @@ def report(sweep, out) -> dict:
     write_atomic(out / "table2.csv", to_csv(rows2, T2).encode())
     write_atomic(out / "table3.md", markdown(rows3, T3).encode())
     write_atomic(out / "table3.csv", to_csv(rows3, T3).encode())
-    figures = plots(chosen, out)
+    figures = [p for p in (bars(rows2, out),) if p] + plots(chosen, out)
     diverged = [r["recipe"]["out"] for r in results if "diverged" in r]
     lines = [f"# Summary of {len(results)} runs over {len(tasks)} tasks", "",
              f"{len(diverged)} runs diverged (their learning rate was too high; the cell's other learning rates stand): "
