@@ -139,7 +139,7 @@ def measure(device: str, rounds: int, gen_rounds: int) -> dict:
     with torch.inference_mode():
         for label, make, n_rounds, which in (("prefill", prefill, rounds, 0), ("generate", generate, gen_rounds, 1)):
             times = {name: [] for name in variants}
-            for name, fns in variants.items():  # warm-up
+            for fns in variants.values():  # warm-up
                 make(fns[which])()
             for r in range(n_rounds):
                 order = list(variants)
