@@ -209,6 +209,24 @@ def test_no_pickle_loader_in_the_package():
         assert "torch.load(" not in text and "import pickle" not in text and "pickle.load" not in text, path
 
 
+def test_a_base_model_with_pickled_weights_is_refused(tiny_folder, tmp_path):
+    """A `.bin` is a pickle, and unpickling a stranger's file can run code: only safetensors load."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from tiedlora.models import load_model
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_folder).state_dict(), folder / "pytorch_model.bin")  # the pickle format
+    assert (folder / "pytorch_model.bin").is_file() and not (folder / "model.safetensors").exists()
+    with pytest.raises(TiedLoraError, match="pickled .bin files are refused"):
+        load_model(str(folder))
+    assert load_model(str(tiny_folder))[0] is not None  # safetensors still load
+
+
 @pytest.mark.parametrize("target", ["adapter.safetensors", "optimizer.safetensors", "latest"])
 def test_death_inside_a_checkpoint_write_then_resume_is_exact(tiny_folder, tmp_path, monkeypatch, target):
     """The process dies (here: SystemExit from the rename) in the middle of step 4's checkpoint,

@@ -40,6 +40,11 @@ def _source(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+def _weights_options(name: str) -> dict:
+    """Weights come from safetensors (or the bundled GGUF) only: a pickled `.bin` can run code."""
+    return {} if name == SMOLLM2 else {"use_safetensors": True}
+
+
 def model_config(name: str):
     """The transformers config of a preset, a local folder or config.json, or a Hub id."""
     from transformers import AutoConfig, LlamaConfig
@@ -75,9 +80,10 @@ def load_model(name: str, dtype: torch.dtype | None = None):
         raise TiedLoraError(f"--model {name!r} is neither a preset ({', '.join(NAMES)}), a local folder, nor a Hub id like org/name.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **options)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **options)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **options, **_weights_options(name))
     except (OSError, ValueError) as e:
-        raise TiedLoraError(f"Could not load --model {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
+        raise TiedLoraError(f"Could not load --model {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                            "its weights must be safetensors (pickled .bin files are refused).") from None
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     return model, tokenizer
