@@ -56,7 +56,7 @@ def load(model: nn.Module, folder) -> nn.Module:
     folder = Path(folder)
     meta = read_config(folder)
     config = TiedLoraConfig.from_dict(meta["config"])
-    tensors = _read_tensors(folder, meta)
+    tensors = read_tensors(folder, meta)
     fresh = not hasattr(model, ATTRIBUTE)
     if fresh:
         apply(model, config)
@@ -103,7 +103,7 @@ def read_config(folder: Path) -> dict:
     return meta
 
 
-def _read_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
+def read_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load as from_bytes
 

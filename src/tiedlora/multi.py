@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import TiedLoraConfig, TiedLoraError
-from .io import _read_tensors, read_config
+from .io import read_tensors, read_config
 from .layer import initial_value, row_slices, tensor_key
 from .model import _find_group, _group_shape, _set_submodule, find_layers
 
@@ -157,7 +157,7 @@ class MultiAdapterModel(nn.Module):
         folder = Path(folder)
         meta = read_config(folder)
         config = TiedLoraConfig.from_dict(meta["config"])
-        tensors = _read_tensors(folder, meta)
+        tensors = read_tensors(folder, meta)
         groups = config.targets if not isinstance(config.targets, dict) else tuple(config.targets)
         found = {"layers": len(self.layers), "groups": {g: self.shapes.get(g) for g in groups}}
         saved = {"layers": meta["base_model"].get("layers"), "groups": {g: meta["base_model"].get("groups", {}).get(g) for g in groups}}
