@@ -19,7 +19,6 @@ import json
 import random
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import tiedlora
 from tiedlora.multi import MultiAdapterModel
+from timing import timed  # benchmarks/timing.py, beside this script
 
 SHAPES = {
     "cpu": dict(config=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
@@ -64,19 +64,6 @@ def peft_lora(base, n: int):
     for i in range(1, n):
         model.add_adapter(f"a{i}", config)
     return model.eval()
-
-
-def timed(fn, device) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def rows_over(n: int, batch: int, seed: int = 0) -> list[int]:

@@ -19,12 +19,12 @@ import copy
 import json
 import random
 import statistics
-import time
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import tiedlora
+from timing import timed  # benchmarks/timing.py, beside this script
 
 SHAPES = {
     "cpu": dict(config=dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
@@ -67,20 +67,6 @@ def saved_bytes(model, embeds) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         decoder(model)(inputs_embeds=embeds, use_cache=False).last_hidden_state.float().pow(2).mean()
     return sum(storages.values())
-
-
-def timed(model, embeds, device: str) -> float:
-    """Seconds for one step: CUDA events on a GPU, the wall clock on the CPU."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(model, embeds)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
-    t = time.perf_counter()
-    step(model, embeds)
-    return time.perf_counter() - t
 
 
 def main():
@@ -127,7 +113,7 @@ def main():
     for _ in range(args.rounds):
         shuffle.shuffle(order)  # no variant always runs first, or right after another
         for name in order:
-            times[name].append(timed(models[name], embeds, args.device))
+            times[name].append(timed(lambda m=models[name]: step(m, embeds), args.device))
             models[name].zero_grad(set_to_none=True)
 
     def ratio(name, reference):

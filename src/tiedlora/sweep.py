@@ -1,9 +1,9 @@
 """Rank sweeps: the grid of tasks x configurations x ranks x learning rates (and the paper's
 Table 3 cells, LoRA on one layer), each cell a normal `train` run in its own folder.
 
-A cell with results.json is done and skipped (a diverged one too: its results.json says so); one with run.json but no results resumes from
-its checkpoint; `shard=(k, n)` takes every n-th cell from the k-th, so n machines can split a
-sweep over one shared folder. Budgets left unset come from each task's paper recipe.
+A cell with results.json is done and skipped (a diverged one too: its results.json says so);
+one with run.json but no results resumes from its checkpoint; `shard=(k, n)` takes every n-th
+cell from the k-th, so n machines can split a sweep over one shared folder. Budgets left unset come from each task's paper recipe.
 """
 
 from __future__ import annotations
