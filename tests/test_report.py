@@ -128,6 +128,12 @@ def test_sweep_runs_skips_resumes_and_shards(tiny_folder, tmp_path):
     assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(part), "--shard", "2/3"]) == 0
     assert sorted(p.parent.relative_to(part).as_posix() for p in part.rglob("results.json")) == sorted(names[1::3])
     assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(part), "--max_steps", "3"]) == 2
+    # a sweep written before a budget option existed goes on while that option stays unset
+    manifest = json.loads((part / "sweep.json").read_text())
+    del manifest["budget"]["precision"]
+    (part / "sweep.json").write_text(json.dumps(manifest))
+    assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(part), "--shard", "2/3"]) == 0
+    assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(part), "--precision", "bf16"]) == 2
 
 
 def test_a_diverged_cell_is_recorded_and_the_sweep_goes_on(tiny_folder, tmp_path):

@@ -168,6 +168,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_folde
     (dict(config="tl9"), "Unknown preset 'tl9'"),
     (dict(model="no/such-model-here"), "Could not load --model 'no/such-model-here'"),
     (dict(lr=-1), "--lr -1.0 must be a positive number"),
+    (dict(precision="fp16"), "--precision 'fp16': choose auto"),
 ])
 def test_bad_options_are_one_clear_line(tiny_folder, tmp_path, capsys, change, message):
     assert main(["train", *flags(tiny_folder, tmp_path / "run", **change), "--quiet"]) == 2
@@ -184,6 +185,13 @@ def test_run_folder_guards(tiny_folder, tmp_path, capsys):
     assert main(["train", *flags(tiny_folder, run, max_steps=2, rank=8), "--resume", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--resume with a different config than" in err and "rank: 4 -> 8" in err
+    assert main(["train", *flags(tiny_folder, run, max_steps=2, precision="bf16"), "--resume", "--quiet"]) == 2
+    assert "precision: 'auto' -> 'bf16'" in capsys.readouterr().err
+    # a run written before an option existed ran at its default, so it resumes
+    written = json.loads((run / "run.json").read_text())
+    del written["config"]["precision"]
+    (run / "run.json").write_text(json.dumps(written))
+    assert main(["train", *flags(tiny_folder, run, max_steps=2), "--resume", "--quiet"]) == 0
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert main(["train", *flags(tiny_folder, tmp_path / "other"), "--quiet"]) == 2
@@ -193,3 +201,23 @@ def test_run_folder_guards(tiny_folder, tmp_path, capsys):
 def test_config_errors_without_the_cli():
     with pytest.raises(TiedLoraError, match="--early_stop_on 'bleu'"):
         TrainConfig(early_stop_on="bleu")
+
+
+def test_bf16_precision_trains_under_autocast_on_the_cpu(tiny_folder, tmp_path, monkeypatch):
+    """bf16 is the GPU's default and halves a CPU step with AVX512-BF16; auto keeps the CPU in fp32."""
+    seen = []
+    forward = TokenLoss.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenLoss, "forward", spy)
+    runs = {}
+    for precision in ("auto", "bf16"):
+        seen.clear()
+        runs[precision] = train(TrainConfig(**options(tiny_folder, tmp_path / precision, max_steps=2, precision=precision)), quiet=True)
+        assert seen.count(True) == (4 if precision == "bf16" else 0)  # 2 steps of 2 micro batches; validation stays fp32
+    assert runs["bf16"]["recipe"]["precision"] == "bf16"
+    a, b = (adapter_tensors(tmp_path / p / "best") for p in ("auto", "bf16"))
+    assert all(torch.isfinite(b[k]).all() for k in b) and any(not torch.equal(a[k], b[k]) for k in a)

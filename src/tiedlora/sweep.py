@@ -97,6 +97,12 @@ def recipe(task: str, budget: dict, cell: Cell, model: str, out: Path) -> TrainC
                        layers=[cell.layer] if cell.layer is not None else None, out=str(out / cell.name))
 
 
+def _set(budget: dict) -> dict:
+    """The options a budget sets: an unset one (None) means the paper's recipe, as does one the
+    sweep was written before."""
+    return {k: v for k, v in budget.items() if v is not None}
+
+
 def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1), quiet: bool = False) -> list[dict]:
     """Run this shard's cells in order; returns their results. Prints a line per cell."""
     out = Path(out)
@@ -107,7 +113,7 @@ def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1),
     path = out / "sweep.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved["model"] != model or saved["budget"] != budget:
+        if saved["model"] != model or _set(saved["budget"]) != _set(budget):
             raise TiedLoraError(f"{out} holds a sweep with another model or budget ({path}); use the same options or another --out.")
         manifest["cells"] = sorted(set(saved["cells"]) | set(manifest["cells"]))
     out.mkdir(parents=True, exist_ok=True)

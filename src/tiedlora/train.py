@@ -57,6 +57,7 @@ class TrainConfig:
     patience: int = 10
     early_stop_on: str = "loss"
     fsdp: bool = False
+    precision: str = "auto"
     val_metric: bool = False
     checkpoint_every: int | None = None
     max_length: int = 1024
@@ -73,6 +74,8 @@ class TrainConfig:
                 raise TiedLoraError(f"--{name} {getattr(self, name)} must be positive.")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise TiedLoraError(f"--lr {self.lr} must be a positive number, e.g. 1e-4.")
+        if self.precision not in PRECISIONS:
+            raise TiedLoraError(f"--precision {self.precision!r}: choose auto (bf16 autocast on a GPU, fp32 on a CPU), bf16 or fp32.")
         if self.early_stop_on not in ("loss", "metric"):
             raise TiedLoraError(f"--early_stop_on {self.early_stop_on!r}: choose loss (validation loss) or metric (the task's headline, by generation).")
         from .tasks import get
@@ -85,6 +88,7 @@ class TrainConfig:
                                      layers=self.layers, init=self.init, dropout=self.dropout)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
 RECIPES = Path(__file__).parent / "configs" / "paper"  # the paper's recipe per task, as YAML
 # What may change between a run and its resumption without changing the result.
 RESUMABLE = ("out", "test_rows", "eval_batch_size", "max_new_tokens")
@@ -258,7 +262,8 @@ def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
     run_file = folder / "run.json"
     mine = dataclasses.asdict(cfg)
     if run_file.is_file():
-        theirs = json.loads(run_file.read_text())["config"]
+        # An option added after that run was written ran at its default, which keeps the old behaviour.
+        theirs = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | json.loads(run_file.read_text())["config"]
         if not resume:
             raise TiedLoraError(f"{folder} already holds a run: pass --resume to continue it, or choose another --out.")
         changed = sorted(k for k in set(mine) | set(theirs) if k not in RESUMABLE and mine.get(k) != theirs.get(k))
@@ -333,7 +338,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     val_examples, _ = encode_rows(task, val_rows[:cfg.val_rows], tokenizer, cfg)
 
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    accelerator = Accelerator(cpu=not cuda)  # its mixed_precision is fixed per process; a sweep runs cells of any precision
     main_process = accelerator.is_main_process
     folder = prepare_folder(cfg, resume) if main_process else Path(cfg.out)
     accelerator.wait_for_everyone()
@@ -351,6 +356,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     if latest is not None:
         state = Checkpoints.read(latest, model, optimizer)
     device = accelerator.device
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     world, rank = accelerator.num_processes, accelerator.process_index
     fsdp = cfg.fsdp and world > 1
     if fsdp:
@@ -378,7 +384,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
             for j, chunk in enumerate(mine):
                 batch = collate([train_examples[i] for i in chunk], pad_id, device)
                 sync = accelerator.no_sync(loss_fn) if j < len(mine) - 1 and not fsdp else contextlib.nullcontext()
-                with sync, accelerator.autocast():
+                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = loss_fn(**batch) / n_tokens
                     accelerator.backward(loss * world)  # DDP averages over processes; the loss is a global mean
                 total += loss.detach()
