@@ -41,12 +41,11 @@ def open_adapter(adapter: str, model_name: str | None, base: bool = False):
     or an adapter folder; with `base`, the model without the adapter."""
     from .io import load
     from .models import load_model
+    from .train import best_adapter
 
-    folder = Path(adapter)
-    run_file = folder / "run.json"
+    run_file = Path(adapter) / "run.json"
     run = json.loads(run_file.read_text())["config"] if run_file.is_file() else None
-    if run is not None:
-        folder = folder / "best"
+    folder = best_adapter(Path(adapter))
     if not (folder / "adapter_config.json").is_file():
         raise TiedLoraError(f"--adapter {adapter}: no run folder (run.json) with a best/ adapter, nor an adapter folder (adapter_config.json).")
     model, tokenizer = load_model(model_name or (run or {}).get("model") or "smollm2-135m")

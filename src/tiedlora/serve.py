@@ -27,6 +27,7 @@ from .config import TiedLoraError
 from .evaluate import pad_batch
 from .multi import MultiAdapterModel
 from .tasks import prompt_ids
+from .train import best_adapter
 
 
 @dataclass
@@ -213,8 +214,8 @@ def adapter_folder(root: Path, relative: str) -> Path:
     if not relative or Path(relative).is_absolute():
         raise TiedLoraError(f"Adapter path {relative!r} must be relative to the adapters root {root}.")
     folder = (base / relative).resolve()
-    if folder.is_relative_to(base) and (folder / "run.json").is_file():
-        folder = (folder / "best").resolve()
+    if folder.is_relative_to(base):
+        folder = best_adapter(folder).resolve()
     if not folder.is_relative_to(base):
         raise TiedLoraError(f"Adapter path {relative!r} leads outside the adapters root {root}; pass a folder inside it.")
     if not (folder / "adapter_config.json").is_file():

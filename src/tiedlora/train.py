@@ -94,6 +94,11 @@ RECIPES = Path(__file__).parent / "configs" / "paper"  # the paper's recipe per 
 RESUMABLE = ("out", "test_rows", "eval_batch_size", "max_new_tokens")
 
 
+def best_adapter(folder: Path) -> Path:
+    """A run folder stands for the adapter it kept (best/); any other folder for itself."""
+    return folder / "best" if (folder / "run.json").is_file() else folder
+
+
 class Diverged(TiedLoraError):
     """A non-finite loss or gradient: training stops and the last good checkpoint stays."""
 
@@ -420,7 +425,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
                 if state["best"] is None or value < state["best"]:
                     state.update(best=value, best_step=step, bad_evals=0)
                     if main_process:
-                        save(model, folder / "best")
+                        save(model, best_adapter(folder))
                 else:
                     state["bad_evals"] += 1
                     if state["bad_evals"] >= cfg.patience:
@@ -439,7 +444,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
 
     if not (main_process or fsdp):  # sharded layers need every process in every forward
         return {}
-    load(model, folder / "best")
+    load(model, best_adapter(folder))
     test_all = task.load("test", cfg.source)
     test_rows = test_all[:cfg.test_rows]
     scores = evaluate(model, tokenizer, task, test_rows, cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat, progress=not quiet)
