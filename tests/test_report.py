@@ -65,13 +65,22 @@ def test_table_2_places_every_number(sweep, tmp_path):
     assert "| squad | tl6 | 8 | 45.00 | 12.50 | 0.01 | 8 | 45.00 | 12.50 | 0.01 |" in (tmp_path / "out" / "table2.md").read_text()
 
 
+def test_a_task_near_zero_does_not_blow_up_the_relative_gap():
+    from tiedlora.report import gaps
+
+    rows = [{"task": t, "config": c, "metric_at_lora_rank": m, "P%_at_lora_rank": p}
+            for t, c, m, p in [("squad", "lora", 50.0, 100.0), ("squad", "tl6", 45.0, 12.5), ("gsm8k", "lora", 0.5, 100.0), ("gsm8k", "tl6", 1.5, 12.5)]]
+    assert gaps(rows)["tl6"]["relative_%"] == pytest.approx(100 * (-5 + 1) / 50.5)  # a mean of per-task ratios says +95 %
+    assert gaps(rows)["tl6"]["points"] == pytest.approx(-2.0)
+
+
 def test_gaps_and_summary(sweep, tmp_path):
     gap = report(sweep, tmp_path / "out")["gaps"]
     assert gap["tl6"]["points"] == pytest.approx(((45 - 50) + (19 - 20)) / 2)
-    assert gap["tl6"]["relative_%"] == pytest.approx((100 * -5 / 50 + 100 * -1 / 20) / 2)
+    assert gap["tl6"]["relative_%"] == pytest.approx(100 * (-5 - 1) / (50 + 20))
     assert gap["lora"]["points"] == 0 and gap["tl5"]["tasks"] == 2
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "- tl6: -3.00 points (-7.50 % relative) with 12.5 % of LoRA's parameters, over 2 tasks" in summary
+    assert "- tl6: -3.00 points (-8.57 % relative) with 12.5 % of LoRA's parameters, over 2 tasks" in summary
     assert "1.36 %" in summary
 
 
