@@ -74,6 +74,15 @@ def test_a_task_near_zero_does_not_blow_up_the_relative_gap():
     assert gaps(rows)["tl6"]["points"] == pytest.approx(-2.0)
 
 
+def test_a_configuration_missing_at_loras_best_rank_on_one_task_is_averaged_over_the_others():
+    from tiedlora.report import gaps
+
+    rows = [{"task": t, "config": c, "metric_at_lora_rank": m, "P%_at_lora_rank": p}
+            for t, c, m, p in [("squad", "lora", 50.0, 100.0), ("squad", "vera", 40.0, 8.0),
+                               ("iwslt", "lora", 8.0, 100.0), ("iwslt", "vera", None, None)]]
+    assert gaps(rows)["vera"] == {"points": -10.0, "relative_%": pytest.approx(-20.0), "P%": 8.0, "tasks": 1}
+
+
 def test_gaps_and_summary(sweep, tmp_path):
     gap = report(sweep, tmp_path / "out")["gaps"]
     assert gap["tl6"]["points"] == pytest.approx(((45 - 50) + (19 - 20)) / 2)

@@ -114,14 +114,15 @@ def gaps(rows: list[dict]) -> dict:
     per_task = [r for r in rows if r["task"] != "average"]
     lora = {r["task"]: r["metric_at_lora_rank"] for r in per_task if r["config"] == "lora"}
     for config in dict.fromkeys(r["config"] for r in per_task):
-        pairs = [(r["metric_at_lora_rank"], lora[r["task"]]) for r in per_task
-                 if r["config"] == config and r["metric_at_lora_rank"] is not None and r["task"] in lora]
+        # only tasks where the configuration ran at LoRA's best rank; its P% over those same tasks
+        ran = [r for r in per_task if r["config"] == config and r["metric_at_lora_rank"] is not None and r["task"] in lora]
+        pairs = [(r["metric_at_lora_rank"], lora[r["task"]]) for r in ran]
         if pairs:
             out[config] = {
                 "points": sum(m - ref for m, ref in pairs) / len(pairs),
                 # the gap of the task average relative to LoRA's: a task near 0 (GSM8K on a small model) cannot blow it up
                 "relative_%": 100 * sum(m - ref for m, ref in pairs) / sum(ref for _, ref in pairs) if any(ref for _, ref in pairs) else 0.0,
-                "P%": _mean(r["P%_at_lora_rank"] for r in per_task if r["config"] == config),
+                "P%": _mean(r["P%_at_lora_rank"] for r in ran),
                 "tasks": len(pairs),
             }
     return out
