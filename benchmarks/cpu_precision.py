@@ -47,7 +47,7 @@ def main() -> None:
     times = {"fp32": [], "bf16": []}
     for _ in range(args.rounds):
         for name in times:
-            times[name].append(timed(lambda: step(name == "bf16"), "cpu"))
+            times[name].append(timed(lambda bf16=(name == "bf16"): step(bf16), "cpu"))
     tokens = int(batch["attention_mask"].sum())
     flags = open("/proc/cpuinfo").read()
     print(f"SmolLM2-135M, {args.config} r 8, {args.rows} SQuAD rows ({tokens} tokens), {torch.get_num_threads()} threads, "
