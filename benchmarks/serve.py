@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import tiedlora
-from tiedlora.multi import MultiAdapterModel
+from tiedlora.serve.multi import MultiAdapterModel
 from timing import timed  # benchmarks/timing.py, beside this script
 
 SHAPES = {

@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from tiedlora.cli import parameter_table, params
+from tiedlora.cli import params
+from tiedlora.models import parameter_table
 from tiedlora.evaluate import evaluate
 from tiedlora.models import SMOLLM2, load_model
 from tiedlora.tasks import get
@@ -22,7 +23,7 @@ DEMO = dict(task="squad", config="tl6", rank=8, lr=1e-2, max_steps=40, warmup_st
 def main():
     started = time.time()
     for name, rank in (("llama2-7b", 8), ("gpt-2b-001", 4)):
-        params(name, rank, as_json=False)
+        params(name, rank)
         print()
 
     task = get(DEMO["task"])

@@ -3,7 +3,7 @@ from conftest import SHAPES, tiny_model
 
 import tiedlora
 from tiedlora import TiedLoraConfig
-from tiedlora.cli import parameter_table
+from tiedlora.models import parameter_table
 
 
 def formula(name, d, d_out, L, r):

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from conftest import randomize, tiny_model
 
 import tiedlora
@@ -52,7 +53,46 @@ def test_down_projection_runs_once_per_layer(tokens, monkeypatch):
     model(tokens)
     assert calls.count("A") == 3  # one A x per layer, shared by q, k and v
     assert calls.count("B") == 9  # one up-projection per member
-    assert all(site.adapter._cache is None for site in root(model).sites)
+    assert all(site.adapter.shared.empty for site in root(model).sites)
+
+
+class Attention(nn.Module):
+    """Attention that never calls its v projection: the group's third member."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.q_proj(x) + self.k_proj(x)
+
+
+class Stack(nn.Module):
+    def __init__(self, d: int = 8, n: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"attn": Attention(d)}) for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["attn"](x)
+        return x
+
+
+def test_a_member_never_called_does_not_keep_the_input_or_its_graph_alive():
+    """q and k share h = (u * A) x; v is never called, so nothing would drop a use-counted cache."""
+    import gc
+    import weakref
+
+    model = tiedlora.apply(Stack(), TiedLoraConfig.preset("tl6", rank=2, targets={"qkv": ["attn.q_proj", "attn.k_proj", "attn.v_proj"]}))
+    x = torch.randn(3, 8, requires_grad=True)
+    model(x).sum().backward()
+    alive = weakref.ref(x)
+    del x
+    gc.collect()
+    assert alive() is None
+    assert all(site.adapter.shared.empty for site in root(model).sites)
+    tiedlora.remove(model)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("name", sorted(tiedlora.PRESETS))

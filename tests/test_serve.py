@@ -3,7 +3,6 @@ gives alone; streaming, run-time loading, bad requests and a bounded load test."
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tiedlora
 from tiedlora import TiedLoraConfig
 from tiedlora.cli import main
-from tiedlora.serve import build
+from tiedlora.serve.server import build
 
 # name under the adapters root -> config: a run folder, a bare adapter folder, a nested one; the
 # large alphas make every adapter change the tiny model's greedy text on every prompt
@@ -54,20 +53,41 @@ def root(tmp_path_factory, tiny_folder):
     return root
 
 
+def wait_until(condition, seconds: float = 60, what: str = "the condition"):
+    """Poll `condition` every 10 ms; fail the test, never hang, if it has not held within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {seconds} s"
+        time.sleep(0.01)
+
+
+class Prefills:
+    """Counts the rows of each prefill (a forward without a cache) the engine's model runs."""
+
+    def __init__(self, multi, monkeypatch):
+        self.rows: list[int] = []
+        forward = multi.forward
+
+        def spy(*args, **kwargs):
+            if kwargs.get("past_key_values") is None:
+                self.rows.append(kwargs["input_ids"].shape[0])
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(multi, "forward", spy)
+
+
 @pytest.fixture(scope="module")
 def server(root, tiny_folder):
     engine, app = build(str(tiny_folder), root, max_batch=16, max_prompt_tokens=64, max_tokens_limit=32)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    while not srv.started:
-        time.sleep(0.01)
+    wait_until(lambda: srv.started, what="the server's start")
     port = srv.servers[0].sockets[0].getsockname()[1]
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield SimpleNamespace(client=client, engine=engine, model=str(tiny_folder), root=root)
     srv.should_exit = True
-    thread.join()
+    thread.join(timeout=30)
     engine.close()
 
 
@@ -97,19 +117,18 @@ def events(server, path, body):
     return [json.loads(line[6:]) for line in lines[:-1]]
 
 
-def test_concurrent_mixed_adapters_are_one_batch_and_each_equals_its_adapter_alone(server, tiny_folder):
+def test_concurrent_mixed_adapters_are_one_batch_and_each_equals_its_adapter_alone(server, tiny_folder, monkeypatch):
     targets = [None, *ADAPTERS]
     cases = [(t, p) for t in targets for p in PROMPTS]
     want = {(t, p): expected(tiny_folder, server.root, t, p, 12) for t, p in cases}
     engine = server.engine
-    before = len(engine.batch_sizes)
+    prefills = Prefills(engine.multi, monkeypatch)
     with ThreadPoolExecutor(len(cases)) as pool:
-        with engine.lock:  # the worker waits with one request while the other 15 queue up
+        with engine.lock:  # the worker holds one request and waits for the lock while the other 15 queue up
             futures = [pool.submit(complete, server, t or server.model, p, max_tokens=12) for t, p in cases]
-            while engine.queue.qsize() < len(cases) - 1 and not any(f.done() for f in futures):
-                time.sleep(0.01)
-        got = {case: f.result() for case, f in zip(cases, futures)}
-    assert engine.batch_sizes[before:] == [16]
+            wait_until(lambda: engine.queue.qsize() == len(cases) - 1, what="15 queued requests")
+        got = {case: f.result(timeout=120) for case, f in zip(cases, futures)}
+    assert prefills.rows == [16]  # all 16 decoded as one mixed batch
     for case, out in got.items():
         assert out["choices"][0]["text"] == want[case], case
         assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 12
@@ -211,23 +230,23 @@ def test_a_failing_batch_fails_only_its_requests(server, monkeypatch):
     assert complete(server, "tl6", "Hi", max_tokens=3)["usage"]["completion_tokens"] == 3
 
 
-def test_load(server):
+def test_load(server, monkeypatch):
     """200 requests, 16 at a time, over the base model and every adapter: no errors."""
     models = [server.model, *ADAPTERS]
+    prefills = Prefills(server.engine.multi, monkeypatch)
 
     def one(i):
         start = time.perf_counter()
         r = server.client.post("/v1/completions", json={"model": models[i % len(models)], "prompt": PROMPTS[i % 3], "max_tokens": 8})
         return r.status_code, time.perf_counter() - start
 
-    before = len(server.engine.batch_sizes)
     start = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(200)))
+        results = list(pool.map(one, range(200), timeout=600))
     wall = time.perf_counter() - start
     latencies = sorted(t for _, t in results)
     errors = sum(status != 200 for status, _ in results)
-    batches = server.engine.batch_sizes[before:]
+    batches = prefills.rows
     print(f"\nload: 200 requests, concurrency 16, errors {errors}, p50 {1000 * statistics.median(latencies):.0f} ms, "
           f"p95 {1000 * latencies[int(0.95 * len(latencies)) - 1]:.0f} ms, {200 / wall:.1f} req/s, "
           f"{len(batches)} batches (mean size {statistics.mean(batches):.1f}, max {max(batches)})")
@@ -235,27 +254,26 @@ def test_load(server):
 
 
 def test_the_command_serves(root, tiny_folder):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "tiedlora", "serve", "--model", str(tiny_folder), "--adapters", str(root), "--port", str(port)]
+    """`--port 0`: the server binds a free port itself and names it, so no other process can take it in between."""
+    command = [sys.executable, "-m", "tiedlora", "serve", "--model", str(tiny_folder), "--adapters", str(root), "--port", "0"]
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
     try:
+        wait_until(lambda: any(" on http://" in line for line in lines) or process.poll() is not None, 120, "the address line")
+        assert process.poll() is None, "".join(lines)
+        port = int(next(line for line in lines if " on http://" in line).rsplit(":", 1)[1].split("/")[0])
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            for _ in range(600):
-                try:
-                    names = [m["id"] for m in client.get("/v1/models").json()["data"]]
-                    break
-                except httpx.ConnectError:
-                    assert process.poll() is None, process.stderr.read()
-                    time.sleep(0.1)
+            names = [m["id"] for m in client.get("/v1/models").json()["data"]]
             assert names == [str(tiny_folder), "lora", "more/vera", "tl6"]
             r = client.post("/v1/completions", json={"model": "more/vera", "prompt": PROMPTS[0], "max_tokens": 5})
             assert r.json()["choices"][0]["text"] == expected(tiny_folder, root, "more/vera", PROMPTS[0], 5)
     finally:
         process.terminate()
         process.wait(timeout=30)
-    assert "tiedlora serve: " in process.stderr.read()
+        reader.join(timeout=30)
+    assert any(line.startswith("tiedlora serve: skipped broken") for line in lines)
 
 
 def test_cli_refuses_a_missing_adapters_folder(tmp_path, capsys):

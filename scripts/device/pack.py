@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from tiedlora.report import best, select
-from tiedlora.sweep import load_results
+from tiedlora.runs import load_results
 
 
 def main(sweep: Path, out: Path) -> None:

@@ -1,34 +1,32 @@
-"""The `tiedlora` command. Subcommands parse their flags (and YAML files) with jsonargparse;
-bad input ends in one line naming it, never a traceback."""
+"""The `tiedlora` command. Each subcommand is a function below (train and sweep also take every
+TrainConfig field); jsonargparse builds its flags from the signature and its help from the
+docstring, and YAML files can hold the same options. Bad input ends in one line naming it,
+never a traceback."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import inspect
+import json as jsonlib
 import sys
-import typing
 from pathlib import Path
 
-from . import PRESETS, TiedLoraConfig, TiedLoraError, apply, remove, trainable_parameters
+from .config import TiedLoraError
+from .models import NAMES, SMOLLM2, parameter_table
+from .runs import best_adapter, run_options, write_json
 
 
-def parameter_table(model_name: str, rank: int) -> list[dict]:
-    """Trainable parameters of every preset on `model_name` at `rank`, and their share of LoRA's."""
-    from .models import shape_model
+def params(model: str = "llama2-7b", rank: int = 8, json: bool = False) -> None:
+    """Trainable parameters of every configuration (the paper's Table 1 formulas, counted on the model).
 
-    model = shape_model(model_name)
-    counts = {}
-    for name in PRESETS:
-        apply(model, TiedLoraConfig.preset(name, rank=rank))
-        counts[name] = trainable_parameters(model)
-        remove(model)
-    return [{"config": name, "params": n, "percent_of_lora": round(100 * n / counts["lora"], 4)} for name, n in counts.items()]
-
-
-def params(model: str, rank: int, as_json: bool) -> None:
+    Args:
+        model: A preset (llama2-7b, gpt-2b-001, smollm2-135m), a local model folder or config.json, or a Hub id.
+        rank: The rank r.
+        json: Print a JSON list of {config, params, percent_of_lora}.
+    """
     rows = parameter_table(model, rank)
-    if as_json:
-        print(json.dumps(rows, indent=2))
+    if json:
+        print(jsonlib.dumps(rows, indent=2))
         return
     print(f"{model}, rank {rank}")
     print(f"{'config':<8} {'trainable':>12} {'% of LoRA':>10}")
@@ -36,56 +34,159 @@ def params(model: str, rank: int, as_json: bool) -> None:
         print(f"{row['config']:<8} {row['params']:>12,} {row['percent_of_lora']:>9.1f}%")
 
 
-def open_adapter(adapter: str, model_name: str | None, base: bool = False):
-    """(model, tokenizer, run config or None) for a run folder (its model and its best adapter)
-    or an adapter folder; with `base`, the model without the adapter."""
-    from .io import load
-    from .models import load_model
-    from .train import best_adapter
+def train(resume: bool = False, quiet: bool = False, **options) -> None:
+    """Train an adapter, then score it on the test split. Options left unset come from the
+    task's paper recipe (configs/paper/<task>.yaml), then from the defaults shown.
 
-    run_file = Path(adapter) / "run.json"
-    run = json.loads(run_file.read_text())["config"] if run_file.is_file() else None
+    Args:
+        resume: Continue the run in --out from its last checkpoint.
+        quiet: No progress bar or validation lines.
+    """
+    from .train import from_recipe
+    from .train import train as run
+
+    results = run(from_recipe(options), resume=resume, quiet=quiet)
+    if results:
+        keys = ("task", "config", "rank", "params", "metrics", "steps", "best_step", "stopped")
+        print(jsonlib.dumps({k: results[k] for k in keys}, indent=2))
+
+
+def sweep(*, out: str, tasks: str = "all", configs: str = "all", ranks: str = "2,8,32,128", lrs: str = "1e-4",
+          layers: str = "", model: str = SMOLLM2, shard: str = "1/1", quiet: bool = False, **budget) -> None:
+    """Run a grid of train runs, one folder per cell: finished cells are skipped, killed ones
+    resumed. Budget options left unset come from each task's paper recipe.
+
+    Args:
+        out: The sweep folder.
+        tasks: Comma-separated tasks, or all.
+        configs: Comma-separated configurations, or all.
+        ranks: Comma-separated ranks.
+        lrs: Comma-separated learning rates (the report picks one per cell on validation), or config:lr
+            pairs, e.g. lora:1e-3,tl6:1e-2 (table2 of `tiedlora report` gives those chosen).
+        layers: Table 3: also LoRA on each of these single layers, e.g. 0,15,29.
+        model: The base model of every cell.
+        shard: k/n: run every n-th cell from the k-th (machines share --out).
+        quiet: No line per cell.
+    """
+    from .config import PRESETS
+    from .sweep import CELL_FIELDS, grid, parse_lrs, parse_shard, run_sweep
+    from .tasks import TASKS
+    from .train import TrainConfig
+
+    def split(text: str, allowed=(), cast=str) -> list:
+        return list(allowed) if text == "all" else [cast(v) for v in text.split(",") if v.strip()]
+
+    try:
+        rank_list, layer_list = split(ranks, cast=int), split(layers, cast=int)
+    except ValueError as e:
+        raise TiedLoraError(f"--ranks and --layers take comma-separated numbers ({e}).") from None
+    cells = grid(split(tasks, TASKS), split(configs, PRESETS), rank_list, parse_lrs(lrs), layer_list)
+    budget = {f.name: budget.get(f.name) for f in dataclasses.fields(TrainConfig) if f.name not in CELL_FIELDS}
+    run_sweep(cells, out, model=model, budget=budget, shard=parse_shard(shard), quiet=quiet)
+
+
+def report(sweep: str, *, out: str) -> None:
+    """The paper's Table 2, Table 3, Figure 2 and Appendix A from a sweep's results.
+
+    Args:
+        sweep: The sweep folder.
+        out: The folder for tables, plots and summary.
+    """
+    from .report import report as write
+
+    written = write(sweep, out)
+    print(f"wrote {out}: table2, table3 (md, csv), {', '.join(Path(f).name for f in written['figures'])}, summary.md")
+
+
+def open_adapter(adapter: str, model_name: str | None, base: bool = False):
+    """(model, tokenizer, run options or None) for a run folder (its model and its best adapter)
+    or an adapter folder; with `base`, the model without the adapter."""
+    from .io import CONFIG, load
+    from .models import load_model
+
+    run = run_options(Path(adapter))
     folder = best_adapter(Path(adapter))
-    if not (folder / "adapter_config.json").is_file():
-        raise TiedLoraError(f"--adapter {adapter}: no run folder (run.json) with a best/ adapter, nor an adapter folder (adapter_config.json).")
-    model, tokenizer = load_model(model_name or (run or {}).get("model") or "smollm2-135m")
+    if not (folder / CONFIG).is_file():
+        raise TiedLoraError(f"--adapter {adapter}: no run folder (run.json) with a best/ adapter, nor an adapter folder ({CONFIG}).")
+    model, tokenizer = load_model(model_name or (run or {}).get("model") or SMOLLM2)
     if not base:
         load(model, folder)
     return model, tokenizer, run
 
 
-def evaluate_command(adapter: str | None, task: str, split: str, limit: int | None, model: str | None, base: bool,
-                     max_new_tokens: int, batch_size: int, loglik: bool, source: str, chat: bool) -> dict:
-    from .evaluate import choice_loglik, evaluate
+def evaluate(*, task: str, adapter: str | None = None, split: str = "test", limit: int | None = None, model: str | None = None,
+             base: bool = False, max_new_tokens: int = 500, batch_size: int = 16, loglik: bool = False,
+             source: str | None = None, chat: bool = False, out: str | None = None) -> dict:
+    """Score an adapter (or the base model) on a task by greedy decoding.
+
+    Args:
+        task: The task.
+        adapter: A run folder (runs/x) or an adapter folder.
+        split: train, validation or test.
+        limit: Score only the first N rows.
+        model: The base model (default: the run's, or smollm2-135m).
+        base: Score the base model without the adapter.
+        max_new_tokens: Greedy decoding stops at EOS or after this many tokens.
+        batch_size: Prompts per generation batch.
+        loglik: HellaSwag: score choices by log-likelihood instead.
+        source: Data source (default: the run's, or bundled).
+        chat: Use the chat template.
+        out: Also write the scores to this JSON file.
+    """
+    from .evaluate import choice_loglik
+    from .evaluate import evaluate as score
     from .models import load_model
     from .tasks import get
 
     if adapter is None and not base:
         raise TiedLoraError("eval needs --adapter runs/x (or an adapter folder), or --base to score the model alone.")
     if adapter is None:
-        lm, tokenizer = load_model(model or "smollm2-135m")
+        lm, tokenizer = load_model(model or SMOLLM2)
         run = None
     else:
         lm, tokenizer, run = open_adapter(adapter, model, base)
     the_task = get(task)
     rows = the_task.load(split, source if source else (run or {}).get("source", "bundled"))
     picked = rows[:limit]
-    scores = choice_loglik(lm, tokenizer, the_task, picked) if loglik else evaluate(lm, tokenizer, the_task, picked, max_new_tokens, batch_size, chat)
+    if loglik:
+        scores = choice_loglik(lm, tokenizer, the_task, picked)
+    else:
+        scores = score(lm, tokenizer, the_task, picked, max_new_tokens, batch_size, chat)
     scores.pop("predictions", None)
-    return {"task": task, "split": split, "rows": len(picked), "adapter": None if base else adapter, "data": rows.info, "metrics": scores}
+    result = {"task": task, "split": split, "rows": len(picked), "adapter": None if base else adapter, "data": rows.info,
+              "metrics": scores}
+    if out:
+        write_json(Path(out), result)
+    print(jsonlib.dumps(result, indent=2))
+    return result
 
 
-def merge_command(adapter: str, out: str, model: str | None) -> None:
-    from .model import remove as remove_adapter
+def merge(*, adapter: str, out: str, model: str | None = None) -> None:
+    """Fold the adapter into the weights and write a standard transformers model folder.
+
+    Args:
+        adapter: A run folder or an adapter folder.
+        out: The model folder to write.
+        model: The base model (default: the run's).
+    """
+    from .model import remove
 
     lm, tokenizer, _ = open_adapter(adapter, model)
-    remove_adapter(lm, merge_weights=True)
+    remove(lm, merge_weights=True)
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"wrote {out}: a transformers model with the update folded in")
 
 
-def export_command(adapter: str, out: str, format: str, model: str | None) -> None:
+def export(*, adapter: str, out: str, format: str = "peft", model: str | None = None) -> None:
+    """Export the adapter as a standard per-layer LoRA.
+
+    Args:
+        adapter: A run folder or an adapter folder.
+        out: The folder to write.
+        format: peft: PEFT's LoRA format, which vLLM and others load.
+        model: The base model (default: the run's).
+    """
     from .io import export_peft
 
     if format != "peft":
@@ -95,254 +196,109 @@ def export_command(adapter: str, out: str, format: str, model: str | None) -> No
     print(f"wrote {out}: a PEFT LoRA adapter (r = {lm.tiedlora.config.rank})")
 
 
-def generate_command(adapter: str | None, prompt: str, model: str | None, max_new_tokens: int, chat: bool) -> str:
-    from .evaluate import generate
+def generate(prompt: str, *, adapter: str | None = None, model: str | None = None, max_new_tokens: int = 200,
+             chat: bool = False) -> None:
+    """Greedy completion of one prompt, for a quick look.
+
+    Args:
+        prompt: The prompt.
+        adapter: A run folder or an adapter folder (none: the base model).
+        model: The base model (default: the run's, or smollm2-135m).
+        max_new_tokens: Stop after this many tokens.
+        chat: Use the chat template.
+    """
+    from .decoding import generate as complete
     from .models import load_model
 
-    lm, tokenizer = load_model(model or "smollm2-135m") if adapter is None else open_adapter(adapter, model)[:2]
-    return generate(lm, tokenizer, [prompt], max_new_tokens, 1, chat)[0]
+    lm, tokenizer = load_model(model or SMOLLM2) if adapter is None else open_adapter(adapter, model)[:2]
+    print(complete(lm, tokenizer, [prompt], max_new_tokens, 1, chat)[0])
 
 
-def _train_parser():
-    """`tiedlora train`: every TrainConfig field is a flag; --recipe reads them from YAML; the
-    task's paper recipe (configs/paper/<task>.yaml) gives the defaults."""
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+def serve(model: str = SMOLLM2, adapters: str = "runs", host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
+          max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024) -> None:
+    """An OpenAI-compatible HTTP server: one base model, every adapter under --adapters, requests
+    batched across adapters.
 
-    p = ArgumentParser(description="Train a Tied-LoRA adapter with the paper's recipe (its values are the defaults), then score it on the test split.")
-    p.add_argument("--recipe", action=ActionConfigFile, help="A YAML file of these options (configs/paper/<task>.yaml is the default).")
-    _add_train_options(p)
-    p.add_argument("--resume", action=ActionYesNo, default=False, help="Continue the run in --out from its last checkpoint.")
-    p.add_argument("--quiet", action=ActionYesNo, default=False, help="No progress bar or validation lines.")
-    return p
+    Args:
+        model: The base model; requests name it to use no adapter.
+        adapters: Serve every run folder (its best/) and adapter folder under it, named by relative path.
+        host: The address to listen on.
+        port: The port (0: any free one, printed at start).
+        max_batch: At most this many requests decoded together.
+        max_prompt_tokens: Longer prompts are refused.
+        max_tokens_limit: The largest max_tokens a request may ask for.
+    """
+    from .serve.server import serve as run
 
-
-HELP = {
-    "task": "squad, dialogsum, hellaswag, iwslt2017-de-en or gsm8k.",
-    "config": f"The configuration: {', '.join(PRESETS)}.",
-    "rank": "The rank r.",
-    "alpha": "Scale numerator (default: rank, i.e. scale 1 as in the paper).",
-    "layers": "Adapt only these layer indices, e.g. [3].",
-    "init": 'Override a part\'s init, e.g. {"A": "zeros"} (tl1\'s zero-start variant).',
-    "dropout": "Dropout on the adapter's input (0: none, no copy).",
-    "model": "smollm2-135m (bundled), a local model folder, or a Hub id.",
-    "out": "The run folder.",
-    "source": "Data: bundled, hub, a folder of <split>.jsonl, or a root with one folder per task.",
-    "lr": "Peak learning rate (the paper tried 1e-4 and 1e-5; tied configurations often want more).",
-    "weight_decay": "AdamW weight decay.",
-    "warmup_steps": "Linear warm-up steps before the cosine decay.",
-    "max_steps": "At most this many optimizer steps.",
-    "batch_size": "Global batch (examples per optimizer step), reached by accumulation and data parallelism.",
-    "micro_batch_size": "Examples per forward pass on one device.",
-    "val_every": "Validate every this many steps.",
-    "val_rows": "Validation rows used (all if null).",
-    "patience": "Stop after this many validations without improvement.",
-    "early_stop_on": "loss (validation loss, cheap) or metric (the task's headline, by generation).",
-    "fsdp": "With several processes, shard the frozen base model's layers over them (torch FSDP2); the adapter stays whole.",
-    "precision": "Training matmuls: auto (bf16 autocast on a GPU, fp32 on a CPU), bf16 (about 2x faster on CPUs with AVX512-BF16 or AMX) or fp32. The adapter and optimizer stay fp32.",
-    "val_metric": "Also score the task's headline metric (by generation) at every validation.",
-    "checkpoint_every": "Checkpoint every this many steps (default: val_every).",
-    "max_length": "Longest training example in tokens; longer prompts lose their start.",
-    "train_rows": "Use only the first N training rows (all if null).",
-    "test_rows": "Score only the first N test rows (all if null).",
-    "max_new_tokens": "Greedy decoding stops at EOS or after this many tokens.",
-    "eval_batch_size": "Prompts per generation batch.",
-    "chat": "Wrap prompts in the tokenizer's chat template.",
-    "seed": "Seeds the adapter's init, the data order and dropout.",
-}
+    run(model, adapters, host, port, max_batch, max_prompt_tokens, max_tokens_limit)
 
 
-def _sweep_parser():
-    """`tiedlora sweep`: the grid, plus every budget option of train (unset: the task's paper recipe)."""
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
-
-    from .sweep import CELL_FIELDS
-
-    p = ArgumentParser(description="Run a grid of train runs (skips finished cells, resumes killed ones), one folder per cell.")
-    p.add_argument("--recipe", action=ActionConfigFile, help="A YAML file of these options.")
-    p.add_argument("--tasks", default="all", help="Comma-separated tasks, or all.")
-    p.add_argument("--configs", default="all", help=f"Comma-separated configurations, or all ({', '.join(PRESETS)}).")
-    p.add_argument("--ranks", default="2,8,32,128", help="Comma-separated ranks.")
-    p.add_argument("--lrs", default="1e-4", help="Comma-separated learning rates (the report picks one per cell on validation), "
-                   "or config:lr pairs, e.g. lora:1e-3,tl6:1e-2 (table2 of `tiedlora report` gives those chosen).")
-    p.add_argument("--layers", default="", help="Table 3: also LoRA on each of these single layers, e.g. 0,15,29.")
-    p.add_argument("--model", default="smollm2-135m", help="The base model of every cell.")
-    p.add_argument("--out", required=True, help="The sweep folder.")
-    p.add_argument("--shard", default="1/1", help="k/n: run every n-th cell from the k-th (machines share --out).")
-    p.add_argument("--quiet", action=ActionYesNo, default=False, help="No line per cell.")
-    _add_train_options(p, skip=CELL_FIELDS, unset_is_recipe=True)
-    return p
+COMMANDS = {"params": params, "train": train, "sweep": sweep, "report": report, "eval": evaluate, "merge": merge,
+            "export": export, "generate": generate, "serve": serve}
 
 
-def _add_train_options(p, skip=(), unset_is_recipe: bool = False) -> None:
-    """A flag per TrainConfig field. For a sweep every one defaults to unset (None), meaning
-    the task's paper recipe, so booleans stay three-valued rather than yes/no switches."""
+def config_file(command: str) -> str:
+    """The flag that reads a command's options from YAML: --recipe where --config is TrainConfig's own."""
+    return "recipe" if command in ("train", "sweep") else "config"
+
+
+def add_options(parser, source, skip=()) -> None:
+    """Every parameter of `source` (a function, or a dataclass's fields) as a flag, typed and
+    documented from its signature and docstrings; booleans as --x / --no_x switches (where
+    jsonargparse's own would want --x true). Required parameters before the first `*` or
+    keyword-only marker (`*`) are positional."""
+    import docstring_parser
     from jsonargparse import ActionYesNo
 
-    from .train import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
-            continue
-        kind, help_text = hints[f.name], HELP.get(f.name, "")
-        if unset_is_recipe:
-            p.add_argument(f"--{f.name}", type=kind if kind is bool else typing.Optional[kind], default=None,
-                           help=help_text + " (unset: the task's paper recipe)")
-        elif kind is bool:
-            p.add_argument(f"--{f.name}", action=ActionYesNo, default=f.default, help=help_text)
-        else:
-            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
-
-
-def _split(text: str, allowed, cast=str) -> list:
-    """A comma-separated flag as a list; "all" is every allowed value."""
-    return list(allowed) if text == "all" else [cast(v) for v in text.split(",") if v.strip()]
-
-
-def sweep_command(sub) -> None:
-    from .sweep import CELL_FIELDS, grid, parse_lrs, parse_shard, run_sweep
-    from .tasks import TASKS
-    from .train import TrainConfig
-
-    try:
-        ranks, layers = _split(sub.ranks, (), int), _split(sub.layers, (), int)
-    except ValueError as e:
-        raise TiedLoraError(f"--ranks and --layers take comma-separated numbers ({e}).") from None
-    lrs = parse_lrs(sub.lrs)
-    tasks, configs = _split(sub.tasks, TASKS), _split(sub.configs, PRESETS)
-    budget = {f.name: sub[f.name] for f in dataclasses.fields(TrainConfig) if f.name not in CELL_FIELDS}
-    run_sweep(grid(tasks, configs, ranks, lrs, layers), sub.out, model=sub.model, budget=budget,
-              shard=parse_shard(sub.shard), quiet=sub.quiet)
+    signature = inspect.signature(source)
+    switches = {n for n, p in signature.parameters.items() if p.annotation in (bool, "bool") and n not in skip}
+    docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(source).params}
+    skipped = set(skip) | switches | {n for n, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD}
+    if dataclasses.is_dataclass(source):
+        parser.add_class_arguments(source, skip=skipped, as_group=False)
+    else:
+        parser.add_function_arguments(source, skip=skipped, as_group=False, as_positional=True)
+    for name in sorted(switches, key=list(signature.parameters).index):
+        parser.add_argument(f"--{name}", action=ActionYesNo, default=signature.parameters[name].default, help=docs.get(name))
 
 
 def parser():
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-    from .models import NAMES
+    from .sweep import CELL_FIELDS
+    from .train import TrainConfig
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     top = ArgumentParser(prog="tiedlora", description="Tied-LoRA fine-tuning: weight-tied, selectively trained low-rank adapters.")
     commands = top.add_subcommands(dest="command")
-
-    p = ArgumentParser(description="Trainable parameters of every configuration (the paper's Table 1 formulas, counted on the model).")
-    p.add_argument("--config", action=ActionConfigFile, help="A YAML file with these options.")
-    p.add_argument("--model", default="llama2-7b", help=f"A preset ({', '.join(NAMES)}), a local model folder or config.json, or a Hub id.")
-    p.add_argument("--rank", type=int, default=8, help="The rank r.")
-    p.add_argument("--json", action=ActionYesNo, default=False, help="Print a JSON list of {config, params, percent_of_lora}.")
-    commands.add_subcommand("params", p, help="Print trainable parameters per configuration.")
-
-    commands.add_subcommand("train", _train_parser(), help="Train an adapter (the paper's recipe) and score it.")
-
-    commands.add_subcommand("sweep", _sweep_parser(), help="Run a rank sweep over tasks and configurations.")
-
-    r = ArgumentParser(description="The paper's Table 2, Table 3, Figure 2 and Appendix A from a sweep's results.")
-    r.add_argument("sweep", help="The sweep folder.")
-    r.add_argument("--out", required=True, help="The folder for tables, plots and summary.")
-    commands.add_subcommand("report", r, help="Tables and figures from a sweep.")
-
-    e = ArgumentParser(description="Score an adapter (or the base model) on a task by greedy decoding.")
-    e.add_argument("--adapter", help="A run folder (runs/x) or an adapter folder.")
-    e.add_argument("--task", required=True, help="The task.")
-    e.add_argument("--split", default="test", help="train, validation or test.")
-    e.add_argument("--limit", type=typing.Optional[int], default=None, help="Score only the first N rows.")
-    e.add_argument("--model", help="The base model (default: the run's, or smollm2-135m).")
-    e.add_argument("--base", action=ActionYesNo, default=False, help="Score the base model without the adapter.")
-    e.add_argument("--max_new_tokens", type=int, default=500, help="Greedy decoding stops at EOS or after this many tokens.")
-    e.add_argument("--batch_size", type=int, default=16, help="Prompts per generation batch.")
-    e.add_argument("--loglik", action=ActionYesNo, default=False, help="HellaSwag: score choices by log-likelihood instead.")
-    e.add_argument("--source", default=None, help="Data source (default: the run's, or bundled).")
-    e.add_argument("--chat", action=ActionYesNo, default=False, help="Use the chat template.")
-    e.add_argument("--out", default=None, help="Also write the scores to this JSON file.")
-    commands.add_subcommand("eval", e, help="Score an adapter or the base model.")
-
-    m = ArgumentParser(description="Fold the adapter into the weights and write a standard transformers model folder.")
-    m.add_argument("--adapter", required=True, help="A run folder or an adapter folder.")
-    m.add_argument("--out", required=True, help="The model folder to write.")
-    m.add_argument("--model", help="The base model (default: the run's).")
-    commands.add_subcommand("merge", m, help="Write a merged model.")
-
-    x = ArgumentParser(description="Export the adapter as a standard per-layer LoRA.")
-    x.add_argument("--adapter", required=True, help="A run folder or an adapter folder.")
-    x.add_argument("--out", required=True, help="The folder to write.")
-    x.add_argument("--format", default="peft", help="peft: PEFT's LoRA format, which vLLM and others load.")
-    x.add_argument("--model", help="The base model (default: the run's).")
-    commands.add_subcommand("export", x, help="Export to PEFT LoRA.")
-
-    g = ArgumentParser(description="Greedy completion of one prompt, for a quick look.")
-    g.add_argument("prompt", help="The prompt.")
-    g.add_argument("--adapter", help="A run folder or an adapter folder (none: the base model).")
-    g.add_argument("--model", help="The base model (default: the run's, or smollm2-135m).")
-    g.add_argument("--max_new_tokens", type=int, default=200, help="Stop after this many tokens.")
-    g.add_argument("--chat", action=ActionYesNo, default=False, help="Use the chat template.")
-    commands.add_subcommand("generate", g, help="Complete one prompt.")
-
-    s = ArgumentParser(description="An OpenAI-compatible HTTP server: one base model, every adapter under --adapters, requests batched across adapters.")
-    s.add_argument("--model", default="smollm2-135m", help="The base model; requests name it to use no adapter.")
-    s.add_argument("--adapters", default="runs", help="Serve every run folder (its best/) and adapter folder under it, named by relative path.")
-    s.add_argument("--host", default="127.0.0.1", help="The address to listen on.")
-    s.add_argument("--port", type=int, default=8000, help="The port.")
-    s.add_argument("--max_batch", type=int, default=32, help="At most this many requests decoded together.")
-    s.add_argument("--max_prompt_tokens", type=int, default=2048, help="Longer prompts are refused.")
-    s.add_argument("--max_tokens_limit", type=int, default=1024, help="The largest max_tokens a request may ask for.")
-    commands.add_subcommand("serve", s, help="Serve adapters over HTTP (OpenAI API).")
+    for name, command in COMMANDS.items():
+        doc = inspect.getdoc(command) or ""
+        p = ArgumentParser(prog=f"tiedlora {name}", description=doc.split("\n\nArgs:")[0])
+        p.add_argument(f"--{config_file(name)}", action=ActionConfigFile,
+                       help="A YAML file of these options.")
+        add_options(p, command)
+        if name == "train":
+            add_options(p, TrainConfig)
+        elif name == "sweep":
+            add_options(p, TrainConfig, skip=CELL_FIELDS)
+        commands.add_subcommand(name, p, help=doc.split("\n\n")[0].replace("\n", " "))
     return top
 
 
-def _with_paper_recipe(argv: list[str]) -> list[str]:
-    """`train` starts from configs/paper/<task>.yaml: it goes first, so flags override it."""
-    if not argv or argv[0] != "train":
-        return argv
-    task = next((a.split("=", 1)[1] for a in argv if a.startswith("--task=")), None)
-    task = task or next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--task"), None)
-    from .train import RECIPES
-
-    recipe = RECIPES / f"{task}.yaml"
-    return ["train", "--recipe", str(recipe), *argv[1:]] if recipe.is_file() else argv
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Parse and run one subcommand; 2 and one line on stderr for bad input. Only the options
+    given are passed on (defaults=False), so unset ones take the function's defaults, or for
+    train and sweep the task's paper recipe."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser().parse_args(_with_paper_recipe(argv))
+        args = parser().parse_args(argv, defaults=False)
     except ImportError as e:
-        print(f"tiedlora: the command line needs the harness extra ({e.name} is missing): pip install 'tiedlora[harness]'", file=sys.stderr)
+        print(f"tiedlora: the command line needs the harness extra ({e.name} is missing): pip install 'tiedlora[harness]'",
+              file=sys.stderr)
         return 2
-    sub = args[args.command]
+    options = {k: v for k, v in args[args.command].as_dict().items() if k not in (config_file(args.command), "__path__")}
     try:
-        if args.command == "params":
-            params(sub.model, sub.rank, sub.json)
-        elif args.command == "train":
-            from .train import TrainConfig, train
-
-            options = {f.name: sub[f.name] for f in dataclasses.fields(TrainConfig)}
-            results = train(TrainConfig(**options), resume=sub.resume, quiet=sub.quiet)
-            if results:
-                print(json.dumps({k: results[k] for k in ("task", "config", "rank", "params", "metrics", "steps", "best_step", "stopped")}, indent=2))
-        elif args.command == "sweep":
-            sweep_command(sub)
-        elif args.command == "report":
-            from .report import report
-
-            written = report(sub.sweep, sub.out)
-            print(f"wrote {sub.out}: table2, table3 (md, csv), {', '.join(Path(f).name for f in written['figures'])}, summary.md")
-        elif args.command == "eval":
-            scores = evaluate_command(sub.adapter, sub.task, sub.split, sub.limit, sub.model, sub.base, sub.max_new_tokens,
-                                      sub.batch_size, sub.loglik, sub.source, sub.chat)
-            text = json.dumps(scores, indent=2)
-            if sub.out:
-                from .io import write_atomic
-
-                write_atomic(Path(sub.out), (text + "\n").encode())
-            print(text)
-        elif args.command == "merge":
-            merge_command(sub.adapter, sub.out, sub.model)
-        elif args.command == "export":
-            export_command(sub.adapter, sub.out, sub.format, sub.model)
-        elif args.command == "generate":
-            print(generate_command(sub.adapter, sub.prompt, sub.model, sub.max_new_tokens, sub.chat))
-        elif args.command == "serve":
-            from .serve import serve
-
-            serve(sub.model, sub.adapters, sub.host, sub.port, sub.max_batch, sub.max_prompt_tokens, sub.max_tokens_limit)
+        COMMANDS[args.command](**options)
     except TiedLoraError as e:
         print(f"tiedlora {args.command}: {e}", file=sys.stderr)
         return 2

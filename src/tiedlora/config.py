@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 PARTS = ("A", "B", "u", "v")
 NAMED_INITS = ("kaiming", "zeros", "ones")
-# Target groups the library finds by itself; see `model.GROUP_PATTERNS` for the module names.
+# Target groups the library finds by itself; see `layout.GROUP_PATTERNS` for the module names.
 GROUP_ALIASES = ("qkv", "o", "mlp_in", "mlp_out")
 
 
@@ -108,6 +108,11 @@ class TiedLoraConfig:
     @property
     def scale(self) -> float:
         return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The names of the groups this adapter adapts."""
+        return tuple(self.targets)
 
     @property
     def parts(self) -> dict[str, Part]:

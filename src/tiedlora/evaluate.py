@@ -1,48 +1,16 @@
 """Scoring a model on a task as the paper does: greedy decoding of at most 500 new tokens, each
-answer ending at EOS; and HellaSwag's cheaper log-likelihood scorer. The model runs in eval
-mode and is given back in the mode it came in."""
+answer ending at EOS (`generate`, from decoding.py); and HellaSwag's cheaper log-likelihood
+scorer. The model runs in eval mode and is given back in the mode it came in."""
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import Task, prompt_ids
+from .decoding import generate, pad_batch
+from .tasks import Task
 
-
-def pad_batch(seqs: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask of token lists padded to one length."""
-    width = max(map(len, seqs))
-    ids = [[pad] * (width - len(s)) + s if left else s + [pad] * (width - len(s)) for s in seqs]
-    mask = [[0] * (width - len(s)) + [1] * len(s) if left else [1] * len(s) + [0] * (width - len(s)) for s in seqs]
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 500, batch_size: int = 8, chat: bool = False,
-             progress: bool = True) -> list[str]:
-    """Greedy completions of `prompts`, in their order. Batches are left-padded so every answer
-    starts at the same position, and filled longest prompt first so they waste little on
-    padding. Decoding stops at EOS or `max_new_tokens`; no other stop string is assumed."""
-    from transformers import GenerationConfig
-
-    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    greedy = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-    ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    answers = [""] * len(ids)
-    training = model.training
-    model.eval()
-    with tqdm(total=len(ids), desc="generate", unit="row", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            input_ids, mask = pad_batch([ids[i] for i in rows], pad, True, model.device)
-            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=greedy)
-            for i, new in zip(rows, out[:, input_ids.shape[1]:]):
-                answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
-            bar.update(len(rows))
-    model.train(training)
-    return answers
+__all__ = ["choice_loglik", "evaluate", "generate", "loglik"]
 
 
 def evaluate(model, tokenizer, task: Task, rows: list[dict], max_new_tokens: int = 500, batch_size: int = 8, chat: bool = False,

@@ -15,11 +15,16 @@ import os
 import tempfile
 from pathlib import Path
 
+from collections.abc import Iterable
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from .config import TiedLoraConfig, TiedLoraError
-from .model import ATTRIBUTE, adapter_parameters, apply, find_layers, is_merged, remove, root
+from .layout import Group, find_layers
+from .model import adapter_parameters, apply, has_adapter, is_merged, remove, root
+from .version import __version__
 
 TENSORS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
@@ -38,7 +43,7 @@ def save(model: nn.Module, folder, *, include_frozen: bool = False, dtype: torch
     meta = {
         "format": FORMAT,
         "format_version": 1,
-        "library_version": _version(),
+        "library_version": __version__,
         "config": root(model).config.to_dict(),
         "base_model": base_identity(model),
         "tensors": {"file": TENSORS, "sha256": hashlib.sha256(blob).hexdigest(), "stored": "all" if include_frozen else "trained"},
@@ -50,29 +55,54 @@ def save(model: nn.Module, folder, *, include_frozen: bool = False, dtype: torch
     return folder
 
 
+class AdapterFile(NamedTuple):
+    """An adapter folder as read from disk, checked as far as it can be without a model."""
+
+    folder: Path
+    meta: dict
+    config: TiedLoraConfig
+    tensors: dict[str, torch.Tensor]
+
+
+def read_adapter(folder) -> AdapterFile:
+    """The one reader of adapter folders: `load` and the multi-adapter model both use it."""
+    folder = Path(folder)
+    meta = read_config(folder)
+    return AdapterFile(folder, meta, TiedLoraConfig.from_dict(meta["config"]), read_tensors(folder, meta))
+
+
 def load(model: nn.Module, folder) -> nn.Module:
     """Put the adapter saved in `folder` on `model` (applying its config if the model has no
     adapter yet) and return the model. Everything is checked before the model is touched."""
-    folder = Path(folder)
-    meta = read_config(folder)
-    config = TiedLoraConfig.from_dict(meta["config"])
-    tensors = read_tensors(folder, meta)
-    fresh = not hasattr(model, ATTRIBUTE)
+    adapter = read_adapter(folder)
+    folder, config, tensors = adapter.folder, adapter.config, adapter.tensors
+    fresh = not has_adapter(model)
     if fresh:
         apply(model, config)
     elif root(model).config != config:
-        raise TiedLoraError(f"{folder} holds a {config.name!r} adapter with another config than the one on this model; call tiedlora.remove(model) first.")
+        raise TiedLoraError(
+            f"{folder} holds a {config.name!r} adapter with another config than the one on this model; "
+            "call tiedlora.remove(model) first."
+        )
     try:
-        _check_base(model, meta["base_model"], folder)
+        check_base(adapter, base_identity(model))
         params = adapter_parameters(model)
-        expected = {k for k, p in params.items() if p.requires_grad or meta["tensors"]["stored"] == "all"}
+        expected = {k for k, p in params.items() if p.requires_grad or adapter.meta["tensors"]["stored"] == "all"}
         if set(tensors) != expected:
-            raise TiedLoraError(f"{folder / TENSORS} holds tensors {sorted(set(tensors) ^ expected)[:6]} that do not match its config; the file is damaged or was written by another tool.")
+            raise TiedLoraError(
+                f"{folder / TENSORS} holds tensors {sorted(set(tensors) ^ expected)[:6]} that do not match its config; "
+                "the file is damaged or was written by another tool."
+            )
         for key, t in tensors.items():
             if t.shape != params[key].shape or not t.is_floating_point():
-                raise TiedLoraError(f"{folder / TENSORS}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected a float tensor of shape {tuple(params[key].shape)}.")
+                raise TiedLoraError(
+                    f"{folder / TENSORS}: tensor {key} is {t.dtype} {tuple(t.shape)}, "
+                    f"expected a float tensor of shape {tuple(params[key].shape)}."
+                )
         if is_merged(model):
-            raise TiedLoraError("The adapter on this model is merged into its weights: call tiedlora.unmerge(model) before loading another.")
+            raise TiedLoraError(
+                "The adapter on this model is merged into its weights: call tiedlora.unmerge(model) before loading another."
+            )
         with torch.no_grad():
             for key, t in tensors.items():
                 params[key].copy_(t)
@@ -119,32 +149,37 @@ def read_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
         raise TiedLoraError(f"{path} is not a valid safetensors file ({e}).") from None
 
 
-def base_identity(model: nn.Module) -> dict:
-    """What an adapter must match: the layer count and each group's member names and shapes."""
-    r = root(model)
+def base_identity(model: nn.Module, groups: Iterable[Group] | None = None) -> dict:
+    """What an adapter must match: the model type, the layer count and each group's member
+    names and shapes. `groups` are those adapted on `model` unless given."""
+    if groups is None:
+        first = {}
+        for site in root(model).sites:
+            rows = [m.rows.stop - m.rows.start for _, m in site.members]
+            first.setdefault(site.group, Group(site.group, site.names, site.adapter.part("A").shape[1], tuple(rows)))
+        groups = first.values()
     config = getattr(model, "config", None)
-    groups = {}
-    for site in r.sites:
-        groups.setdefault(site.group, {
-            "members": list(site.names),
-            "d_in": site.adapter.part("A").shape[1],
-            "d_out": [m.rows.stop - m.rows.start for _, m in site.members],
-        })
     return {
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "model_type": getattr(config, "model_type", None),
         "layers": len(find_layers(model)),
-        "groups": groups,
+        "groups": {g.name: {"members": list(g.members), "d_in": g.d_in, "d_out": list(g.d_outs)} for g in groups},
     }
 
 
-def _check_base(model: nn.Module, saved: dict, folder: Path) -> None:
-    found = base_identity(model)
-    keys = ("model_type", "layers", "groups")
-    if any(saved.get(k) != found[k] for k in keys):
-        want = {k: saved.get(k) for k in keys}
-        have = {k: found[k] for k in keys}
-        raise TiedLoraError(f"{folder} was made for another base model: expected {want}, found {have}; load it on the model it was trained on ({saved.get('name_or_path')}).")
+def check_base(adapter: AdapterFile, found: dict) -> None:
+    """The adapter's base model (its type, layer count and the shapes of the groups it adapts)
+    must be `found`, a `base_identity`; the model may have more groups than the adapter uses."""
+    saved = adapter.meta["base_model"]
+    saved_groups = saved.get("groups")
+    want = {"model_type": saved.get("model_type"), "layers": saved.get("layers"), "groups": saved_groups}
+    have = {k: found[k] for k in ("model_type", "layers")}
+    have["groups"] = {g: found["groups"].get(g) for g in adapter.config.groups}
+    if want != have:
+        raise TiedLoraError(
+            f"{adapter.folder} was made for another base model: expected {want}, found {have}; "
+            f"load it on the model it was trained on ({saved.get('name_or_path')})."
+        )
 
 
 def export_peft(model: nn.Module, folder) -> Path:
@@ -213,8 +248,3 @@ def write_atomic(path: Path, data: bytes) -> None:
             raise TiedLoraError(f"Could not write {path}: {e.strerror or e}; the file there before, if any, is unchanged.") from e
         raise
 
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from .config import Part
+from .config import Part, TiedLoraConfig
+from .layout import is_conv1d
 
 
 def tensor_key(group: str, part: str, layer: int | None = None) -> str:
@@ -23,14 +26,6 @@ def tensor_key(group: str, part: str, layer: int | None = None) -> str:
     (layer None), `<group>.layers.<i>.<part>` when per layer. Saving, loading, regenerating
     frozen tensors and serving all depend on this one scheme."""
     return f"{group}.{part}" if layer is None else f"{group}.layers.{layer}.{part}"
-
-
-def row_slices(d_outs) -> list[slice]:
-    """Each member's rows of a group's fused output (q, then k, then v)."""
-    bounds = [0]
-    for d in d_outs:
-        bounds.append(bounds[-1] + d)
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def initial_value(part: Part, shape: tuple[int, ...], seed: int, key: str) -> torch.Tensor:
@@ -43,7 +38,7 @@ def initial_value(part: Part, shape: tuple[int, ...], seed: int, key: str) -> to
         # As PEFT's LoRA and VeRA: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = last dimension.
         nn.init.kaiming_uniform_(t.view(-1, shape[-1]), a=math.sqrt(5), generator=generator)
         return t
-    value = {"zeros": 0.0, "ones": 1.0}.get(part.init, part.init)
+    value = {"zeros": 0.0, "ones": 1.0}.get(part.init, part.init)  # type: ignore[call-overload]
     return torch.full(shape, float(value))
 
 
@@ -52,12 +47,42 @@ def new_parameter(part: Part, shape, seed: int, key: str, device, dtype) -> nn.P
     return nn.Parameter(value, requires_grad=part.trainable)
 
 
+class SharedInput:
+    """h = f(x) computed once for all members of a group, which read the same x one after
+    another (q, k and v inside one attention call). The result is kept only while the owner
+    module's forward runs: hooks on the owner drop it when the call starts and when it returns,
+    so a member that is never called cannot keep x, h or their autograd graph alive."""
+
+    def __init__(self):
+        self._cache: tuple[torch.Tensor, bool, torch.Tensor] | None = None
+
+    def get(self, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        grad = torch.is_grad_enabled()
+        cache = self._cache
+        if cache is not None and cache[0] is x and cache[1] == grad:
+            return cache[2]
+        h = compute(x)
+        self._cache = (x, grad, h)
+        return h
+
+    def clear(self, *_) -> None:
+        self._cache = None
+
+    @property
+    def empty(self) -> bool:
+        return self._cache is None
+
+    def attach(self, owner: nn.Module) -> list[RemovableHandle]:
+        """Scope the cache to each call of `owner`; the handles undo it."""
+        return [owner.register_forward_pre_hook(self.clear), owner.register_forward_hook(self.clear)]
+
+
 class TiedParameters(nn.ModuleDict):
     """Per group, the tensors shared by every layer: one nn.Parameter each, registered once at
     the model's root (state-dict key `tiedlora.<group>.<part>`) so that DDP and FSDP, which wrap
     the layers, never split or copy them."""
 
-    def __init__(self, config):
+    def __init__(self, config: TiedLoraConfig):
         super().__init__()
         self.config = config
         self.sites: list[Site] = []  # every adapted (layer, group), in layer order; not modules
@@ -66,19 +91,18 @@ class TiedParameters(nn.ModuleDict):
 class GroupAdapter(nn.Module):
     """One group of one layer: its own (untied) parts, and the shared down-projection."""
 
-    def __init__(self, tied: nn.ParameterDict, own: dict[str, nn.Parameter], scale: float, dropout: float, n_members: int):
+    def __init__(self, tied: nn.ParameterDict, own: dict[str, nn.Parameter], scale: float, dropout: float):
         super().__init__()
         for name, p in own.items():
             self.register_parameter(name, p)
         self._tied = (tied,)  # a reference, not a submodule: the tied tensors are owned at the root
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self.n_members = n_members
         self.enabled = True
-        self._cache = None  # (x, h, grad mode, uses): h = (u * A) x shared by the members
+        self.shared = SharedInput()
 
     def extra_repr(self) -> str:
-        own = ", ".join(f"{n}={tuple(p.shape)}" for n, p in self._parameters.items())
+        own = ", ".join(f"{n}={tuple(p.shape)}" for n, p in self._parameters.items() if p is not None)
         tied = ", ".join(f"{n}={tuple(p.shape)}" for n, p in self._tied[0].items())
         return f"own: {own or '-'}; tied: {tied or '-'}; scale={self.scale}"
 
@@ -87,18 +111,12 @@ class GroupAdapter(nn.Module):
         return own if own is not None else self._tied[0][name]
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
-        """h = (u * A) x, computed once per input for all members (Q, K and V read the same x).
-        The members are called one after another with the same tensor object; the cache is
-        dropped once each has used it, and any other input recomputes."""
-        grad = torch.is_grad_enabled()
-        cache = self._cache
-        if cache is not None and cache[0] is x and cache[2] == grad:
-            h, uses = cache[1], cache[3] + 1
-        else:
-            a = self.part("u").unsqueeze(1) * self.part("A")  # scale the r x d matrix, not activations
-            h, uses = F.linear(x if self.dropout is None else self.dropout(x), a.to(x.dtype)), 1
-        self._cache = None if uses >= self.n_members else (x, h, grad, uses)
-        return h
+        """h = (u * A) x, computed once per input for all members (Q, K and V read the same x)."""
+        return self.shared.get(x, self._down)
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.part("u").unsqueeze(1) * self.part("A")  # scale the r x d matrix, not activations
+        return F.linear(x if self.dropout is None else self.dropout(x), a.to(x.dtype))
 
     def up_weight(self, rows: slice) -> torch.Tensor:
         """(alpha/r) * diag(v) B for one member's rows: d_out x r, so v never touches activations."""
@@ -127,7 +145,7 @@ class AdaptedLinear(nn.Module):
     @property
     def transposed(self) -> bool:
         """GPT-2's Conv1D stores W as d_in x d_out."""
-        return type(self.base).__name__ == "Conv1D"
+        return is_conv1d(self.base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.base(x)
@@ -136,8 +154,8 @@ class AdaptedLinear(nn.Module):
             return z
         h = adapter.down(x)
         # z + h B'^T in one kernel (addmm), no separate delta tensor to allocate and add
-        out = torch.addmm(z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1]), adapter.up_weight(self.rows).to(x.dtype).t())
-        return out.view(z.shape)
+        up = adapter.up_weight(self.rows).to(x.dtype).t()
+        return torch.addmm(z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1]), up).view(z.shape)
 
     @torch.no_grad()
     def fold(self, sign: int) -> None:
@@ -148,10 +166,12 @@ class AdaptedLinear(nn.Module):
 
 
 class Site:
-    """Where one group of one layer is adapted: its adapter and its members with their paths."""
+    """Where one group of one layer is adapted: its adapter, its members with their paths, and
+    the hooks that scope the adapter's shared input to its owner's calls."""
 
     def __init__(self, layer: int, group: str, adapter: GroupAdapter, owner: nn.Module, names: tuple[str, ...],
-                 members: list[tuple[str, AdaptedLinear]]):
+                 members: list[tuple[str, AdaptedLinear]], hooks: list[RemovableHandle]):
         self.layer, self.group, self.adapter, self.members = layer, group, adapter, members
         self.owner = owner  # the module that holds the adapter: the members' common parent
         self.names = names  # the members' names relative to their layer
+        self.hooks = hooks

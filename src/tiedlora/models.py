@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TiedLoraError
+from .config import PRESETS, TiedLoraConfig, TiedLoraError
+from .model import apply, remove, trainable_parameters
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,3 +88,15 @@ def load_model(name: str, dtype: torch.dtype | None = None):
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     return model, tokenizer
+
+
+def parameter_table(name: str, rank: int) -> list[dict]:
+    """Trainable parameters of every preset on model `name` at `rank`, and their share of
+    LoRA's: the paper's P%, counted on the model's shapes (no weights are loaded)."""
+    model = shape_model(name)
+    counts = {}
+    for preset in PRESETS:
+        apply(model, TiedLoraConfig.preset(preset, rank=rank))
+        counts[preset] = trainable_parameters(model)
+        remove(model)
+    return [{"config": c, "params": n, "percent_of_lora": round(100 * n / counts["lora"], 4)} for c, n in counts.items()]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import PRESETS
 from .io import write_atomic
-from .sweep import load_results
+from .runs import load_results
 
 # The paper's LLaMA-2 7B finding, for the summary: tl6 1.36 % below LoRA on average with 12.5 % of its parameters.
 PAPER = "The paper (LLaMA-2 7B): tl6 is 1.36 % below LoRA on average, with 12.5 % of LoRA's parameters or fewer."

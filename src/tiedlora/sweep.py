@@ -9,18 +9,17 @@ cell from the k-th, so n machines can split a sweep over one shared folder. Budg
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from .config import PRESETS, TiedLoraError
-from .io import write_atomic
 from .models import load_model
-from .train import RECIPES, Diverged, TrainConfig, train
+from .report import select
+from .runs import RESULTS, is_run, load_results, read_json, write_json
+from .train import Diverged, TrainConfig, from_recipe, train
 
 CELL_FIELDS = ("task", "config", "rank", "lr", "layers", "model", "out")  # set per cell, not by the budget
 
@@ -72,8 +71,6 @@ def parse_lrs(text: str) -> list[float] | dict[str, list[float]]:
 def chosen_lrs(folder, rank: int) -> str:
     """The learning rate of each (configuration) chosen on validation at `rank` in a sweep folder
     of one task, as `--lrs` takes it: to sweep the other ranks at those alone."""
-    from .report import select
-
     chosen = select(load_results(folder))
     picked = {config: run["recipe"]["lr"] for (_, config, r, layer), run in chosen.items() if r == rank and layer is None}
     return ",".join(f"{config}:{picked[config]:g}" for config in PRESETS if config in picked)
@@ -89,12 +86,12 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def recipe(task: str, budget: dict, cell: Cell, model: str, out: Path) -> TrainConfig:
-    """The task's paper recipe, then the sweep's budget, then the cell's own values."""
-    base = yaml.safe_load((RECIPES / f"{task}.yaml").read_text())
-    options = {k: v for k, v in {**base, **budget}.items() if v is not None and k not in CELL_FIELDS}
-    return TrainConfig(**options, task=cell.task, config=cell.config, rank=cell.rank, lr=cell.lr, model=model,
-                       layers=[cell.layer] if cell.layer is not None else None, out=str(out / cell.name))
+def recipe(budget: dict, cell: Cell, model: str, out: Path) -> TrainConfig:
+    """The task's paper recipe, then the sweep's budget (its unset options: the recipe's), then
+    the cell's own values."""
+    options = {k: v for k, v in budget.items() if v is not None and k not in CELL_FIELDS}
+    return from_recipe({**options, "task": cell.task, "config": cell.config, "rank": cell.rank, "lr": cell.lr, "model": model,
+                        "layers": [cell.layer] if cell.layer is not None else None, "out": str(out / cell.name)})
 
 
 def _set(budget: dict) -> dict:
@@ -112,32 +109,32 @@ def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1),
     manifest = {"model": model, "budget": budget, "cells": [c.name for c in cells]}
     path = out / "sweep.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
         if saved["model"] != model or _set(saved["budget"]) != _set(budget):
             raise TiedLoraError(f"{out} holds a sweep with another model or budget ({path}); use the same options or another --out.")
         manifest["cells"] = sorted(set(saved["cells"]) | set(manifest["cells"]))
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_json(path, manifest)
     # A fixed shard's configs are validated before any cell runs.
-    configs = [recipe(c.task, budget, c, model, out) for c in cells]
+    configs = [recipe(budget, c, model, out) for c in cells]
 
     k, n = shard
     mine = [(c, cfg) for i, (c, cfg) in enumerate(zip(cells, configs)) if i % n == k - 1]
     results, started, base = [], time.time(), None
     for done, (cell, cfg) in enumerate(mine, 1):
         folder = Path(cfg.out)
-        finished = (folder / "results.json").is_file()
+        finished = (folder / RESULTS).is_file()
         t = time.time()
         if not finished and base is None:
             base = load_model(model)  # once per sweep; each cell trains a copy
         if finished:
-            result = json.loads((folder / "results.json").read_text())
+            result = read_json(folder / RESULTS)
         else:
             try:
-                result = train(cfg, resume=(folder / "run.json").is_file(), quiet=True, base=base)
+                result = train(cfg, resume=is_run(folder), quiet=True, base=base)
             except Diverged as e:  # a learning rate too high for this cell: recorded, and the sweep goes on
                 result = {"task": cell.task, "config": cell.config, "rank": cell.rank, "diverged": str(e), "recipe": dataclasses.asdict(cfg)}
-                write_atomic(folder / "results.json", (json.dumps(result, indent=2) + "\n").encode())
+                write_json(folder / RESULTS, result)
             except torch.OutOfMemoryError as e:  # the machine's state, not the cell's: left unfinished, so a rerun resumes it
                 torch.cuda.empty_cache()
                 print(f"[{done}/{len(mine)}] {cell.name}: out of memory ({str(e).splitlines()[0]}); skipped, a rerun resumes it", flush=True)
@@ -150,11 +147,3 @@ def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1),
             print(f"[{done}/{len(mine)}] {cell.name}: {outcome}, "
                   f"{'already done' if finished else f'{time.time() - t:.0f} s'}; about {left / 60:.0f} min to go", flush=True)
     return results
-
-
-def load_results(folder) -> list[dict]:
-    """Every results.json under a sweep folder."""
-    found = [json.loads(p.read_text()) for p in sorted(Path(folder).rglob("results.json"))]
-    if not found:
-        raise TiedLoraError(f"{folder} holds no results.json: run `tiedlora sweep --out {folder}` first.")
-    return found

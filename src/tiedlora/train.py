@@ -2,7 +2,8 @@
 
 AdamW (weight decay 0.01), linear warm-up then cosine decay, global batches reached by gradient
 accumulation (and data parallelism through accelerate), validation every `val_every` steps with
-early stopping, the best adapter kept, then scored on the test split.
+early stopping, the best adapter kept, then scored on the test split. `train` reads top to
+bottom as those steps.
 
 Everything a resumed run needs is a function of the step or stored in a checkpoint: the data
 order is a seeded permutation per epoch, the learning rate a formula of the step, dropout's RNG
@@ -25,11 +26,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
-from . import TiedLoraConfig, TiedLoraError, adapter_parameters, apply, load, save, trainable_parameters
-from .model import find_layers
-from .io import write_atomic
+from .config import TiedLoraConfig, TiedLoraError
+from .decoding import pad_batch, pad_id
+from .io import load, save, write_atomic
+from .layout import find_layers
+from .model import adapter_parameters, apply, trainable_parameters
+from .models import SMOLLM2
+from .runs import BEST, CHECKPOINTS, LOG, PREDICTIONS, RESULTS, RUN, read_json, write_json
+from .version import __version__
+
+PRECISIONS = ("auto", "bf16", "fp32")
+RECIPES = Path(__file__).parent / "configs" / "paper"  # the paper's recipe per task, as YAML
+# What may change between a run and its resumption without changing the result.
+RESUMABLE = ("out", "test_rows", "eval_batch_size", "max_new_tokens")
 
 
 @dataclass
@@ -37,39 +49,72 @@ class TrainConfig:
     """Every option of `tiedlora train`; the defaults are the paper's recipe."""
 
     task: str = "gsm8k"
+    """squad, dialogsum, hellaswag, iwslt2017-de-en or gsm8k."""
     config: str = "tl6"
+    """The configuration: lora, vera, tl1, tl2, tl3, tl4, tl5 or tl6 (the paper's Table 1)."""
     rank: int = 8
+    """The rank r."""
     alpha: float | None = None
+    """Scale numerator (default: rank, i.e. scale 1 as in the paper)."""
     layers: list[int] | None = None
+    """Adapt only these layer indices, e.g. [3]."""
     init: dict[str, str] | None = None
+    """Override a part's init, e.g. {"A": "zeros"} (tl1's zero-start variant)."""
     dropout: float = 0.0
-    model: str = "smollm2-135m"
+    """Dropout on the adapter's input (0: none, no copy)."""
+    model: str = SMOLLM2
+    """smollm2-135m (bundled), a local model folder, or a Hub id."""
     out: str = "runs/run"
+    """The run folder."""
     source: str = "bundled"
+    """Data: bundled, hub, a folder of <split>.jsonl, or a root with one folder per task."""
     lr: float = 1e-4
+    """Peak learning rate (the paper tried 1e-4 and 1e-5; tied configurations often want more)."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     warmup_steps: int = 50
+    """Linear warm-up steps before the cosine decay."""
     max_steps: int = 2000
+    """At most this many optimizer steps."""
     batch_size: int = 256
+    """Global batch (examples per optimizer step), reached by accumulation and data parallelism."""
     micro_batch_size: int = 8
+    """Examples per forward pass on one device."""
     val_every: int = 30
+    """Validate every this many steps."""
     val_rows: int | None = 500
+    """Validation rows used (all if null)."""
     patience: int = 10
+    """Stop after this many validations without improvement."""
     early_stop_on: str = "loss"
+    """loss (validation loss, cheap) or metric (the task's headline, by generation)."""
     fsdp: bool = False
+    """With several processes, shard the frozen base model's layers over them (torch FSDP2); the adapter stays whole."""
     precision: str = "auto"
+    """Training matmuls: auto (bf16 autocast on a GPU, fp32 on a CPU), bf16 (about 2x faster on CPUs with
+    AVX512-BF16 or AMX) or fp32. The adapter and optimizer stay fp32."""
     val_metric: bool = False
+    """Also score the task's headline metric (by generation) at every validation."""
     checkpoint_every: int | None = None
+    """Checkpoint every this many steps (default: val_every)."""
     max_length: int = 1024
+    """Longest training example in tokens; longer prompts lose their start."""
     train_rows: int | None = None
+    """Use only the first N training rows (all if null)."""
     test_rows: int | None = None
+    """Score only the first N test rows (all if null)."""
     max_new_tokens: int = 500
+    """Greedy decoding stops at EOS or after this many tokens."""
     eval_batch_size: int = 16
+    """Prompts per generation batch."""
     chat: bool = False
+    """Wrap prompts in the tokenizer's chat template."""
     seed: int = 0
+    """Seeds the adapter's init, the data order and dropout."""
 
     def __post_init__(self):
-        for name in ("rank", "max_steps", "batch_size", "micro_batch_size", "val_every", "patience", "max_length", "max_new_tokens"):
+        for name in ("rank", "max_steps", "batch_size", "micro_batch_size", "val_every", "patience", "max_length",
+                     "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise TiedLoraError(f"--{name} {getattr(self, name)} must be positive.")
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -77,7 +122,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise TiedLoraError(f"--precision {self.precision!r}: choose auto (bf16 autocast on a GPU, fp32 on a CPU), bf16 or fp32.")
         if self.early_stop_on not in ("loss", "metric"):
-            raise TiedLoraError(f"--early_stop_on {self.early_stop_on!r}: choose loss (validation loss) or metric (the task's headline, by generation).")
+            raise TiedLoraError(f"--early_stop_on {self.early_stop_on!r}: choose loss (validation loss) or metric "
+                                "(the task's headline, by generation).")
         from .tasks import get
 
         get(self.task)
@@ -88,15 +134,11 @@ class TrainConfig:
                                      layers=self.layers, init=self.init, dropout=self.dropout)
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
-RECIPES = Path(__file__).parent / "configs" / "paper"  # the paper's recipe per task, as YAML
-# What may change between a run and its resumption without changing the result.
-RESUMABLE = ("out", "test_rows", "eval_batch_size", "max_new_tokens")
-
-
-def best_adapter(folder: Path) -> Path:
-    """A run folder stands for the adapter it kept (best/); any other folder for itself."""
-    return folder / "best" if (folder / "run.json").is_file() else folder
+def from_recipe(options: dict) -> TrainConfig:
+    """The config of a run: the task's paper recipe (configs/paper/<task>.yaml), then `options`."""
+    recipe = RECIPES / f"{options.get('task', TrainConfig.task)}.yaml"
+    base = yaml.safe_load(recipe.read_text()) if recipe.is_file() else {}
+    return TrainConfig(**{**base, **options})
 
 
 class Diverged(TiedLoraError):
@@ -149,11 +191,9 @@ def micro_batches(indices: list[int], examples: list[dict], cfg: TrainConfig, wo
     return chunks[rank::world]
 
 
-def collate(examples: list[dict], pad_id: int, device) -> dict:
+def collate(examples: list[dict], pad: int, device) -> dict:
     """A right-padded batch; padding is masked out of attention and of the loss."""
-    from .evaluate import pad_batch
-
-    input_ids, attention_mask = pad_batch([e["input_ids"] for e in examples], pad_id, False, device)
+    input_ids, attention_mask = pad_batch([e["input_ids"] for e in examples], pad, False, device)
     labels, _ = pad_batch([e["labels"] for e in examples], -100, False, device)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -193,13 +233,13 @@ def answer_tokens(examples: list[dict]) -> int:
 
 
 @torch.no_grad()
-def validation_loss(loss_fn, examples, cfg, pad_id, device) -> float:
+def validation_loss(loss_fn, examples, cfg, pad, device) -> float:
     """Mean loss per answer token over the validation examples."""
     total = 0.0
     ordered = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, len(ordered), cfg.micro_batch_size):
         chunk = [examples[i] for i in ordered[start:start + cfg.micro_batch_size]]
-        total += loss_fn(**collate(chunk, pad_id, device)).item()
+        total += loss_fn(**collate(chunk, pad, device)).item()
     return total / max(1, answer_tokens(examples))
 
 
@@ -208,7 +248,7 @@ class Checkpoints:
     names it; older ones are deleted after. A kill at any moment leaves the previous one whole."""
 
     def __init__(self, folder: Path):
-        self.folder = folder / "checkpoint"
+        self.folder = folder / CHECKPOINTS
 
     def latest(self) -> Path | None:
         pointer = self.folder / "latest"
@@ -230,7 +270,7 @@ class Checkpoints:
         moments = {f"{params[id(p)]}/{name}": t.detach().cpu().contiguous()
                    for p, s in optimizer.state.items() for name, t in s.items() if torch.is_tensor(t)}
         write_atomic(path / "optimizer.safetensors", to_bytes(moments))
-        write_atomic(path / "state.json", (json.dumps(state, indent=2) + "\n").encode())
+        write_json(path / "state.json", state)
         write_atomic(self.folder / "latest", path.name.encode())
         for old in self.folder.glob("step-*"):
             if old != path:
@@ -249,13 +289,11 @@ class Checkpoints:
                 raise TiedLoraError(f"{path}/optimizer.safetensors has state for {name}, which this adapter lacks.")
             # AdamW keeps its step count on the CPU unless fused or capturable
             optimizer.state[params[name]][field] = t if field == "step" else t.to(params[name].device)
-        return json.loads((path / "state.json").read_text())
+        return read_json(path / "state.json")
 
 
 def versions() -> dict:
     import transformers
-
-    from . import __version__
 
     return {"tiedlora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
@@ -264,11 +302,11 @@ def versions() -> dict:
 def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
     """The run folder: new, or (with resume) holding this same run; anything else is an error."""
     folder = Path(cfg.out)
-    run_file = folder / "run.json"
+    run_file = folder / RUN
     mine = dataclasses.asdict(cfg)
     if run_file.is_file():
         # An option added after that run was written ran at its default, which keeps the old behaviour.
-        theirs = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | json.loads(run_file.read_text())["config"]
+        theirs = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | read_json(run_file)["config"]
         if not resume:
             raise TiedLoraError(f"{folder} already holds a run: pass --resume to continue it, or choose another --out.")
         changed = sorted(k for k in set(mine) | set(theirs) if k not in RESUMABLE and mine.get(k) != theirs.get(k))
@@ -279,7 +317,7 @@ def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
         raise TiedLoraError(f"{folder} is not empty and holds no tiedlora run: choose another --out.")
     folder.mkdir(parents=True, exist_ok=True)
     if not run_file.is_file():
-        write_atomic(run_file, (json.dumps({"config": mine, "versions": versions()}, indent=2) + "\n").encode())
+        write_json(run_file, {"config": mine, "versions": versions()})
     return folder
 
 
@@ -295,7 +333,7 @@ class Log:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = folder / "log.csv"
+        self.path = folder / LOG
         rows = []
         if self.path.is_file():
             with self.path.open() as f:
@@ -321,130 +359,138 @@ class Log:
             self.tb.close()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=None) -> dict:
-    """Train, keep the best adapter, score it on the test split; returns results.json's content.
-    `base` = (model, tokenizer) already loaded for cfg.model: a copy is trained, so a sweep
-    loads its model once rather than once per cell."""
-    from accelerate import Accelerator
+@dataclass
+class Data:
+    """A run's rows (with where they came from) and their tokenised examples."""
+
+    train_rows: list
+    val_rows: list
+    train: list[dict]
+    val: list[dict]
+    cut: int  # training examples whose prompt lost its start to --max_length
+    pad: int  # the token that pads a batch
+
+
+def load_data(task, tokenizer, cfg: TrainConfig) -> Data:
+    train_rows, val_rows = task.load("train", cfg.source), task.load("validation", cfg.source)
+    train_examples, cut = encode_rows(task, train_rows[:cfg.train_rows], tokenizer, cfg)
+    val_examples, _ = encode_rows(task, val_rows[:cfg.val_rows], tokenizer, cfg)
+    return Data(train_rows, val_rows, train_examples, val_examples, cut, pad_id(tokenizer))
+
+
+@dataclass
+class Processes:
+    """Where training runs: one process, or several (DDP, or FSDP with --fsdp) under torchrun."""
+
+    accelerator: object
+    device: torch.device
+    world: int
+    rank: int
+    fsdp: bool
+    bf16: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, cfg: TrainConfig) -> Processes:
+        from accelerate import Accelerator
+
+        cuda = torch.cuda.is_available()
+        accelerator = Accelerator(cpu=not cuda)  # its mixed_precision is fixed per process; a sweep runs cells of any precision
+        world = accelerator.num_processes
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        return cls(accelerator, accelerator.device, world, accelerator.process_index, cfg.fsdp and world > 1, bf16)
+
+    def wrap(self, model: nn.Module, optimizer):
+        """The loss module and optimizer as the engine needs them."""
+        if self.fsdp:
+            return shard_base(model.to(self.device)), self.accelerator.prepare(optimizer)
+        return self.accelerator.prepare(TokenLoss(model), optimizer)
+
+
+def resume_state(checkpoints: Checkpoints, resume: bool, model, optimizer, cfg: TrainConfig, main: bool) -> dict:
+    """The training state: fresh, or the latest checkpoint's (saying so in one line)."""
+    latest = checkpoints.latest() if resume else None
+    if latest is None:
+        return {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "elapsed_s": 0.0, "stopped": None}
+    state = Checkpoints.read(latest, model, optimizer)
+    if main:
+        print(f"tiedlora train: resuming at step {state['step']} of {cfg.max_steps} from {latest}", flush=True)
+    return state
+
+
+def train_step(loss_fn, optimizer, params, data: Data, cfg: TrainConfig, procs: Processes, step: int):
+    """One optimizer step over global batch `step`; returns (loss, tokens in the batch)."""
+    torch.manual_seed(cfg.seed * 100_003 + step * procs.world + procs.rank)  # dropout masks: a function of the step
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    loss_fn.train()
+    indices = step_batches(len(data.train), cfg, step)
+    n_tokens = answer_tokens([data.train[i] for i in indices])
+    mine = micro_batches(indices, data.train, cfg, procs.world, procs.rank)
+    total = torch.zeros((), device=procs.device)
+    for j, chunk in enumerate(mine):
+        batch = collate([data.train[i] for i in chunk], data.pad, procs.device)
+        last = j == len(mine) - 1
+        sync = procs.accelerator.no_sync(loss_fn) if not last and not procs.fsdp else contextlib.nullcontext()
+        with sync, torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=procs.bf16):
+            loss = loss_fn(**batch) / n_tokens
+            procs.accelerator.backward(loss * procs.world)  # DDP averages over processes; the loss is a global mean
+        total += loss.detach()
+    if procs.fsdp:  # the adapter is not sharded: average its gradients as DDP would
+        for p in params:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= procs.world
+    total = procs.accelerator.reduce(total, reduction="sum")
+    bad_loss = not torch.isfinite(total)
+    if bad_loss or any(not torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+        what = f"the training loss became {total.item()}" if bad_loss else f"a gradient became non-finite (loss {total.item():.4g})"
+        raise Diverged(f"{what} at step {step + 1} (lr {lr_at(step, cfg):.3g}); the last good checkpoint stays in "
+                       f"{Path(cfg.out) / CHECKPOINTS}; lower --lr and start again, or --resume from it.")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total.item(), sum(len(data.train[i]["input_ids"]) for i in indices), n_tokens
+
+
+def validate(loss_fn, model, tokenizer, task, data: Data, cfg: TrainConfig, procs: Processes, state: dict, folder: Path,
+             quiet: bool) -> dict:
+    """Validation loss (and the headline metric if asked); keeps the best adapter and counts
+    validations without improvement for early stopping. Returns the log's validation columns."""
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate
-    from .models import load_model
-    from .tasks import get
 
-    started = time.time()
-    task = get(cfg.task)
-    train_rows = task.load("train", cfg.source)
-    val_rows = task.load("validation", cfg.source)
-    model, tokenizer = load_model(cfg.model) if base is None else (copy.deepcopy(base[0]), base[1])
-    apply(model, cfg.adapter())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_examples, cut = encode_rows(task, train_rows[:cfg.train_rows], tokenizer, cfg)
-    val_examples, _ = encode_rows(task, val_rows[:cfg.val_rows], tokenizer, cfg)
-
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda)  # its mixed_precision is fixed per process; a sweep runs cells of any precision
-    main_process = accelerator.is_main_process
-    folder = prepare_folder(cfg, resume) if main_process else Path(cfg.out)
-    accelerator.wait_for_everyone()
-    results_file = folder / "results.json"
-    if resume and results_file.is_file():
-        return json.loads(results_file.read_text())
-    if cut and main_process:
-        print(f"tiedlora train: {cut} of {len(train_examples)} training examples exceed --max_length {cfg.max_length}; their prompts were cut from the start.")
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    checkpoints = Checkpoints(folder)
-    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "elapsed_s": 0.0, "stopped": None}
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = Checkpoints.read(latest, model, optimizer)
-    device = accelerator.device
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    fsdp = cfg.fsdp and world > 1
-    if fsdp:
-        loss_fn = shard_base(model.to(device))
-        optimizer = accelerator.prepare(optimizer)
+    loss_fn.eval()
+    step = state["step"]
+    val_loss = validation_loss(loss_fn, data.val, cfg, data.pad, procs.device)
+    headline, val_metric = "", ""
+    if cfg.val_metric or cfg.early_stop_on == "metric":
+        scored = evaluate(model, tokenizer, task, data.val_rows[:cfg.val_rows], cfg.max_new_tokens, cfg.eval_batch_size,
+                          cfg.chat, progress=not quiet)
+        headline, val_metric = next(iter(scored.items()))
+    value = -val_metric if cfg.early_stop_on == "metric" else val_loss
+    if state["best"] is None or value < state["best"]:
+        state.update(best=value, best_step=step, bad_evals=0)
+        if procs.main:
+            save(model, folder / BEST)
     else:
-        loss_fn, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
-    checkpoint_every = cfg.checkpoint_every or cfg.val_every
-    log = Log(folder, state["step"], main_process)
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"{cfg.task} {cfg.config} r{cfg.rank}", unit="step",
-               disable=quiet or not main_process, dynamic_ncols=True)
-    val_metric = ""
-    try:
-        while state["step"] < cfg.max_steps and state["stopped"] is None:
-            step = state["step"]
-            t0 = time.time()
-            torch.manual_seed(cfg.seed * 100_003 + step * world + rank)  # dropout masks: a function of the step
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            loss_fn.train()
-            indices = step_batches(len(train_examples), cfg, step)
-            n_tokens = answer_tokens([train_examples[i] for i in indices])
-            mine = micro_batches(indices, train_examples, cfg, world, rank)
-            total = torch.zeros((), device=device)
-            for j, chunk in enumerate(mine):
-                batch = collate([train_examples[i] for i in chunk], pad_id, device)
-                sync = accelerator.no_sync(loss_fn) if j < len(mine) - 1 and not fsdp else contextlib.nullcontext()
-                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = loss_fn(**batch) / n_tokens
-                    accelerator.backward(loss * world)  # DDP averages over processes; the loss is a global mean
-                total += loss.detach()
-            if fsdp:  # the adapter is not sharded: average its gradients as DDP would
-                for p in params:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-            total = accelerator.reduce(total, reduction="sum")
-            bad_loss = not torch.isfinite(total)
-            if bad_loss or any(not torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-                what = f"the training loss became {total.item()}" if bad_loss else f"a gradient became non-finite (loss {total.item():.4g})"
-                raise Diverged(f"{what} at step {step + 1} (lr {lr_at(step, cfg):.3g}); the last good checkpoint stays in "
-                               f"{checkpoints.folder}; lower --lr and start again, or --resume from it.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step = step + 1
-            state["tokens"] += n_tokens
-            dt = time.time() - t0
-            state["elapsed_s"] += dt
-            tokens_per_s = sum(len(train_examples[i]["input_ids"]) for i in indices) / dt
-            bar.update(1)
-            bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr_at(step - 1, cfg):.2e}", tok_s=f"{tokens_per_s:.0f}")
-            row = {"step": step, "loss": round(total.item(), 6), "lr": lr_at(step - 1, cfg), "tokens_per_s": round(tokens_per_s, 1),
-                   "val_loss": "", "val_metric": "", "elapsed_s": round(state["elapsed_s"], 2)}
-            if step % cfg.val_every == 0 or step == cfg.max_steps:
-                loss_fn.eval()
-                val_loss = validation_loss(loss_fn, val_examples, cfg, pad_id, device)
-                if cfg.val_metric or cfg.early_stop_on == "metric":
-                    scored = evaluate(model, tokenizer, task, val_rows[:cfg.val_rows], cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat,
-                                      progress=not quiet)
-                    headline, val_metric = next(iter(scored.items()))
-                value = -val_metric if cfg.early_stop_on == "metric" else val_loss
-                if state["best"] is None or value < state["best"]:
-                    state.update(best=value, best_step=step, bad_evals=0)
-                    if main_process:
-                        save(model, best_adapter(folder))
-                else:
-                    state["bad_evals"] += 1
-                    if state["bad_evals"] >= cfg.patience:
-                        state["stopped"] = f"early stop: no better validation {cfg.early_stop_on} in {cfg.patience} validations"
-                row.update(val_loss=round(val_loss, 6), val_metric=val_metric)
-                if not quiet and main_process:
-                    bar.write(f"step {step}: validation loss {val_loss:.4f}" + (f", {headline} {val_metric:.2f}" if val_metric != "" else "")
-                              + (" (best)" if state["best_step"] == step else ""))
-            log.write(**row)
-            if main_process and (step % checkpoint_every == 0 or step == cfg.max_steps or state["stopped"]):
-                checkpoints.write(model, optimizer, state)
-            accelerator.wait_for_everyone()
-    finally:
-        bar.close()
-        log.close()
+        state["bad_evals"] += 1
+        if state["bad_evals"] >= cfg.patience:
+            state["stopped"] = f"early stop: no better validation {cfg.early_stop_on} in {cfg.patience} validations"
+    if not quiet and procs.main:
+        tqdm.write(f"step {step}: validation loss {val_loss:.4f}" + (f", {headline} {val_metric:.2f}" if headline else "")
+                   + (" (best)" if state["best_step"] == step else ""))
+    return {"val_loss": round(val_loss, 6), "val_metric": val_metric}
 
-    if not (main_process or fsdp):  # sharded layers need every process in every forward
-        return {}
-    load(model, best_adapter(folder))
+
+def test_and_record(model, tokenizer, task, data: Data, cfg: TrainConfig, procs: Processes, state: dict, folder: Path,
+                    started: float, quiet: bool) -> dict:
+    """Score the best adapter on the test split; write predictions.jsonl and results.json."""
+    from .evaluate import evaluate
+
+    load(model, folder / BEST)
     test_all = task.load("test", cfg.source)
     test_rows = test_all[:cfg.test_rows]
     scores = evaluate(model, tokenizer, task, test_rows, cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat, progress=not quiet)
@@ -455,13 +501,74 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
         "validation": {"on": cfg.early_stop_on, "best": abs(state["best"]) if state["best"] is not None else None},
         "stopped": state["stopped"] or "max_steps", "train_tokens": state["tokens"], "train_time_s": round(state["elapsed_s"], 1),
         "wall_time_s": round(time.time() - started, 1),
-        "processes": world, "engine": "fsdp" if fsdp else "ddp" if world > 1 else "single",
-        "data": {"train": train_rows.info, "validation": val_rows.info, "test": test_all.info,
-                 "train_rows_used": len(train_examples), "validation_rows_used": len(val_examples), "test_rows_used": len(test_rows)},
+        "processes": procs.world, "engine": "fsdp" if procs.fsdp else "ddp" if procs.world > 1 else "single",
+        "data": {"train": data.train_rows.info, "validation": data.val_rows.info, "test": test_all.info,
+                 "train_rows_used": len(data.train), "validation_rows_used": len(data.val), "test_rows_used": len(test_rows)},
         "recipe": dataclasses.asdict(cfg), "versions": versions(),
     }
-    if not main_process:
-        return {}
-    write_atomic(folder / "predictions.jsonl", "".join(json.dumps({"prediction": p}) + "\n" for p in predictions).encode())
-    write_atomic(results_file, (json.dumps(results, indent=2) + "\n").encode())
+    if procs.main:
+        write_atomic(folder / PREDICTIONS, "".join(json.dumps({"prediction": p}) + "\n" for p in predictions).encode())
+        write_json(folder / RESULTS, results)
     return results
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=None) -> dict:
+    """Train, keep the best adapter, score it on the test split; returns results.json's content.
+    `base` = (model, tokenizer) already loaded for cfg.model: a copy is trained, so a sweep
+    loads its model once rather than once per cell."""
+    from tqdm.auto import tqdm
+
+    from .models import load_model
+    from .tasks import get
+
+    started = time.time()
+    task = get(cfg.task)
+    model, tokenizer = load_model(cfg.model) if base is None else (copy.deepcopy(base[0]), base[1])
+    apply(model, cfg.adapter())
+    data = load_data(task, tokenizer, cfg)
+
+    procs = Processes.start(cfg)
+    folder = prepare_folder(cfg, resume) if procs.main else Path(cfg.out)
+    procs.accelerator.wait_for_everyone()
+    if resume and (folder / RESULTS).is_file():
+        return read_json(folder / RESULTS)
+    if data.cut and procs.main:
+        print(f"tiedlora train: {data.cut} of {len(data.train)} training examples exceed --max_length {cfg.max_length}; "
+              "their prompts were cut from the start.")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    checkpoints = Checkpoints(folder)
+    state = resume_state(checkpoints, resume, model, optimizer, cfg, procs.main)
+    loss_fn, optimizer = procs.wrap(model, optimizer)
+    checkpoint_every = cfg.checkpoint_every or cfg.val_every
+    log = Log(folder, state["step"], procs.main)
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"{cfg.task} {cfg.config} r{cfg.rank}", unit="step",
+               disable=quiet or not procs.main, dynamic_ncols=True)
+    try:
+        while state["step"] < cfg.max_steps and state["stopped"] is None:
+            t0 = time.time()
+            loss, n_inputs, n_answers = train_step(loss_fn, optimizer, params, data, cfg, procs, state["step"])
+            dt = time.time() - t0
+            state["step"] += 1
+            state["tokens"] += n_answers
+            state["elapsed_s"] += dt
+            step, lr = state["step"], lr_at(state["step"] - 1, cfg)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_inputs / dt:.0f}")
+            row = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(n_inputs / dt, 1),
+                   "val_loss": "", "val_metric": "", "elapsed_s": round(state["elapsed_s"], 2)}
+            if step % cfg.val_every == 0 or step == cfg.max_steps:
+                row.update(validate(loss_fn, model, tokenizer, task, data, cfg, procs, state, folder, quiet))
+            log.write(**row)
+            if procs.main and (step % checkpoint_every == 0 or step == cfg.max_steps or state["stopped"]):
+                checkpoints.write(model, optimizer, state)
+            procs.accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+        log.close()
+
+    if not (procs.main or procs.fsdp):  # sharded layers need every process in every forward
+        return {}
+    results = test_and_record(model, tokenizer, task, data, cfg, procs, state, folder, started, quiet)
+    return results if procs.main else {}

@@ -8,7 +8,8 @@ import re
 
 from . import metrics
 from .base import SPLITS, DataError, Rows, Task
-from .prompts import CHOICE_CONTEXT, TEMPLATES, encode, prompt_ids
+from ..decoding import prompt_ids
+from .prompts import CHOICE_CONTEXT, TEMPLATES, encode
 
 __all__ = ["SPLITS", "TASKS", "TEMPLATES", "DataError", "Rows", "Task", "encode", "get", "prompt_ids"]
 

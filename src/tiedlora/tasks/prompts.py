@@ -8,7 +8,7 @@ turn. Either way the answer ends with EOS, where greedy decoding stops, as in th
 
 from __future__ import annotations
 
-from ..config import TiedLoraError
+from ..decoding import prompt_ids
 
 TEMPLATES = {
     "squad": "Answer the question with a short span copied from the context.\n\nContext: {context}\n\nQuestion: {question}\nAnswer:",
@@ -21,17 +21,6 @@ TEMPLATES = {
 # HellaSwag's log-likelihood scorer reads each ending, after a space, as a continuation of this
 # text, as lm-evaluation-harness does; no instruction, no list of endings.
 CHOICE_CONTEXT = "{activity_label}: {ctx}"
-
-
-def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> list[int]:
-    """The tokens before the answer. Training and generation both call this, so the model is
-    asked exactly as it was taught."""
-    if not chat:
-        return tokenizer(prompt)["input_ids"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise TiedLoraError(f"chat=True, but the tokenizer {type(tokenizer).__name__} has no chat template; use chat=False.")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def encode(tokenizer, prompt: str, target: str, chat: bool = False) -> dict[str, list[int]]:

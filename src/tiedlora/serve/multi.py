@@ -13,25 +13,37 @@ model alone.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import TiedLoraConfig, TiedLoraError
-from .io import read_tensors, read_config
-from .layer import initial_value, row_slices, tensor_key
-from .model import _find_group, _group_shape, _set_submodule, find_layers
+from ..config import TiedLoraConfig, TiedLoraError
+from ..io import AdapterFile, base_identity, check_base, read_adapter
+from ..layer import SharedInput, initial_value, tensor_key
+from ..layout import Group, find_groups, find_layers, replace_submodule
+
+# One adapter's share of a bank: (As, Bs, a_index, b_index, u, v); see Bank.rebuild.
+Entry = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Bank(nn.Module):
     """One group's adapters, stacked: A (n_A, r, d_in), B (n_B, d_out, r), u (ids, L, r),
-    v (ids, L, d_out), and a_index, b_index (ids, L) into A and B. Rebuilt after changes."""
+    v (ids, L, d_out), and a_index, b_index (ids, L) into A and B. Rebuilt after changes. They
+    are buffers, so `.to()` moves them with the model, but not persistent ones: adapters are
+    saved in their own folders, never in a state dict."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    a_index: torch.Tensor
+    b_index: torch.Tensor
 
     def __init__(self, n_layers: int, d_in: int, d_out: int):
         super().__init__()
         self.n_layers, self.d_in, self.d_out = n_layers, d_in, d_out
-        self.rows_a = self.rows_b = None  # the call in progress's per-row matrices, all layers
+        self.rows_a: torch.Tensor | None = None  # the call in progress's per-row matrices, all layers
+        self.rows_b: torch.Tensor | None = None
 
     def select(self, ids: torch.Tensor | None) -> None:
         """Gather each row's (u * A) and (v * B) for every layer once per call, so a generate
@@ -39,11 +51,11 @@ class Bank(nn.Module):
         if ids is None:
             self.rows_a = self.rows_b = None
             return
-        self.rows_a = self.A[self.a_index[ids]] * self.u[ids].unsqueeze(-1)   # rows x L x r x d_in
-        self.rows_b = self.B[self.b_index[ids]] * self.v[ids].unsqueeze(-1)   # rows x L x d_out x r
+        self.rows_a = self.A[self.a_index[ids]] * self.u[ids].unsqueeze(-1)  # rows x L x r x d_in
+        self.rows_b = self.B[self.b_index[ids]] * self.v[ids].unsqueeze(-1)  # rows x L x d_out x r
 
-    def rebuild(self, entries: list, device, dtype) -> None:
-        """`entries[i]` is adapter i's (As, Bs, a_index, b_index, u, v), or None for an empty slot."""
+    def rebuild(self, entries: list[Entry | None], device, dtype) -> None:
+        """`entries[i]` is adapter i's share, or None for an empty slot."""
         rank = max([1] + [e[0][0].shape[0] for e in entries if e is not None])
 
         def padded(t, dim):
@@ -70,27 +82,27 @@ class Bank(nn.Module):
             us.append(padded(u, 1))
             vs.append(v)
         place = dict(device=device, dtype=dtype)
-        self.A, self.B = torch.stack(As).to(**place), torch.stack(Bs).to(**place)
-        self.u, self.v = torch.stack(us).to(**place), torch.stack(vs).to(**place)
-        self.a_index, self.b_index = torch.stack(a_index).to(device), torch.stack(b_index).to(device)
+        stacked = {"A": torch.stack(As).to(**place), "B": torch.stack(Bs).to(**place), "u": torch.stack(us).to(**place),
+                   "v": torch.stack(vs).to(**place), "a_index": torch.stack(a_index).to(device),
+                   "b_index": torch.stack(b_index).to(device)}
+        for name, t in stacked.items():
+            self.register_buffer(name, t, persistent=False)
 
 
 class LayerDown:
     """h = (u * A) x of one layer's group for each row, computed once for all members (q, k and
-    v read the same x one after another) and dropped once each has used it."""
+    v read the same x), scoped to the owner's call like the adapter's own (layer.SharedInput)."""
 
-    def __init__(self, bank: Bank, layer: int, n_members: int):
-        self.bank, self.layer, self.n_members = bank, layer, n_members
-        self._cache = None  # (x, h, uses)
+    def __init__(self, bank: Bank, layer: int):
+        self.bank, self.layer = bank, layer
+        self.shared = SharedInput()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        cache = self._cache
-        if cache is not None and cache[0] is x:
-            h, uses = cache[1], cache[2] + 1
-        else:
-            h, uses = torch.bmm(x, self.bank.rows_a[:, self.layer].transpose(1, 2).to(x.dtype)), 1
-        self._cache = None if uses >= self.n_members else (x, h, uses)
-        return h
+        return self.shared.get(x, self._down)
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.bank.rows_a is not None
+        return torch.bmm(x, self.bank.rows_a[:, self.layer].transpose(1, 2).to(x.dtype))
 
 
 class BankedLinear(nn.Module):
@@ -123,18 +135,17 @@ class MultiAdapterModel(nn.Module):
         self.names: list[str | None] = []
         self.layers = find_layers(model)
         indices = list(range(len(self.layers)))
+        self.groups: dict[str, Group] = {g.name: g for g in find_groups(self.layers, indices, targets)}
+        self.identity = base_identity(model, self.groups.values())
         self.banks = nn.ModuleDict()
-        self.shapes = {}
-        for group in targets:
-            members = _find_group(self.layers[0], group)
-            d_in, d_outs = _group_shape(self.layers, indices, group, members)
-            self.banks[group] = bank = Bank(len(self.layers), d_in, sum(d_outs))
-            self.shapes[group] = {"members": list(members), "d_in": d_in, "d_out": list(d_outs)}
+        for g in self.groups.values():
+            self.banks[g.name] = bank = Bank(len(self.layers), g.d_in, sum(g.d_outs))
             for i in indices:
-                down = LayerDown(bank, i, len(members))
-                for name, rows in zip(members, row_slices(d_outs)):
-                    _set_submodule(self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), down, rows))
-        self.entries: dict[str, list] = {group: [] for group in targets}
+                down = LayerDown(bank, i)
+                down.shared.attach(self.layers[i].get_submodule(g.owner))
+                for name, rows in zip(g.members, g.rows()):
+                    replace_submodule(self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), down, rows))
+        self.entries: dict[str, list[Entry | None]] = {g: [] for g in self.groups}
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -154,16 +165,9 @@ class MultiAdapterModel(nn.Module):
         """Load the adapter saved in `folder` (by tiedlora.save) as `name`; returns its id."""
         if not name or name in self.names:
             raise TiedLoraError(f"Adapter name {name!r} is empty or already loaded: choose another.")
-        folder = Path(folder)
-        meta = read_config(folder)
-        config = TiedLoraConfig.from_dict(meta["config"])
-        tensors = read_tensors(folder, meta)
-        groups = config.targets if not isinstance(config.targets, dict) else tuple(config.targets)
-        found = {"layers": len(self.layers), "groups": {g: self.shapes.get(g) for g in groups}}
-        saved = {"layers": meta["base_model"].get("layers"), "groups": {g: meta["base_model"].get("groups", {}).get(g) for g in groups}}
-        if found != saved:
-            raise TiedLoraError(f"{folder} was made for another base model or targets: expected {saved}, found {found}.")
-        entries = {g: self._entry(g, config, tensors, folder) for g in groups}
+        adapter = read_adapter(folder)
+        check_base(adapter, self.identity)
+        entries = {g: self._entry(g, adapter) for g in adapter.config.groups}
         slot = self.names.index(None) if None in self.names else len(self.names)
         if slot == len(self.names):
             self.names.append(None)
@@ -182,19 +186,21 @@ class MultiAdapterModel(nn.Module):
             self.entries[g][slot] = None
         self._stale = True
 
-    def _entry(self, group: str, config: TiedLoraConfig, tensors: dict, folder: Path):
-        """(As, Bs, a_index, b_index, u, v) of one adapter: stored tensors where the file has
-        them, frozen ones regenerated from the seed exactly as `apply` made them."""
-        shape = self.shapes[group]
-        d_in, d_out, r, L = shape["d_in"], sum(shape["d_out"]), config.rank, len(self.layers)
-        sizes = {"A": (r, d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}
+    def _entry(self, group: str, adapter: AdapterFile) -> Entry:
+        """One adapter's share of a group's bank: stored tensors where the file has them, frozen
+        ones regenerated from the seed exactly as `apply` made them."""
+        config: TiedLoraConfig = adapter.config
+        g = self.groups[group]
+        d_out, r, L = sum(g.d_outs), config.rank, len(self.layers)
+        sizes = {"A": (r, g.d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}
         adapted = list(config.layers) if config.layers is not None else list(range(L))
 
         def value(part: str, layer: int) -> torch.Tensor:
             key = tensor_key(group, part, None if config.parts[part].tied else layer)
-            t = tensors[key].float() if key in tensors else initial_value(config.parts[part], sizes[part], config.seed, key)
+            stored = adapter.tensors.get(key)
+            t = stored.float() if stored is not None else initial_value(config.parts[part], sizes[part], config.seed, key)
             if tuple(t.shape) != sizes[part]:
-                raise TiedLoraError(f"{folder}: tensor {key} is {tuple(t.shape)}, expected {sizes[part]}.")
+                raise TiedLoraError(f"{adapter.folder}: tensor {key} is {tuple(t.shape)}, expected {sizes[part]}.")
             return t
 
         mats, index = {}, {}
@@ -213,6 +219,7 @@ class MultiAdapterModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, *args, adapter_ids=None, **kwargs):
+        """transformers' generate, each row with its adapter."""
         with self._rows(adapter_ids, args, kwargs):
             return self.model.generate(*args, **kwargs)
 
@@ -220,7 +227,8 @@ class MultiAdapterModel(nn.Module):
     def _rows(self, adapter_ids, args, kwargs):
         """Every BankedLinear reads its rows' matrices, gathered for the call in progress; ids checked first."""
         batch = (args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))).shape[0]
-        ids = None if adapter_ids is None else torch.as_tensor(adapter_ids, dtype=torch.long, device=next(self.model.parameters()).device)
+        device = next(self.model.parameters()).device
+        ids = None if adapter_ids is None else torch.as_tensor(adapter_ids, dtype=torch.long, device=device)
         if ids is not None and (ids.shape != (batch,) or ids.min() < 0 or ids.max() > len(self.names)
                                 or any(self.names[i - 1] is None for i in ids.tolist() if i)):
             raise TiedLoraError(f"adapter_ids {adapter_ids!r}: need one id per row ({batch}), each 0 (none) or a loaded adapter's id.")

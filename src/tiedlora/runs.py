@@ -1,0 +1,92 @@
+"""Run folders: what `tiedlora train` writes, and how other commands find adapters in it.
+
+A run folder holds `run.json` (the options and versions), `best/` (the adapter kept on
+validation), `checkpoint/` (the latest training state), `log.csv`, `tensorboard/`,
+`predictions.jsonl` and, once finished, `results.json`. Anywhere an adapter is expected, a run
+folder stands for its `best/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import TiedLoraError
+from .io import CONFIG, write_atomic
+
+RUN = "run.json"
+RESULTS = "results.json"
+BEST = "best"
+CHECKPOINTS = "checkpoint"
+LOG = "log.csv"
+PREDICTIONS = "predictions.jsonl"
+
+
+def is_run(folder: Path) -> bool:
+    return (Path(folder) / RUN).is_file()
+
+
+def best_adapter(folder: Path) -> Path:
+    """A run folder stands for the adapter it kept (best/); any other folder for itself."""
+    folder = Path(folder)
+    return folder / BEST if is_run(folder) else folder
+
+
+def run_options(folder: Path) -> dict | None:
+    """The options a run folder was trained with, or None for a plain adapter folder."""
+    return read_json(Path(folder) / RUN)["config"] if is_run(folder) else None
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, data) -> None:
+    write_atomic(Path(path), (json.dumps(data, indent=2) + "\n").encode())
+
+
+def adapter_folder(root: Path, relative: str) -> Path:
+    """The adapter folder at `relative` under `root` (a run folder gives its best/), resolved,
+    links included, and refused unless it stays inside root."""
+    base = Path(root).resolve()
+    if not relative or Path(relative).is_absolute():
+        raise TiedLoraError(f"Adapter path {relative!r} must be relative to the adapters root {root}.")
+    folder = (base / relative).resolve()
+    if folder.is_relative_to(base):
+        folder = best_adapter(folder).resolve()
+    if not folder.is_relative_to(base):
+        raise TiedLoraError(f"Adapter path {relative!r} leads outside the adapters root {root}; pass a folder inside it.")
+    if not (folder / CONFIG).is_file():
+        raise TiedLoraError(
+            f"Adapter path {relative!r}: {folder} is neither a run folder ({RUN} and {BEST}/) "
+            f"nor an adapter folder ({CONFIG})."
+        )
+    return folder
+
+
+def discover(root: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every run folder and adapter folder under root, named by its path relative to root (root
+    itself by its own name), and the folders refused with the reason. The search does not
+    descend into them: a run's checkpoint/ is not an adapter to serve."""
+    root = Path(root)
+    found, refused = {}, {}
+    for here, dirs, files in os.walk(root):
+        dirs.sort()
+        if RUN in files or CONFIG in files:
+            relative = Path(here).relative_to(root).as_posix()
+            name = root.resolve().name if relative == "." else relative
+            try:
+                found[name] = adapter_folder(root, relative)
+            except TiedLoraError as e:
+                refused[name] = str(e)
+            dirs.clear()
+    return found, refused
+
+
+def load_results(folder) -> list[dict]:
+    """Every results.json under a sweep folder."""
+    found = [read_json(p) for p in sorted(Path(folder).rglob(RESULTS))]
+    if not found:
+        raise TiedLoraError(f"{folder} holds no {RESULTS}: run `tiedlora sweep --out {folder}` first.")
+    return found
