@@ -33,7 +33,7 @@ def main() -> None:
     model, tokenizer = load_model("smollm2-135m")
     apply(model, TiedLoraConfig.preset(args.config, rank=8))
     task = get("squad")
-    examples, _ = encode_rows(task, task.load("train", "bundled")[:args.rows], tokenizer, TrainConfig(task="squad"))
+    examples, _ = encode_rows(task, task.load("train", "bundled")[: args.rows], tokenizer, TrainConfig(task="squad"))
     batch = collate(examples, tokenizer.pad_token_id or tokenizer.eos_token_id, "cpu")
     loss_fn = TokenLoss(model).train()
 
@@ -50,10 +50,16 @@ def main() -> None:
             times[name].append(timed(lambda bf16=(name == "bf16"): step(bf16), "cpu"))
     tokens = int(batch["attention_mask"].sum())
     flags = open("/proc/cpuinfo").read()
-    print(f"SmolLM2-135M, {args.config} r 8, {args.rows} SQuAD rows ({tokens} tokens), {torch.get_num_threads()} threads, "
-          f"avx512_bf16 {'avx512_bf16' in flags}, amx {'amx_bf16' in flags}")
+    print(
+        f"SmolLM2-135M, {args.config} r 8, {args.rows} SQuAD rows ({tokens} tokens), "
+        f"{torch.get_num_threads()} threads, "
+        f"avx512_bf16 {'avx512_bf16' in flags}, amx {'amx_bf16' in flags}"
+    )
     for name, ts in times.items():
-        print(f"{name}: median {statistics.median(ts):.2f} s a step ({tokens / statistics.median(ts):.0f} tokens/s), rounds {[round(t, 2) for t in ts]}")
+        print(
+            f"{name}: median {statistics.median(ts):.2f} s a step ({tokens / statistics.median(ts):.0f} "
+            f"tokens/s), rounds {[round(t, 2) for t in ts]}"
+        )
     ratios = [a / b for a, b in zip(times["fp32"], times["bf16"])]
     print(f"fp32 / bf16: median {statistics.median(ratios):.2f} (rounds {[round(r, 2) for r in ratios]})")
 

@@ -22,17 +22,41 @@ import tempfile
 from pathlib import Path
 
 import torch
+from timing import timed  # benchmarks/timing.py, beside this script
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import tiedlora
 from tiedlora.serve.multi import MultiAdapterModel
-from timing import timed  # benchmarks/timing.py, beside this script
 
 SHAPES = {
-    "cpu": dict(config=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                            intermediate_size=688, vocab_size=1000), batch=16, tokens=64, new=16, dtype=torch.float32),
-    "cuda": dict(config=dict(hidden_size=4096, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=32,
-                             intermediate_size=11008, vocab_size=32000), batch=64, tokens=256, new=32, dtype=torch.bfloat16),
+    "cpu": dict(
+        config=dict(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            intermediate_size=688,
+            vocab_size=1000,
+        ),
+        batch=16,
+        tokens=64,
+        new=16,
+        dtype=torch.float32,
+    ),
+    "cuda": dict(
+        config=dict(
+            hidden_size=4096,
+            num_hidden_layers=8,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=11008,
+            vocab_size=32000,
+        ),
+        batch=64,
+        tokens=256,
+        new=32,
+        dtype=torch.bfloat16,
+    ),
 }
 RANK = 8
 TARGETS = ["q_proj", "k_proj", "v_proj"]
@@ -80,7 +104,7 @@ def measure(device: str, rounds: int, gen_rounds: int) -> dict:
         base = AutoModelForCausalLM.from_config(config, dtype=shape["dtype"]).eval()
     batch, tokens, new = shape["batch"], shape["tokens"], shape["new"]
     ids = torch.randint(3, config.vocab_size, (batch, tokens), device=device)
-    prompt = ids[:, :tokens // 2]
+    prompt = ids[:, : tokens // 2]
 
     paths = save_adapters(copy.deepcopy(base), 256, Path(tempfile.mkdtemp()), shape["dtype"])
     ours = MultiAdapterModel(copy.deepcopy(base), dtype=shape["dtype"])
@@ -89,14 +113,19 @@ def measure(device: str, rounds: int, gen_rounds: int) -> dict:
     for name, path in zip(names, paths):
         ours.add(name, path)
     ours(ids[:1, :2], adapter_ids=[1])  # stack the banks
-    bank_bytes = sum(t.numel() * t.element_size() for b in ours.banks.values() for t in (b.A, b.B, b.u, b.v, b.a_index, b.b_index))
+    bank_bytes = sum(
+        t.numel() * t.element_size() for b in ours.banks.values() for t in (b.A, b.B, b.u, b.v, b.a_index, b.b_index)
+    )
     ours_per_adapter = ((torch.cuda.memory_allocated() - before) if device == "cuda" else bank_bytes) / 256
 
     before = torch.cuda.memory_allocated() if device == "cuda" else 0
     peft = peft_lora(copy.deepcopy(base), 256)
     lora_bytes = sum(p.numel() * p.element_size() for n, p in peft.named_parameters() if "lora_" in n)
-    peft_per_adapter = ((torch.cuda.memory_allocated() - before - sum(p.numel() * p.element_size() for p in base.parameters()))
-                        if device == "cuda" else lora_bytes) / 256
+    peft_per_adapter = (
+        (torch.cuda.memory_allocated() - before - sum(p.numel() * p.element_size() for p in base.parameters()))
+        if device == "cuda"
+        else lora_bytes
+    ) / 256
     peft.set_adapter("a0")
 
     def ours_ids(n):
@@ -108,13 +137,20 @@ def measure(device: str, rounds: int, gen_rounds: int) -> dict:
     variants = {"base": (lambda x, **k: base(x, **k), lambda x, **k: base.generate(x, **k))}
     for n in (1, 16, 256):
         a, p = ours_ids(n), peft_names(n)
-        variants[f"ours, {n} adapter{'s' if n > 1 else ''}"] = (lambda x, a=a, **k: ours(x, adapter_ids=a, **k),
-                                                                 lambda x, a=a, **k: ours.generate(x, adapter_ids=a, **k))
+        variants[f"ours, {n} adapter{'s' if n > 1 else ''}"] = (
+            lambda x, a=a, **k: ours(x, adapter_ids=a, **k),
+            lambda x, a=a, **k: ours.generate(x, adapter_ids=a, **k),
+        )
         if n == 1:  # PEFT's one active adapter, no per-row dispatch
-            variants["peft lora, 1 adapter"] = (lambda x, **k: peft(input_ids=x, **k), lambda x, **k: peft.generate(input_ids=x, **k))
+            variants["peft lora, 1 adapter"] = (
+                lambda x, **k: peft(input_ids=x, **k),
+                lambda x, **k: peft.generate(input_ids=x, **k),
+            )
         else:
-            variants[f"peft lora, {n} adapters"] = (lambda x, p=p, **k: peft(input_ids=x, adapter_names=p, **k),
-                                                     lambda x, p=p, **k: peft.generate(input_ids=x, adapter_names=p, **k))
+            variants[f"peft lora, {n} adapters"] = (
+                lambda x, p=p, **k: peft(input_ids=x, adapter_names=p, **k),
+                lambda x, p=p, **k: peft.generate(input_ids=x, adapter_names=p, **k),
+            )
 
     def prefill(fwd):
         return lambda: fwd(ids, logits_to_keep=1)
@@ -133,25 +169,44 @@ def measure(device: str, rounds: int, gen_rounds: int) -> dict:
                 random.Random(r).shuffle(order)
                 for name in order:
                     times[name].append(timed(make(variants[name][which]), device))
-            results[label] = {name: {"s": statistics.median(t), "x_base": statistics.median(a / b for a, b in zip(t, times["base"]))}
-                              for name, t in times.items()}
-    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "shape": shape["config"], "dtype": str(shape["dtype"]),
-            "batch": batch, "prefill_tokens": tokens, "prompt_tokens": tokens // 2, "new_tokens": new, "rank": RANK, "targets": TARGETS,
-            "rounds": {"prefill": rounds, "generate": gen_rounds}, "results": results,
-            "bytes_per_adapter": {"ours (the 8 configurations in turn)": ours_per_adapter, "peft lora": peft_per_adapter},
-            "versions": {"torch": torch.__version__, "tiedlora": tiedlora.__version__}}
+            results[label] = {
+                name: {"s": statistics.median(t), "x_base": statistics.median(a / b for a, b in zip(t, times["base"]))}
+                for name, t in times.items()
+            }
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "shape": shape["config"],
+        "dtype": str(shape["dtype"]),
+        "batch": batch,
+        "prefill_tokens": tokens,
+        "prompt_tokens": tokens // 2,
+        "new_tokens": new,
+        "rank": RANK,
+        "targets": TARGETS,
+        "rounds": {"prefill": rounds, "generate": gen_rounds},
+        "results": results,
+        "bytes_per_adapter": {"ours (the 8 configurations in turn)": ours_per_adapter, "peft lora": peft_per_adapter},
+        "versions": {"torch": torch.__version__, "tiedlora": tiedlora.__version__},
+    }
 
 
 def table(out: dict) -> str:
     pre, gen = out["results"]["prefill"], out["results"]["generate"]
     tokens = out["batch"] * out["new_tokens"]
-    lines = [f"{out['device']}, {out['dtype']}, batch {out['batch']}: prefill {out['prefill_tokens']} tokens; "
-             f"generation {out['new_tokens']} new tokens after {out['prompt_tokens']}",
-             f"{'variant':<24} {'prefill ms':>10} {'x base':>7} {'gen tok/s':>10} {'x base':>7}"]
+    lines = [
+        f"{out['device']}, {out['dtype']}, batch {out['batch']}: prefill {out['prefill_tokens']} tokens; "
+        f"generation {out['new_tokens']} new tokens after {out['prompt_tokens']}",
+        f"{'variant':<24} {'prefill ms':>10} {'x base':>7} {'gen tok/s':>10} {'x base':>7}",
+    ]
     for name in pre:
-        lines.append(f"{name:<24} {pre[name]['s'] * 1e3:>10.1f} {pre[name]['x_base']:>7.3f} {tokens / gen[name]['s']:>10.0f} "
-                     f"{1 / gen[name]['x_base']:>7.3f}")
-    lines.append("memory per loaded adapter: " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in out["bytes_per_adapter"].items()))
+        lines.append(
+            f"{name:<24} {pre[name]['s'] * 1e3:>10.1f} {pre[name]['x_base']:>7.3f} {tokens / gen[name]['s']:>10.0f} "
+            f"{1 / gen[name]['x_base']:>7.3f}"
+        )
+    lines.append(
+        "memory per loaded adapter: "
+        + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in out["bytes_per_adapter"].items())
+    )
     return "\n".join(lines)
 
 

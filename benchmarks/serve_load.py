@@ -15,8 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-PROMPTS = ["Question: What is the capital of France?\nAnswer:", "Translate to English: Guten Morgen.\n",
-           "Summarize: A man buys bread and goes home.\n", "Natalia sold 48 clips. How many are left?\n"]
+PROMPTS = [
+    "Question: What is the capital of France?\nAnswer:",
+    "Translate to English: Guten Morgen.\n",
+    "Summarize: A man buys bread and goes home.\n",
+    "Natalia sold 48 clips. How many are left?\n",
+]
 
 
 def main() -> None:
@@ -32,8 +36,14 @@ def main() -> None:
 
         def one(i: int):
             t = time.perf_counter()
-            r = client.post("/v1/completions", json={"model": models[i % len(models)], "prompt": PROMPTS[i % len(PROMPTS)],
-                                                     "max_tokens": args.max_tokens})
+            r = client.post(
+                "/v1/completions",
+                json={
+                    "model": models[i % len(models)],
+                    "prompt": PROMPTS[i % len(PROMPTS)],
+                    "max_tokens": args.max_tokens,
+                },
+            )
             return r.status_code, time.perf_counter() - t
 
         start = time.perf_counter()
@@ -41,9 +51,17 @@ def main() -> None:
             done = list(pool.map(one, range(args.requests)))
         wall = time.perf_counter() - start
     latencies = sorted(t for _, t in done)
-    figures = {"requests": args.requests, "concurrency": args.concurrency, "models": len(models), "max_tokens": args.max_tokens,
-               "errors": sum(status != 200 for status, _ in done), "p50_s": statistics.median(latencies),
-               "p95_s": latencies[int(0.95 * (len(latencies) - 1))], "requests_per_s": args.requests / wall, "wall_s": wall}
+    figures = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "models": len(models),
+        "max_tokens": args.max_tokens,
+        "errors": sum(status != 200 for status, _ in done),
+        "p50_s": statistics.median(latencies),
+        "p95_s": latencies[int(0.95 * (len(latencies) - 1))],
+        "requests_per_s": args.requests / wall,
+        "wall_s": wall,
+    }
     print(json.dumps(figures, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -21,16 +21,38 @@ import random
 import statistics
 
 import torch
+from timing import timed  # benchmarks/timing.py, beside this script
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import tiedlora
-from timing import timed  # benchmarks/timing.py, beside this script
 
 SHAPES = {
-    "cpu": dict(config=dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                            intermediate_size=1376, vocab_size=1000), batch=4, tokens=256, dtype=torch.float32),
-    "cuda": dict(config=dict(hidden_size=4096, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=32,
-                             intermediate_size=11008, vocab_size=32000), batch=8, tokens=1024, dtype=torch.bfloat16),
+    "cpu": dict(
+        config=dict(
+            hidden_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            intermediate_size=1376,
+            vocab_size=1000,
+        ),
+        batch=4,
+        tokens=256,
+        dtype=torch.float32,
+    ),
+    "cuda": dict(
+        config=dict(
+            hidden_size=4096,
+            num_hidden_layers=8,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=11008,
+            vocab_size=32000,
+        ),
+        batch=8,
+        tokens=1024,
+        dtype=torch.bfloat16,
+    ),
 }
 
 
@@ -77,7 +99,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=40, help="Timed steps per variant, in rounds of shuffled order.")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (ours and PEFT's alike).")
     parser.add_argument("--out", default="benchmarks/train_step.json")
-    parser.add_argument("--profile", nargs="*", default=[], help="Also print the profiler's top operations of these variants.")
+    parser.add_argument(
+        "--profile", nargs="*", default=[], help="Also print the profiler's top operations of these variants."
+    )
     args = parser.parse_args()
 
     shape = SHAPES[args.device]
@@ -88,8 +112,14 @@ def main():
     models = variants(base, args.rank)
     if args.compile:
         models = {name: torch.compile(m) for name, m in models.items()}
-    embeds = torch.randn(shape["batch"], shape["tokens"], shape["config"]["hidden_size"], device=args.device,
-                         dtype=shape["dtype"], requires_grad=True)
+    embeds = torch.randn(
+        shape["batch"],
+        shape["tokens"],
+        shape["config"]["hidden_size"],
+        device=args.device,
+        dtype=shape["dtype"],
+        requires_grad=True,
+    )
 
     memory = {}
     for name, model in models.items():
@@ -123,19 +153,38 @@ def main():
     median = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for name in models:
-        trainable = 0 if name == "frozen floor" else sum(p.numel() for p in models[name].parameters() if p.requires_grad)
-        rows.append({"variant": name, "ms": 1000 * median[name], "vs_floor": ratio(name, "frozen floor"), "vs_peft_lora": ratio(name, "peft lora"),
-                     "memory_bytes": memory[name], "memory_vs_peft_lora": memory[name] / memory["peft lora"], "trainable": trainable})
+        trainable = (
+            0 if name == "frozen floor" else sum(p.numel() for p in models[name].parameters() if p.requires_grad)
+        )
+        rows.append(
+            {
+                "variant": name,
+                "ms": 1000 * median[name],
+                "vs_floor": ratio(name, "frozen floor"),
+                "vs_peft_lora": ratio(name, "peft lora"),
+                "memory_bytes": memory[name],
+                "memory_vs_peft_lora": memory[name] / memory["peft lora"],
+                "trainable": trainable,
+            }
+        )
     what = "peak GiB" if args.device == "cuda" else "saved MiB"
     unit = 1024**3 if args.device == "cuda" else 1024**2
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"{device_name}: {shape['config']['num_hidden_layers']} layers, d = {shape['config']['hidden_size']}, batch {shape['batch']} x "
-          f"{shape['tokens']} tokens, {str(shape['dtype']).removeprefix('torch.')}, rank {args.rank}, q/k/v; median of {args.rounds} steps"
-          + (", torch.compile" if args.compile else ""))
-    print(f"{'variant':<13} {'ms':>9} {'x floor':>8} {'x PEFT LoRA':>12} {what:>10} {'mem x LoRA':>11} {'trainable':>11}")
+    print(
+        f"{device_name}: {shape['config']['num_hidden_layers']} layers, d = "
+        f"{shape['config']['hidden_size']}, batch {shape['batch']} x "
+        f"{shape['tokens']} tokens, {str(shape['dtype']).removeprefix('torch.')}, rank {args.rank}, q/k/v; "
+        f"median of {args.rounds} steps" + (", torch.compile" if args.compile else "")
+    )
+    print(
+        f"{'variant':<13} {'ms':>9} {'x floor':>8} {'x PEFT LoRA':>12} {what:>10} {'mem x LoRA':>11} {'trainable':>11}"
+    )
     for r in rows:
-        print(f"{r['variant']:<13} {r['ms']:9.1f} {r['vs_floor']:8.3f} {r['vs_peft_lora']:12.3f} {r['memory_bytes'] / unit:10.2f} "
-              f"{r['memory_vs_peft_lora']:11.3f} {r['trainable']:11,}")
+        print(
+            f"{r['variant']:<13} {r['ms']:9.1f} {r['vs_floor']:8.3f} {r['vs_peft_lora']:12.3f} "
+            f"{r['memory_bytes'] / unit:10.2f} "
+            f"{r['memory_vs_peft_lora']:11.3f} {r['trainable']:11,}"
+        )
     for name in args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -149,8 +198,18 @@ def main():
         print(f"\nprofile of 3 steps, {name}:")
         print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
     with open(args.out, "w") as f:
-        json.dump({"device": device_name, "shape": {**shape, "dtype": str(shape["dtype"])}, "rank": args.rank,
-                   "rounds": args.rounds, "compile": args.compile, "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "device": device_name,
+                "shape": {**shape, "dtype": str(shape["dtype"])},
+                "rank": args.rank,
+                "rounds": args.rounds,
+                "compile": args.compile,
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

@@ -7,17 +7,29 @@ import time
 from pathlib import Path
 
 from tiedlora.cli import params
-from tiedlora.models import parameter_table
 from tiedlora.evaluate import evaluate
-from tiedlora.models import SMOLLM2, load_model
+from tiedlora.models import SMOLLM2, load_model, parameter_table
 from tiedlora.tasks import get
 from tiedlora.train import TrainConfig, train
 
-# The demo's budget, not the paper's recipe: 40 steps of 8 rows (two passes over the bundled rows), and a learning rate of 1e-2
-# because tied configurations starting at v = 0 barely move at LoRA's 1e-4 in so few steps.
+# The demo's budget, not the paper's recipe: 40 steps of 8 rows (two passes over the bundled rows),
+# and a learning rate of 1e-2 because tied configurations starting at v = 0 barely move at LoRA's 1e-4 in so few steps.
 # SQuAD answers are a few words, so 32 new tokens bound the base model's rambling.
-DEMO = dict(task="squad", config="tl6", rank=8, lr=1e-2, max_steps=40, warmup_steps=3, batch_size=8, micro_batch_size=4,
-            val_every=10, val_rows=None, patience=10, max_new_tokens=32, eval_batch_size=16)
+DEMO = dict(
+    task="squad",
+    config="tl6",
+    rank=8,
+    lr=1e-2,
+    max_steps=40,
+    warmup_steps=3,
+    batch_size=8,
+    micro_batch_size=4,
+    val_every=10,
+    val_rows=None,
+    patience=10,
+    max_new_tokens=32,
+    eval_batch_size=16,
+)
 
 
 def main():
@@ -28,8 +40,10 @@ def main():
 
     task = get(DEMO["task"])
     test = task.load("test")
-    print(f"Task squad, bundled sample: {test.info['rule']}; {len(task.load('train'))} train / "
-          f"{len(task.load('validation'))} validation / {len(test)} test rows")
+    print(
+        f"Task squad, bundled sample: {test.info['rule']}; {len(task.load('train'))} train / "
+        f"{len(task.load('validation'))} validation / {len(test)} test rows"
+    )
     base, tokenizer = load_model(SMOLLM2)
     before = evaluate(base, tokenizer, task, test, DEMO["max_new_tokens"], DEMO["eval_batch_size"])
     del base
@@ -43,10 +57,16 @@ def main():
     print(f"SmolLM2-135M-Instruct + tl6 (r = 8) on SQuAD, {len(test)} held-out test rows, greedy decoding:")
     for metric in ("exact_match", "f1"):
         print(f"  {metric:<12} {before[metric]:6.1f} -> {results['metrics'][metric]:6.1f}")
-    print(f"  trainable parameters: {results['params']:,} ({100 * results['params'] / lora_params:.1f}% of LoRA's {lora_params:,} at r = 8)")
+    print(
+        f"  trainable parameters: {results['params']:,} ({100 * results['params'] / lora_params:.1f}% of "
+        f"LoRA's {lora_params:,} at r = 8)"
+    )
     print(f"  adapter file: {size:,} bytes (fp32) in {out / 'best'}")
-    print(f"  {results['steps']} steps ({results['train_time_s']:.0f} s of training), best at step {results['best_step']}; "
-          f"total time {time.time() - started:.0f} s")
+    print(
+        f"  {results['steps']} steps ({results['train_time_s']:.0f} s of training), best at step "
+        f"{results['best_step']}; "
+        f"total time {time.time() - started:.0f} s"
+    )
     print(json.dumps({"before": {k: before[k] for k in ("exact_match", "f1")}, "after": results["metrics"]}))
 
 

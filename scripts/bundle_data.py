@@ -11,10 +11,15 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "src/tiedlora/tasks/data"
 SIZES = {
-    "squad/validation": 200, "hellaswag/validation": 200,
-    "iwslt2017_de_en/validation": 200, "iwslt2017_de_en/test": 200,
-    "gsm8k/train": 200, "gsm8k/test": 100,
-    "dialogsum/train": 100, "dialogsum/validation": 50, "dialogsum/test": 50,
+    "squad/validation": 200,
+    "hellaswag/validation": 200,
+    "iwslt2017_de_en/validation": 200,
+    "iwslt2017_de_en/test": 200,
+    "gsm8k/train": 200,
+    "gsm8k/test": 100,
+    "dialogsum/train": 100,
+    "dialogsum/validation": 50,
+    "dialogsum/test": 50,
 }
 
 

@@ -33,11 +33,16 @@ def main() -> None:
     for name, task in tasks.TASKS.items():
         rows = task.load("test", args.source)
         start = time.perf_counter()
-        scores = evaluate(model, tokenizer, task, rows[:args.rows], MAX_NEW_TOKENS[name], args.batch_size, args.chat)
+        scores = evaluate(model, tokenizer, task, rows[: args.rows], MAX_NEW_TOKENS[name], args.batch_size, args.chat)
         if name == "hellaswag":
-            scores.update(choice_loglik(model, tokenizer, task, rows[:args.rows], args.batch_size))
-        results[name] = {"seconds": round(time.perf_counter() - start, 1), "rows": len(rows[:args.rows]),
-                         "max_new_tokens": MAX_NEW_TOKENS[name], "data": rows.info, **scores}
+            scores.update(choice_loglik(model, tokenizer, task, rows[: args.rows], args.batch_size))
+        results[name] = {
+            "seconds": round(time.perf_counter() - start, 1),
+            "rows": len(rows[: args.rows]),
+            "max_new_tokens": MAX_NEW_TOKENS[name],
+            "data": rows.info,
+            **scores,
+        }
         print(name, {k: round(v, 2) for k, v in scores.items() if k != "predictions"}, flush=True)
 
     print(f"\n{SMOLLM2}, {args.rows} test rows per task, greedy, chat={args.chat}")
@@ -46,7 +51,9 @@ def main() -> None:
         shown = ", ".join(f"{k} {r[k]:.2f}" for k in r if isinstance(r[k], float) and k != "seconds")
         print(f"{name:<16} {r['max_new_tokens']:>7} {r['seconds']:>8}  {shown}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": SMOLLM2, "chat": args.chat, "tasks": results}, indent=1, ensure_ascii=False))
+    args.out.write_text(
+        json.dumps({"model": SMOLLM2, "chat": args.chat, "tasks": results}, indent=1, ensure_ascii=False)
+    )
     print(f"wrote {args.out}")
 
 

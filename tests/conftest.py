@@ -13,13 +13,34 @@ logging.set_verbosity_error()
 # Tiny random models of the four layouts: separate q/k/v with grouped-query attention (Llama,
 # Qwen2 with biases), GPT-2's fused Conv1D c_attn, GPT-NeoX's fused query_key_value.
 TINY = {
-    "llama": lambda: LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=96, vocab_size=128),
-    "qwen2": lambda: Qwen2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                                 intermediate_size=64, vocab_size=128),
-    "gpt2": lambda: GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0),
-    "neox": lambda: GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                  vocab_size=128, bos_token_id=0, eos_token_id=0),
+    "llama": lambda: LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        vocab_size=128,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=128,
+    ),
+    "gpt2": lambda: GPT2Config(
+        n_embd=32, n_layer=3, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
+    ),
+    "neox": lambda: GPTNeoXConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
 }
 # (d_in, d_out of the q/k/v group, layers) of each tiny model.
 SHAPES = {"llama": (64, 64 + 2 * 32, 3), "qwen2": (48, 48 + 2 * 12, 2), "gpt2": (32, 96, 3), "neox": (32, 96, 2)}
@@ -65,9 +86,37 @@ def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def record_steps(monkeypatch) -> list[int]:
+    """The global step index of every training step the run takes from now on."""
+    import tiedlora.train
+
+    steps, real = [], tiedlora.train.train_step
+
+    def counted(*args):
+        steps.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(tiedlora.train, "train_step", counted)
+    return steps
+
+
+def latest_step(folder) -> int:
+    pointer = folder / "checkpoint" / "latest"
+    return int(pointer.read_text().split("-")[1]) if pointer.is_file() else 0

@@ -4,15 +4,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY
 
 from tiedlora.cli import main
+
+from conftest import TINY
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "tiedlora", *args], capture_output=True, text=True, env=ENV, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tiedlora", *args], capture_output=True, text=True, env=ENV, timeout=120
+    )
 
 
 def test_params_prints_the_paper_numbers():
@@ -21,7 +24,14 @@ def test_params_prints_the_paper_numbers():
     lines = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[2:]}
     assert lines["lora"] == ["4,194,304", "100.0%"]
     assert lines["tl5"] == ["131,072", "3.1%"]
-    assert [lines[n][1] for n in ("vera", "tl1", "tl2", "tl3", "tl4", "tl6")] == ["9.4%", "0.8%", "10.2%", "2.3%", "2.3%", "12.5%"]
+    assert [lines[n][1] for n in ("vera", "tl1", "tl2", "tl3", "tl4", "tl6")] == [
+        "9.4%",
+        "0.8%",
+        "10.2%",
+        "2.3%",
+        "2.3%",
+        "12.5%",
+    ]
 
 
 def test_params_json(capsys):
@@ -41,10 +51,16 @@ def test_params_from_a_local_config(tmp_path, capsys):
         assert by["lora"] == 3 * (32 * 2 + 96 * 2) and by["tl5"] == 32 * 2 + 96 * 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["params", "--model", "no-such-model"], "--model 'no-such-model' is not a preset (llama2-7b, gpt-2b-001, smollm2-135m)"),
-    (["params", "--rank", "0"], "rank=0 must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["params", "--model", "no-such-model"],
+            "--model 'no-such-model' is not a preset (llama2-7b, gpt-2b-001, smollm2-135m)",
+        ),
+        (["params", "--rank", "0"], "rank=0 must be a positive integer"),
+    ],
+)
 def test_bad_input_is_one_line_not_a_traceback(args, message):
     out = run(*args)
     assert out.returncode == 2

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from tiedlora import PRESETS, Part, TiedLoraConfig, TiedLoraError
@@ -34,46 +36,70 @@ def test_tl1_zero_start_override():
 
 
 def test_free_combination_and_alpha():
-    cfg = TiedLoraConfig(rank=4, alpha=16, A=Part(tied=True, trainable=False), B=Part(tied=False, init="zeros"),
-                         u=Part(tied=True, trainable=True, init=0.1), v=Part(trainable=False, init="ones"), layers=[3, 1, 3])
+    cfg = TiedLoraConfig(
+        rank=4,
+        alpha=16,
+        A=Part(tied=True, trainable=False),
+        B=Part(tied=False, init="zeros"),
+        u=Part(tied=True, trainable=True, init=0.1),
+        v=Part(trainable=False, init="ones"),
+        layers=[3, 1, 3],
+    )
     assert cfg.scale == 4.0 and cfg.layers == (1, 3)
 
 
 def test_dict_round_trip():
-    cfg = TiedLoraConfig.preset("tl6", rank=16, seed=7, layers=[2], targets={"qkv": ["attn.q", "attn.k"]}, init={"u": 0.5})
+    cfg = TiedLoraConfig.preset(
+        "tl6", rank=16, seed=7, layers=[2], targets={"qkv": ["attn.q", "attn.k"]}, init={"u": 0.5}
+    )
     assert TiedLoraConfig.from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"rank": 8, "rnak": 4}, "Unknown config keys \\['rnak'\\]"),
-    ({"rank": 8, "A": {"tied": True, "trainable": True, "init": "kaiming", "x": 1}}, "Config part A="),
-    ({"rank": "8"}, "rank='8' must be a positive integer"),
-    ({"rank": 8, "A": {"tied": "yes"}}, "both must be True or False"),
-    ([1, 2], "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"rank": 8, "rnak": 4}, "Unknown config keys \\['rnak'\\]"),
+        ({"rank": 8, "A": {"tied": True, "trainable": True, "init": "kaiming", "x": 1}}, "Config part A="),
+        ({"rank": "8"}, "rank='8' must be a positive integer"),
+        ({"rank": 8, "A": {"tied": "yes"}}, "both must be True or False"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
 def test_from_dict_rejects_bad_input(data, message):
     with pytest.raises(TiedLoraError, match=message):
         TiedLoraConfig.from_dict(data)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(rank=0), "rank=0 must be a positive integer"),
-    (dict(rank=-3), "rank=-3 must be a positive integer"),
-    (dict(rank=True), "rank=True must be a positive integer"),
-    (dict(alpha=0), "alpha=0 must be a positive number"),
-    (dict(dropout=1.0), "dropout=1.0 must be in"),
-    (dict(layers=[]), "layers=\\[\\] must be a non-empty list"),
-    (dict(layers=[-1]), "must be a non-empty list of layer indices"),
-    (dict(targets=["attention"]), "use groups from"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rank=0), "rank=0 must be a positive integer"),
+        (dict(rank=-3), "rank=-3 must be a positive integer"),
+        (dict(rank=True), "rank=True must be a positive integer"),
+        (dict(alpha=0), "alpha=0 must be a positive number"),
+        (dict(dropout=1.0), "dropout=1.0 must be in"),
+        (dict(layers=[]), "layers=\\[\\] must be a non-empty list"),
+        (dict(layers=[-1]), "must be a non-empty list of layer indices"),
+        (dict(targets=["attention"]), "use groups from"),
+        # found by the fuzzers of test_reliability.py: each crashed later, or was accepted
+        (dict(layers=3), "layers=3 must be a list of layer indices"),
+        (dict(layers=False), "layers=False must be a list of layer indices"),
+        (dict(alpha=float("nan")), "alpha=nan must be a positive number"),
+        (dict(alpha=float("inf")), "alpha=inf must be a positive number"),
+        (dict(name=5), "name=5 must be a string"),
+        (dict(seed=2**63), "seed=9223372036854775808 must be an integer from 0 to 2\\*\\*32 - 1"),
+        (dict(targets=5), "targets=5: use a list of groups"),
+    ],
+)
 def test_config_errors_name_the_input(kwargs, message):
     with pytest.raises(TiedLoraError, match=message):
         TiedLoraConfig(**kwargs)
 
 
-def test_part_errors():
-    with pytest.raises(TiedLoraError, match="init='normal' is not an initialisation"):
-        Part(init="normal")
+@pytest.mark.parametrize("init", ["normal", float("nan"), float("inf"), True, 1e308, -1e39])
+def test_part_errors(init):
+    with pytest.raises(TiedLoraError, match=re.escape(f"init={init!r} is not an initialisation")):
+        Part(init=init)
     with pytest.raises(TiedLoraError, match="A='x' must be a tiedlora.Part"):
         TiedLoraConfig(A="x")
 

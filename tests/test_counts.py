@@ -1,9 +1,10 @@
 import pytest
-from conftest import SHAPES, tiny_model
 
 import tiedlora
 from tiedlora import TiedLoraConfig
 from tiedlora.models import parameter_table
+
+from conftest import SHAPES, tiny_model
 
 
 def formula(name, d, d_out, L, r):
@@ -41,7 +42,9 @@ def test_layer_subset_counts():
 
 def test_more_groups_count_their_own_shapes():
     d, d_out, L = SHAPES["llama"]
-    model = tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl5", rank=2, targets=["qkv", "o", "mlp_in", "mlp_out"]))
+    model = tiedlora.apply(
+        tiny_model("llama"), TiedLoraConfig.preset("tl5", rank=2, targets=["qkv", "o", "mlp_in", "mlp_out"])
+    )
     # each group ties its own A (r x d_in) and B (d_out x r): qkv 64->128, o 64->64, gate+up 64->192, down 96->64
     assert tiedlora.trainable_parameters(model) == 2 * ((64 + 128) + (64 + 64) + (64 + 192) + (96 + 64))
 

@@ -1,10 +1,11 @@
 import pytest
 import torch
-from conftest import tiny_model
 from torch import nn
 
 import tiedlora
 from tiedlora import TiedLoraConfig, TiedLoraError
+
+from conftest import tiny_model
 
 
 class Block(nn.Module):
@@ -42,11 +43,14 @@ def test_explicit_targets_adapt_any_model():
     model(torch.randn(3, 8)).sum().backward()
 
 
-@pytest.mark.parametrize("targets, message", [
-    ({"qkv": ["mix.left", "mix.middle"]}, "Target 'mix.middle' of group 'qkv' is missing in layer 0"),
-    ({"qkv": ["mix", "mix.left"]}, "Target 'mix' of group 'qkv' is a Module, not nn.Linear or Conv1D"),
-    ({"qkv": ["mix.left", "norm"]}, "is a LayerNorm, not nn.Linear"),
-])
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        ({"qkv": ["mix.left", "mix.middle"]}, "Target 'mix.middle' of group 'qkv' is missing in layer 0"),
+        ({"qkv": ["mix", "mix.left"]}, "Target 'mix' of group 'qkv' is a Module, not nn.Linear or Conv1D"),
+        ({"qkv": ["mix.left", "norm"]}, "is a LayerNorm, not nn.Linear"),
+    ],
+)
 def test_bad_explicit_targets(targets, message):
     with pytest.raises(TiedLoraError, match=message):
         tiedlora.apply(Odd(), TiedLoraConfig.preset("lora", rank=2, targets=targets))
@@ -58,7 +62,9 @@ def test_no_layer_list():
 
 
 def test_rank_larger_than_the_projection():
-    with pytest.raises(TiedLoraError, match="rank=65 is larger than the 'qkv' projection \\(64 -> 128\\): use rank <= 64"):
+    with pytest.raises(
+        TiedLoraError, match="rank=65 is larger than the 'qkv' projection \\(64 -> 128\\): use rank <= 64"
+    ):
         tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl6", rank=65))
 
 

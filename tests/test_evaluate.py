@@ -8,10 +8,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from tiedlora import TiedLoraError, tasks
 from tiedlora.evaluate import choice_loglik, evaluate, generate, loglik
+
+from conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,10 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
-CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+CHAT = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def test_encode_masks_the_prompt_and_ends_with_eos(tokenizer):
@@ -58,7 +62,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(tokenizer):
     model = tiny_model("llama")
     task = tasks.get("gsm8k")
     rows = task.load("test")[:5]
-    prompts = [task.prompt(r)[-40 - 7 * i:] for i, r in enumerate(rows)]  # five lengths
+    prompts = [task.prompt(r)[-40 - 7 * i :] for i, r in enumerate(rows)]  # five lengths
     alone = [generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3) == alone
     assert len(set(alone)) > 1 and all(a for a in alone)
@@ -100,7 +104,11 @@ def test_loglik_sum_and_per_character(tokenizer):
 def test_loglik_batches_agree_with_one_sequence_at_a_time(tokenizer):
     """Right padding in a batch must not change a continuation's log-likelihood."""
     model = tiny_model("llama", seed=3)
-    pairs = [("High jump: A boy runs.", " He jumps."), ("Q", " a much longer ending, with commas"), ("Cooking: she", " stirs.")]
+    pairs = [
+        ("High jump: A boy runs.", " He jumps."),
+        ("Q", " a much longer ending, with commas"),
+        ("Cooking: she", " stirs."),
+    ]
     expected = []
     for context, ending in pairs:
         c, e = tokenizer(context)["input_ids"], tokenizer(ending)["input_ids"]

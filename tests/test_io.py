@@ -3,12 +3,13 @@ import os
 
 import pytest
 import torch
-from conftest import randomize, tiny_model
 from safetensors.torch import load_file
 
 import tiedlora
 from tiedlora import TiedLoraConfig, TiedLoraError
 from tiedlora.models import shape_model
+
+from conftest import randomize, tiny_model
 
 
 @pytest.mark.parametrize("name", ["lora", "vera", "tl2", "tl6"])
@@ -22,7 +23,9 @@ def test_save_load_round_trip(kind, tokens, tmp_path, name):
 
 
 def test_only_trained_tensors_are_stored_and_frozen_ones_regenerate(tmp_path, tokens):
-    model = randomize(tiedlora.apply(tiny_model("neox"), TiedLoraConfig.preset("vera", rank=4, seed=11)), trainable_only=True)
+    model = randomize(
+        tiedlora.apply(tiny_model("neox"), TiedLoraConfig.preset("vera", rank=4, seed=11)), trainable_only=True
+    )
     tiedlora.save(model, tmp_path)
     stored = load_file(tmp_path / "adapter.safetensors")
     assert sorted(stored) == sorted(k for k, p in tiedlora.adapter_parameters(model).items() if p.requires_grad)
@@ -42,8 +45,11 @@ def test_config_records_base_shapes_version_and_hash(tmp_path):
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["library_version"] == tiedlora.__version__
     assert meta["base_model"]["layers"] == 3 and meta["base_model"]["model_type"] == "llama"
-    assert meta["base_model"]["groups"]["qkv"] == {"members": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                                                   "d_in": 64, "d_out": [64, 32, 32]}
+    assert meta["base_model"]["groups"]["qkv"] == {
+        "members": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        "d_in": 64,
+        "d_out": [64, 32, 32],
+    }
     assert len(meta["tensors"]["sha256"]) == 64 and meta["config"]["name"] == "tl5"
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]  # no temporary files left
 
@@ -82,7 +88,10 @@ def edit_config(folder, change):
 def test_load_onto_another_base_model_names_expected_and_found(tmp_path):
     folder = saved(tmp_path, "llama")
     target = tiny_model("qwen2")
-    with pytest.raises(TiedLoraError, match="was made for another base model: expected .*'model_type': 'llama'.* found .*'model_type': 'qwen2'"):
+    with pytest.raises(
+        TiedLoraError,
+        match="was made for another base model: expected .*'model_type': 'llama'.* found .*'model_type': 'qwen2'",
+    ):
         tiedlora.load(target, folder)
     assert not hasattr(target, "tiedlora")  # nothing half-applied
 
@@ -94,11 +103,17 @@ def test_load_onto_a_different_adapter_config(tmp_path):
         tiedlora.load(model, folder)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda f: f.write_bytes(f.read_bytes()[:-10]), "does not match the sha256"),
-    (lambda f: f.write_bytes(f.read_bytes()[:100] + bytes([f.read_bytes()[100] ^ 1]) + f.read_bytes()[101:]), "does not match the sha256"),
-    (lambda f: f.unlink(), "is missing or not a regular file"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:-10]), "does not match the sha256"),
+        (
+            lambda f: f.write_bytes(f.read_bytes()[:100] + bytes([f.read_bytes()[100] ^ 1]) + f.read_bytes()[101:]),
+            "does not match the sha256",
+        ),
+        (lambda f: f.unlink(), "is missing or not a regular file"),
+    ],
+)
 def test_tampered_or_truncated_tensors(tmp_path, damage, message):
     folder = saved(tmp_path)
     damage(folder / "adapter.safetensors")
@@ -120,10 +135,13 @@ def test_pickle_renamed_safetensors_is_never_unpickled(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("tensors, message", [
-    ({"qkv.A": torch.zeros(4, 64)}, "holds tensors .* that do not match its config"),
-    (None, "tensor qkv.A is torch.float32 \\(5, 64\\), expected a float tensor of shape \\(4, 64\\)"),
-])
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"qkv.A": torch.zeros(4, 64)}, "holds tensors .* that do not match its config"),
+        (None, "tensor qkv.A is torch.float32 \\(5, 64\\), expected a float tensor of shape \\(4, 64\\)"),
+    ],
+)
 def test_wrong_tensors(tmp_path, tensors, message):
     from safetensors.torch import save_file
 
@@ -136,13 +154,16 @@ def test_wrong_tensors(tmp_path, tensors, message):
         tiedlora.load(tiny_model("llama"), folder)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["config"].update(rnak=4), "Unknown config keys \\['rnak'\\]"),
-    (lambda m: m["config"].update(rank=-1), "rank=-1 must be a positive integer"),
-    (lambda m: m.update(format="peft"), "is not a tiedlora adapter config"),
-    (lambda m: m.update(extra=1), "has keys .* expected"),
-    (lambda m: m["tensors"].update(stored="some"), "must give \"stored\""),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["config"].update(rnak=4), "Unknown config keys \\['rnak'\\]"),
+        (lambda m: m["config"].update(rank=-1), "rank=-1 must be a positive integer"),
+        (lambda m: m.update(format="peft"), "is not a tiedlora adapter config"),
+        (lambda m: m.update(extra=1), "has keys .* expected"),
+        (lambda m: m["tensors"].update(stored="some"), 'must give "stored"'),
+    ],
+)
 def test_bad_config_files(tmp_path, change, message):
     folder = saved(tmp_path)
     edit_config(folder, change)
@@ -176,5 +197,8 @@ def test_load_into_a_merged_model_is_refused(tmp_path):
 
 
 def test_frozen_tensors_follow_the_seed():
-    a = [tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("vera", rank=4, seed=s)).tiedlora["qkv"]["A"] for s in (1, 1, 2)]
+    a = [
+        tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("vera", rank=4, seed=s)).tiedlora["qkv"]["A"]
+        for s in (1, 1, 2)
+    ]
     assert torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])

@@ -3,12 +3,13 @@ import copy
 import pytest
 import torch
 from torch import nn
-from conftest import randomize, tiny_model
 
 import tiedlora
 from tiedlora import Part, TiedLoraConfig
 from tiedlora.layer import GroupAdapter
 from tiedlora.model import root
+
+from conftest import randomize, tiny_model
 
 ZERO_START = ["lora", "vera", "tl2", "tl3", "tl4", "tl5", "tl6"]
 
@@ -83,7 +84,9 @@ def test_a_member_never_called_does_not_keep_the_input_or_its_graph_alive():
     import gc
     import weakref
 
-    model = tiedlora.apply(Stack(), TiedLoraConfig.preset("tl6", rank=2, targets={"qkv": ["attn.q_proj", "attn.k_proj", "attn.v_proj"]}))
+    model = tiedlora.apply(
+        Stack(), TiedLoraConfig.preset("tl6", rank=2, targets={"qkv": ["attn.q_proj", "attn.k_proj", "attn.v_proj"]})
+    )
     x = torch.randn(3, 8, requires_grad=True)
     model(x).sum().backward()
     alive = weakref.ref(x)

@@ -2,11 +2,12 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize, tiny_model
 
 import tiedlora
 from tiedlora import TiedLoraConfig, TiedLoraError
 from tiedlora.layer import AdaptedLinear
+
+from conftest import randomize, tiny_model
 
 
 def weights(model):

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import randomize, tiny_model
 
 import tiedlora
 from tiedlora import TiedLoraConfig, TiedLoraError
 from tiedlora.serve.multi import MultiAdapterModel
+
+from conftest import randomize, tiny_model
 
 ADAPTERS = {  # name -> config: tied and untied, different ranks, a layer subset, alpha != rank
     "tl6": TiedLoraConfig.preset("tl6", rank=4, seed=1),
@@ -51,11 +52,13 @@ def test_generate_per_row_and_unload_at_run_time(saved):
     for name in ADAPTERS:
         multi.add(name, saved / name)
     tokens = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(4))
-    out = multi.generate(tokens, adapter_ids=[multi.id_of("vera"), 0, multi.id_of("tl6")], max_new_tokens=5, do_sample=False)
+    out = multi.generate(
+        tokens, adapter_ids=[multi.id_of("vera"), 0, multi.id_of("tl6")], max_new_tokens=5, do_sample=False
+    )
     for row, name in zip(out, ["vera", None, "tl6"]):
         model = tiny_model("llama") if name is None else tiedlora.load(tiny_model("llama"), saved / name)
         i = ["vera", None, "tl6"].index(name)
-        expected = model.generate(tokens[i:i + 1], max_new_tokens=5, do_sample=False)[0]
+        expected = model.generate(tokens[i : i + 1], max_new_tokens=5, do_sample=False)[0]
         assert torch.equal(row, expected)
     vera = multi.id_of("vera")
     multi.remove("vera")
@@ -63,7 +66,9 @@ def test_generate_per_row_and_unload_at_run_time(saved):
         multi(tokens, adapter_ids=[vera, 0, 0])
     assert multi.add("vera-again", saved / "vera") == vera  # the freed slot is reused
     with torch.no_grad():
-        torch.testing.assert_close(multi(tokens, adapter_ids=[vera] * 3).logits, alone("vera", saved, tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            multi(tokens, adapter_ids=[vera] * 3).logits, alone("vera", saved, tokens), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_tied_tensors_are_stored_once_per_adapter(saved):

@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import randomize, tiny_model
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 
 import tiedlora
 from tiedlora import TiedLoraConfig
 from tiedlora.model import root
+
+from conftest import randomize, tiny_model
 
 
 @pytest.mark.parametrize("name, layers", [("tl6", None), ("lora", None), ("vera", [1])])
@@ -29,7 +30,9 @@ def test_lora_preset_equals_peft_lora_given_the_same_matrices(tokens):
     """Untied, trained A and B with u = v = 1 is LoRA; q, k and v each get the shared A and their rows of B."""
     base = tiny_model("llama")
     ours = randomize(tiedlora.apply(copy.deepcopy(base), TiedLoraConfig.preset("lora", rank=4)), trainable_only=True)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"])).eval()
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"])
+    ).eval()
     with torch.no_grad():
         for site in root(ours).sites:
             attn = peft_model.base_model.model.model.layers[site.layer].self_attn
@@ -76,7 +79,9 @@ def test_no_more_saved_activations_than_peft_lora(tokens, name):
     """v scales B (d_out x r), not the d_out-wide activations, so memory stays at LoRA's."""
     tokens = tokens.repeat(4, 4)  # long enough that activations, not weights, dominate
     base = tiny_model("llama")
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"])
+    )
     ours = tiedlora.apply(copy.deepcopy(base), TiedLoraConfig.preset(name, rank=4))
     assert saved_activation_bytes(ours, tokens) <= saved_activation_bytes(peft_model, tokens)
 
@@ -93,4 +98,8 @@ def test_export_uses_short_target_names_only_where_they_are_exact(tmp_path):
     assert names == [f"model.layers.2.self_attn.{m}_proj" for m in "kqv"]
     everywhere = tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("lora", rank=2))
     tiedlora.export_peft(everywhere, tmp_path / "c")
-    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["target_modules"] == ["k_proj", "q_proj", "v_proj"]
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["target_modules"] == [
+        "k_proj",
+        "q_proj",
+        "v_proj",
+    ]

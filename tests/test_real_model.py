@@ -21,7 +21,9 @@ def smollm2():
 def test_tl6_on_smollm2_counts_trains_merges_and_saves(smollm2, tmp_path):
     base, tokenizer = smollm2
     assert sum(p.numel() for p in base.parameters()) == 134_515_008
-    batch = tokenizer(["The capital of France is Paris.", "Two plus two equals four."], return_tensors="pt", padding=True)
+    batch = tokenizer(
+        ["The capital of France is Paris.", "Two plus two equals four."], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         expected = base(**batch).logits
     model = tiedlora.apply(copy.deepcopy(base), TiedLoraConfig.preset("tl6", rank=8))

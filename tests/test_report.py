@@ -13,12 +13,12 @@ from tiedlora.sweep import Cell, grid, parse_shard
 # (task, config, rank, lr, layer) -> (validation loss, test metric, params). Test metrics that
 # disagree with validation check that every choice is made on validation.
 RUNS = {
-    ("squad", "lora", 2, 1e-4, None): (1.00, 60.0, 250),   # best test, worse validation
+    ("squad", "lora", 2, 1e-4, None): (1.00, 60.0, 250),  # best test, worse validation
     ("squad", "lora", 8, 1e-4, None): (0.90, 50.0, 1000),  # LoRA's best rank on validation
     ("squad", "vera", 8, 1e-4, None): (1.30, 20.0, 94),
-    ("squad", "vera", 2, 1e-4, None): (1.10, 25.0, 88),    # vera's own best rank
+    ("squad", "vera", 2, 1e-4, None): (1.10, 25.0, 88),  # vera's own best rank
     ("squad", "tl5", 8, 1e-4, None): (1.00, 40.0, 31),
-    ("squad", "tl6", 8, 1e-4, None): (1.20, 80.0, 125),   # the lr that validation rejects
+    ("squad", "tl6", 8, 1e-4, None): (1.20, 80.0, 125),  # the lr that validation rejects
     ("squad", "tl6", 8, 1e-2, None): (0.95, 45.0, 125),
     ("squad", "lora", 8, 1e-4, 0): (1.05, 35.0, 31),
     ("squad", "lora", 8, 1e-4, 5): (1.02, 38.0, 31),
@@ -35,10 +35,19 @@ def sweep(tmp_path):
         folder = tmp_path / "sweep" / Cell(task, config, rank, lr, layer).name
         folder.mkdir(parents=True)
         headline = "exact_match"
-        (folder / "results.json").write_text(json.dumps({
-            "task": task, "config": config, "rank": rank, "params": params, "metrics": {headline: metric, "f1": 0.0},
-            "validation": {"on": "loss", "best": val}, "recipe": {"lr": lr, "layers": [layer] if layer is not None else None},
-        }))
+        (folder / "results.json").write_text(
+            json.dumps(
+                {
+                    "task": task,
+                    "config": config,
+                    "rank": rank,
+                    "params": params,
+                    "metrics": {headline: metric, "f1": 0.0},
+                    "validation": {"on": "loss", "best": val},
+                    "recipe": {"lr": lr, "layers": [layer] if layer is not None else None},
+                }
+            )
+        )
     return tmp_path / "sweep"
 
 
@@ -62,24 +71,42 @@ def test_table_2_places_every_number(sweep, tmp_path):
     csv_rows = rows_of(tmp_path / "out" / "table2.csv")
     assert len(csv_rows) == len(written["table2"]) == 8 + 4
     assert squad_tl6["lr_at_lora_rank"] == 1e-2
-    assert "| squad | tl6 | 8 | 45.00 | 12.50 | 0.01 | 8 | 45.00 | 12.50 | 0.01 |" in (tmp_path / "out" / "table2.md").read_text()
+    assert (
+        "| squad | tl6 | 8 | 45.00 | 12.50 | 0.01 | 8 | 45.00 | 12.50 | 0.01 |"
+        in (tmp_path / "out" / "table2.md").read_text()
+    )
 
 
 def test_a_task_near_zero_does_not_blow_up_the_relative_gap():
     from tiedlora.report import gaps
 
-    rows = [{"task": t, "config": c, "metric_at_lora_rank": m, "P%_at_lora_rank": p}
-            for t, c, m, p in [("squad", "lora", 50.0, 100.0), ("squad", "tl6", 45.0, 12.5), ("gsm8k", "lora", 0.5, 100.0), ("gsm8k", "tl6", 1.5, 12.5)]]
-    assert gaps(rows)["tl6"]["relative_%"] == pytest.approx(100 * (-5 + 1) / 50.5)  # a mean of per-task ratios says +95 %
+    rows = [
+        {"task": t, "config": c, "metric_at_lora_rank": m, "P%_at_lora_rank": p}
+        for t, c, m, p in [
+            ("squad", "lora", 50.0, 100.0),
+            ("squad", "tl6", 45.0, 12.5),
+            ("gsm8k", "lora", 0.5, 100.0),
+            ("gsm8k", "tl6", 1.5, 12.5),
+        ]
+    ]
+    assert gaps(rows)["tl6"]["relative_%"] == pytest.approx(
+        100 * (-5 + 1) / 50.5
+    )  # a mean of per-task ratios says +95 %
     assert gaps(rows)["tl6"]["points"] == pytest.approx(-2.0)
 
 
 def test_a_configuration_missing_at_loras_best_rank_on_one_task_is_averaged_over_the_others():
     from tiedlora.report import gaps
 
-    rows = [{"task": t, "config": c, "metric_at_lora_rank": m, "P%_at_lora_rank": p}
-            for t, c, m, p in [("squad", "lora", 50.0, 100.0), ("squad", "vera", 40.0, 8.0),
-                               ("iwslt", "lora", 8.0, 100.0), ("iwslt", "vera", None, None)]]
+    rows = [
+        {"task": t, "config": c, "metric_at_lora_rank": m, "P%_at_lora_rank": p}
+        for t, c, m, p in [
+            ("squad", "lora", 50.0, 100.0),
+            ("squad", "vera", 40.0, 8.0),
+            ("iwslt", "lora", 8.0, 100.0),
+            ("iwslt", "vera", None, None),
+        ]
+    ]
     assert gaps(rows)["vera"] == {"points": -10.0, "relative_%": pytest.approx(-20.0), "P%": 8.0, "tasks": 1}
 
 
@@ -98,7 +125,10 @@ def test_table_3_and_figures(sweep, tmp_path, capsys):
     assert "table2.png, figure2.png, appendix_a.png" in capsys.readouterr().out
     rows = rows_of(tmp_path / "out" / "table3.csv")
     assert [(r["task"], r["adapter"], r["params"], r["metric"]) for r in rows] == [
-        ("squad", "lora, layer 0", "31", "35.0"), ("squad", "lora, layer 5", "31", "38.0"), ("squad", "tl5, all layers", "31", "40.0")]
+        ("squad", "lora, layer 0", "31", "35.0"),
+        ("squad", "lora, layer 5", "31", "38.0"),
+        ("squad", "tl5, all layers", "31", "40.0"),
+    ]
     for name in ("table2.png", "figure2.png", "appendix_a.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -119,9 +149,37 @@ def test_grid_names_and_shards():
             parse_shard(bad)
 
 
-SWEEP = ["--tasks", "squad,gsm8k", "--configs", "lora,tl5", "--ranks", "2", "--lrs", "1e-2", "--layers", "0", "--max_steps", "2",
-         "--batch_size", "4", "--micro_batch_size", "2", "--val_every", "2", "--val_rows", "4", "--train_rows", "8",
-         "--test_rows", "2", "--max_new_tokens", "3", "--warmup_steps", "1", "--quiet"]
+SWEEP = [
+    "--tasks",
+    "squad,gsm8k",
+    "--configs",
+    "lora,tl5",
+    "--ranks",
+    "2",
+    "--lrs",
+    "1e-2",
+    "--layers",
+    "0",
+    "--max_steps",
+    "2",
+    "--batch_size",
+    "4",
+    "--micro_batch_size",
+    "2",
+    "--val_every",
+    "2",
+    "--val_rows",
+    "4",
+    "--train_rows",
+    "8",
+    "--test_rows",
+    "2",
+    "--max_new_tokens",
+    "3",
+    "--warmup_steps",
+    "1",
+    "--quiet",
+]
 
 
 def test_sweep_runs_skips_resumes_and_shards(tiny_folder, tmp_path):
@@ -131,7 +189,9 @@ def test_sweep_runs_skips_resumes_and_shards(tiny_folder, tmp_path):
     files = {n: out / n / "results.json" for n in names}
     assert len(names) == 6 and all(f.is_file() for f in files.values())
     result = json.loads(files["gsm8k/lora-L0-r2-lr0.01"].read_text())
-    assert result["recipe"]["layers"] == [0] and result["recipe"]["max_steps"] == 2 and result["recipe"]["batch_size"] == 4
+    assert (
+        result["recipe"]["layers"] == [0] and result["recipe"]["max_steps"] == 2 and result["recipe"]["batch_size"] == 4
+    )
     assert result["params"] == json.loads(files["gsm8k/tl5-r2-lr0.01"].read_text())["params"]  # Table 3's premise
     assert json.loads(files["squad/lora-r2-lr0.01"].read_text())["recipe"]["val_every"] == 2
 
@@ -156,8 +216,26 @@ def test_sweep_runs_skips_resumes_and_shards(tiny_folder, tmp_path):
 
 def test_a_diverged_cell_is_recorded_and_the_sweep_goes_on(tiny_folder, tmp_path):
     out = tmp_path / "sweep"
-    flags = [*SWEEP[:SWEEP.index("--lrs")], "--lrs", "1e-2,1e12", *SWEEP[SWEEP.index("--lrs") + 2:]]
-    assert main(["sweep", *flags, "--tasks", "squad", "--configs", "lora", "--layers", "", "--model", str(tiny_folder), "--out", str(out)]) == 0
+    flags = [*SWEEP[: SWEEP.index("--lrs")], "--lrs", "1e-2,1e12", *SWEEP[SWEEP.index("--lrs") + 2 :]]
+    assert (
+        main(
+            [
+                "sweep",
+                *flags,
+                "--tasks",
+                "squad",
+                "--configs",
+                "lora",
+                "--layers",
+                "",
+                "--model",
+                str(tiny_folder),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     bad = json.loads((out / "squad/lora-r2-lr1e+12/results.json").read_text())
     assert "non-finite" in bad["diverged"] or "loss became" in bad["diverged"]
     written = report(out, tmp_path / "report")
@@ -172,17 +250,34 @@ def test_learning_rates_per_configuration(tmp_path):
     assert parse_lrs("1e-3,1e-2") == [1e-3, 1e-2]
     assert parse_lrs("lora:1e-3,tl6:1e-2,tl6:3e-3") == {"lora": [1e-3], "tl6": [1e-2, 3e-3]}
     cells = grid(["squad"], ["lora", "tl6"], [2], {"lora": [1e-3], "tl6": [1e-2, 3e-3]}, layers=[0])
-    assert [c.name for c in cells] == ["squad/lora-r2-lr0.001", "squad/tl6-r2-lr0.01", "squad/tl6-r2-lr0.003", "squad/lora-L0-r2-lr0.001"]
+    assert [c.name for c in cells] == [
+        "squad/lora-r2-lr0.001",
+        "squad/tl6-r2-lr0.01",
+        "squad/tl6-r2-lr0.003",
+        "squad/lora-L0-r2-lr0.001",
+    ]
     for bad in ("lora:x", "lora:1e-3:2", "1e-3,,x"):
         with pytest.raises(TiedLoraError, match="--lrs"):
             parse_lrs(bad)
     with pytest.raises(TiedLoraError, match="no learning rate for \\['vera'\\]"):
         grid(["squad"], ["lora", "vera"], [2], {"lora": [1e-3]})
     # the choice is the validation winner per configuration at that rank, whatever the test says
-    for config, lr, val, test, layers in [("tl6", 1e-3, 0.8, 50.0, None), ("tl6", 1e-2, 0.4, 5.0, None), ("lora", 1e-3, 0.5, 10.0, None),
-                                          ("lora", 1e-2, 0.9, 90.0, None), ("lora", 1e-2, 0.1, 90.0, [3])]:
-        run = {"task": "squad", "config": config, "rank": 8, "params": 1, "metrics": {"exact_match": test},
-               "validation": {"on": "loss", "best": val}, "recipe": {"lr": lr, "layers": layers}}
+    for config, lr, val, test, layers in [
+        ("tl6", 1e-3, 0.8, 50.0, None),
+        ("tl6", 1e-2, 0.4, 5.0, None),
+        ("lora", 1e-3, 0.5, 10.0, None),
+        ("lora", 1e-2, 0.9, 90.0, None),
+        ("lora", 1e-2, 0.1, 90.0, [3]),
+    ]:
+        run = {
+            "task": "squad",
+            "config": config,
+            "rank": 8,
+            "params": 1,
+            "metrics": {"exact_match": test},
+            "validation": {"on": "loss", "best": val},
+            "recipe": {"lr": lr, "layers": layers},
+        }
         folder = tmp_path / f"{config}-{lr:g}-{layers}"
         folder.mkdir()
         (folder / "results.json").write_text(json.dumps(run))
@@ -207,7 +302,12 @@ def test_a_cell_out_of_memory_is_left_for_a_rerun(tiny_folder, tmp_path, monkeyp
     flags = [*SWEEP, "--tasks", "squad", "--layers", "", "--model", str(tiny_folder), "--out", str(tmp_path / "s")]
     flags.remove("--quiet")
     assert main(["sweep", *flags]) == 0
-    assert "squad/tl5-r2-lr0.01: out of memory (CUDA out of memory. Tried to allocate 20.00 MiB); skipped" in capsys.readouterr().out
-    assert (tmp_path / "s/squad/lora-r2-lr0.01/results.json").is_file() and not (tmp_path / "s/squad/tl5-r2-lr0.01/results.json").exists()
+    assert (
+        "squad/tl5-r2-lr0.01: out of memory (CUDA out of memory. Tried to allocate 20.00 MiB); skipped"
+        in capsys.readouterr().out
+    )
+    assert (tmp_path / "s/squad/lora-r2-lr0.01/results.json").is_file() and not (
+        tmp_path / "s/squad/tl5-r2-lr0.01/results.json"
+    ).exists()
     assert main(["sweep", *flags]) == 0  # the rerun finishes it
     assert (tmp_path / "s/squad/tl5-r2-lr0.01/results.json").is_file()

@@ -15,13 +15,14 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from conftest import randomize
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiedlora
 from tiedlora import TiedLoraConfig
 from tiedlora.cli import main
 from tiedlora.serve.server import build
+
+from conftest import randomize
 
 # name under the adapters root -> config: a run folder, a bare adapter folder, a nested one; the
 # large alphas make every adapter change the tiny model's greedy text on every prompt
@@ -99,7 +100,7 @@ def expected(tiny_folder, root, adapter, prompt, n):
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def complete(server, model, prompt, **options):
@@ -156,16 +157,18 @@ def test_streaming_equals_the_whole_response(server):
 
 def test_stop_strings_cut_the_text_streamed_or_not(server):
     text = complete(server, "tl6", PROMPTS[0], max_tokens=20)["choices"][0]["text"]
-    stop = text[len(text) // 2:len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     out = complete(server, "tl6", PROMPTS[0], max_tokens=20, stop=[stop, "never-seen"])
-    assert out["choices"][0]["text"] == text[:text.index(stop)] and out["choices"][0]["finish_reason"] == "stop"
+    assert out["choices"][0]["text"] == text[: text.index(stop)] and out["choices"][0]["finish_reason"] == "stop"
     chunks = events(server, "/v1/completions", {"model": "tl6", "prompt": PROMPTS[0], "max_tokens": 20, "stop": stop})
-    assert "".join(c["choices"][0]["text"] for c in chunks) == text[:text.index(stop)]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text[: text.index(stop)]
 
 
 def test_sampling_is_repeatable_with_a_seed(server):
     def sample(seed):
-        return complete(server, "more/vera", PROMPTS[1], max_tokens=8, temperature=1.0, top_p=0.9, seed=seed)["choices"][0]["text"]
+        return complete(server, "more/vera", PROMPTS[1], max_tokens=8, temperature=1.0, top_p=0.9, seed=seed)[
+            "choices"
+        ][0]["text"]
 
     assert sample(7) == sample(7) != sample(8)
 
@@ -176,8 +179,14 @@ def test_models_and_adapters_at_run_time(server, tiny_folder):
     r = server.client.post("/v1/adapters", json={"name": "tl6-again", "path": "tl6"})
     assert r.status_code == 200 and r.json()["id"] == "tl6-again"
     assert "tl6-again" in [m["id"] for m in server.client.get("/v1/models").json()["data"]]
-    assert complete(server, "tl6-again", PROMPTS[0], max_tokens=6)["choices"][0]["text"] == expected(tiny_folder, server.root, "tl6", PROMPTS[0], 6)
-    assert server.client.delete("/v1/adapters/tl6-again").json() == {"id": "tl6-again", "object": "model", "deleted": True}
+    assert complete(server, "tl6-again", PROMPTS[0], max_tokens=6)["choices"][0]["text"] == expected(
+        tiny_folder, server.root, "tl6", PROMPTS[0], 6
+    )
+    assert server.client.delete("/v1/adapters/tl6-again").json() == {
+        "id": "tl6-again",
+        "object": "model",
+        "deleted": True,
+    }
     r = server.client.post("/v1/completions", json={"model": "tl6-again", "prompt": "Hi"})
     assert r.status_code == 404 and "tl6-again" in r.json()["error"]["message"]
     assert server.client.delete("/v1/adapters/tl6-again").status_code == 404
@@ -186,17 +195,52 @@ def test_models_and_adapters_at_run_time(server, tiny_folder):
 BAD = [  # (method, path, body, status, param, words the message must contain)
     ("POST", "/v1/completions", {"model": "nope", "prompt": "Hi"}, 404, "model", "'nope' is neither the base model"),
     ("POST", "/v1/completions", b'{"model": "lora", "prompt": ', 400, None, "not valid JSON"),
-    ("POST", "/v1/completions", {"model": "lora", "prompt": 5}, 400, "prompt", "prompt: Input should be a valid string"),
-    ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "max_tokens": "many"}, 400, "max_tokens", "valid integer"),
+    (
+        "POST",
+        "/v1/completions",
+        {"model": "lora", "prompt": 5},
+        400,
+        "prompt",
+        "prompt: Input should be a valid string",
+    ),
+    (
+        "POST",
+        "/v1/completions",
+        {"model": "lora", "prompt": "Hi", "max_tokens": "many"},
+        400,
+        "max_tokens",
+        "valid integer",
+    ),
     ("POST", "/v1/completions", {"model": "lora"}, 400, "prompt", "prompt: Field required"),
     ("POST", "/v1/completions", {"model": "lora", "prompt": "word " * 80}, 400, "prompt", "limit of 64"),
     ("POST", "/v1/completions", {"model": "lora", "prompt": ""}, 400, "prompt", "empty"),
-    ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "max_tokens": 33}, 400, "max_tokens", "between 1 and 32"),
-    ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens", "between 1 and 32"),
+    (
+        "POST",
+        "/v1/completions",
+        {"model": "lora", "prompt": "Hi", "max_tokens": 33},
+        400,
+        "max_tokens",
+        "between 1 and 32",
+    ),
+    (
+        "POST",
+        "/v1/completions",
+        {"model": "lora", "prompt": "Hi", "max_tokens": 0},
+        400,
+        "max_tokens",
+        "between 1 and 32",
+    ),
     ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "temperature": -1}, 400, "temperature", "between 0"),
     ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "stop": [""]}, 400, "stop", "non-empty"),
     ("POST", "/v1/chat/completions", {"model": "lora", "messages": []}, 400, "messages", "messages is empty"),
-    ("POST", "/v1/chat/completions", {"model": "lora", "messages": [{"role": "user"}]}, 400, "messages.0.content", "Field required"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "lora", "messages": [{"role": "user"}]},
+        400,
+        "messages.0.content",
+        "Field required",
+    ),
     ("POST", "/v1/adapters", {"name": "x", "path": "../outside"}, 400, "path", "leads outside the adapters root"),
     ("POST", "/v1/adapters", {"name": "x", "path": "/etc"}, 400, "path", "must be relative"),
     ("POST", "/v1/adapters", {"name": "x", "path": "link"}, 400, "path", "leads outside the adapters root"),
@@ -237,7 +281,9 @@ def test_load(server, monkeypatch):
 
     def one(i):
         start = time.perf_counter()
-        r = server.client.post("/v1/completions", json={"model": models[i % len(models)], "prompt": PROMPTS[i % 3], "max_tokens": 8})
+        r = server.client.post(
+            "/v1/completions", json={"model": models[i % len(models)], "prompt": PROMPTS[i % 3], "max_tokens": 8}
+        )
         return r.status_code, time.perf_counter() - start
 
     start = time.perf_counter()
@@ -247,21 +293,36 @@ def test_load(server, monkeypatch):
     latencies = sorted(t for _, t in results)
     errors = sum(status != 200 for status, _ in results)
     batches = prefills.rows
-    print(f"\nload: 200 requests, concurrency 16, errors {errors}, p50 {1000 * statistics.median(latencies):.0f} ms, "
-          f"p95 {1000 * latencies[int(0.95 * len(latencies)) - 1]:.0f} ms, {200 / wall:.1f} req/s, "
-          f"{len(batches)} batches (mean size {statistics.mean(batches):.1f}, max {max(batches)})")
+    print(
+        f"\nload: 200 requests, concurrency 16, errors {errors}, p50 {1000 * statistics.median(latencies):.0f} ms, "
+        f"p95 {1000 * latencies[int(0.95 * len(latencies)) - 1]:.0f} ms, {200 / wall:.1f} req/s, "
+        f"{len(batches)} batches (mean size {statistics.mean(batches):.1f}, max {max(batches)})"
+    )
     assert errors == 0
 
 
 def test_the_command_serves(root, tiny_folder):
     """`--port 0`: the server binds a free port itself and names it, so no other process can take it in between."""
-    command = [sys.executable, "-m", "tiedlora", "serve", "--model", str(tiny_folder), "--adapters", str(root), "--port", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "tiedlora",
+        "serve",
+        "--model",
+        str(tiny_folder),
+        "--adapters",
+        str(root),
+        "--port",
+        "0",
+    ]
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
     reader.start()
     try:
-        wait_until(lambda: any(" on http://" in line for line in lines) or process.poll() is not None, 120, "the address line")
+        wait_until(
+            lambda: any(" on http://" in line for line in lines) or process.poll() is not None, 120, "the address line"
+        )
         assert process.poll() is None, "".join(lines)
         port = int(next(line for line in lines if " on http://" in line).rsplit(":", 1)[1].split("/")[0])
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Metrics, by hand.
 
+
 def test_squad_normalisation_drops_case_punctuation_articles_and_extra_spaces():
     assert metrics.squad_normalize("The  Cat's, a HAT!") == "cats hat"
     assert metrics.squad_normalize("an apple and the pear") == "apple and pear"
@@ -32,7 +33,9 @@ def test_squad_normalisation_drops_case_punctuation_articles_and_extra_spaces():
 def test_squad_exact_match_and_f1_take_the_best_gold_answer():
     # Row 1: tokens {cat, sat} against {cat, sat, on, mat}: P = 1, R = 1/2, F1 = 2/3, EM 0.
     # Row 2: the second gold answer matches after normalisation: EM 1, F1 1.
-    scores = metrics.squad(["the cat sat", "Denver Broncos"], [["a cat sat on the mat"], ["Broncos", "Denver Broncos!"]])
+    scores = metrics.squad(
+        ["the cat sat", "Denver Broncos"], [["a cat sat on the mat"], ["Broncos", "Denver Broncos!"]]
+    )
     assert scores["exact_match"] == 50.0
     assert scores["f1"] == pytest.approx(100 * (2 / 3 + 1) / 2)
 
@@ -60,14 +63,24 @@ def test_corpus_bleu_of_a_two_sentence_corpus():
 
 def test_bleu_brevity_penalty():
     # Every n-gram matches, but 6 tokens against 7: BP = exp(1 - 7/6).
-    assert metrics.bleu(["the cat sat on the mat"], ["the cat sat on the mat today"])["bleu"] == pytest.approx(100 * math.exp(-1 / 6))
+    assert metrics.bleu(["the cat sat on the mat"], ["the cat sat on the mat today"])["bleu"] == pytest.approx(
+        100 * math.exp(-1 / 6)
+    )
 
 
-@pytest.mark.parametrize("text, number", [
-    ("so she pays 1,234 dollars", Decimal(1234)), ("it is -5 degrees", Decimal(-5)), ("3.50", Decimal("3.5")),
-    ("from 10-20 apples", Decimal(20)), ("1,2,3", Decimal(3)), ("#### $1,000,000.", Decimal(1000000)),
-    ("x=-0.25", Decimal("-0.25")), ("no number", None),
-])
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("so she pays 1,234 dollars", Decimal(1234)),
+        ("it is -5 degrees", Decimal(-5)),
+        ("3.50", Decimal("3.5")),
+        ("from 10-20 apples", Decimal(20)),
+        ("1,2,3", Decimal(3)),
+        ("#### $1,000,000.", Decimal(1000000)),
+        ("x=-0.25", Decimal("-0.25")),
+        ("no number", None),
+    ],
+)
 def test_last_number(text, number):
     assert metrics.last_number(text) == number
 
@@ -78,7 +91,9 @@ def test_gsm8k_exact_match_compares_final_numbers():
     assert metrics.gsm8k(predictions, answers) == {"exact_match": 50.0}
 
 
-@pytest.mark.parametrize("text, index", [("2", 2), ("The answer is 3.", 3), ("Ending 1: he runs", 1), ("23", None), ("", None), ("4", None)])
+@pytest.mark.parametrize(
+    "text, index", [("2", 2), ("The answer is 3.", 3), ("Ending 1: he runs", 1), ("23", None), ("", None), ("4", None)]
+)
 def test_hellaswag_choice_is_the_first_digit_0_to_3(text, index):
     assert metrics.choice(text) == index
 
@@ -98,10 +113,17 @@ def test_perfect_predictions_score_100_and_empty_ones_0(name):
 
 
 def test_headline_metric_comes_first():
-    heads = {name: next(iter(task.score([task.target(r) for r in task.load("test")], task.load("test"))))
-             for name, task in tasks.TASKS.items()}
-    assert heads == {"squad": "exact_match", "dialogsum": "rougeL", "hellaswag": "accuracy", "iwslt2017-de-en": "bleu",
-                     "gsm8k": "exact_match"}
+    heads = {
+        name: next(iter(task.score([task.target(r) for r in task.load("test")], task.load("test"))))
+        for name, task in tasks.TASKS.items()
+    }
+    assert heads == {
+        "squad": "exact_match",
+        "dialogsum": "rougeL",
+        "hellaswag": "accuracy",
+        "iwslt2017-de-en": "bleu",
+        "gsm8k": "exact_match",
+    }
 
 
 def test_score_needs_one_prediction_per_row():
@@ -114,6 +136,7 @@ def test_score_needs_one_prediction_per_row():
 
 
 # Prompts and targets.
+
 
 def test_templates_are_documented_verbatim():
     docs = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -136,8 +159,13 @@ def test_prompts_and_targets_fill_in_the_row():
 # Loading: sources and split rules.
 
 # Rows per split from the bundled samples; pinned so a change to the split rule shows.
-BUNDLED_ROWS = {"squad": (152, 21, 27), "dialogsum": (100, 50, 50), "hellaswag": (171, 16, 13),
-                "iwslt2017-de-en": (314, 37, 49), "gsm8k": (181, 19, 100)}
+BUNDLED_ROWS = {
+    "squad": (152, 21, 27),
+    "dialogsum": (100, 50, 50),
+    "hellaswag": (171, 16, 13),
+    "iwslt2017-de-en": (314, 37, 49),
+    "gsm8k": (181, 19, 100),
+}
 
 
 @pytest.mark.parametrize("name", list(tasks.TASKS))
@@ -147,17 +175,28 @@ def test_bundled_splits(name):
     assert tuple(map(len, loaded)) == BUNDLED_ROWS[name]
     for split, rows in zip(tasks.SPLITS, loaded):
         assert rows.info["task"] == name and rows.info["split"] == split and rows.info["source"] == "bundled"
-        assert rows.info["location"] == str(BUNDLED / task.folder) and rows.info["rows"] == len(rows) and rows.info["rule"]
+        assert (
+            rows.info["location"] == str(BUNDLED / task.folder) and rows.info["rows"] == len(rows) and rows.info["rule"]
+        )
 
 
-@pytest.mark.parametrize("name, pooled", [("squad", ["validation"]), ("hellaswag", ["validation"]),
-                                          ("iwslt2017-de-en", ["validation", "test"]), ("gsm8k", ["train"])])
+@pytest.mark.parametrize(
+    "name, pooled",
+    [
+        ("squad", ["validation"]),
+        ("hellaswag", ["validation"]),
+        ("iwslt2017-de-en", ["validation", "test"]),
+        ("gsm8k", ["train"]),
+    ],
+)
 def test_derived_splits_never_share_a_group_and_lose_no_row(name, pooled):
     task = tasks.get(name)
-    source = [json.loads(line) for s in pooled for line in (BUNDLED / task.folder / f"{s}.jsonl").read_text().splitlines()]
+    source = [
+        json.loads(line) for s in pooled for line in (BUNDLED / task.folder / f"{s}.jsonl").read_text().splitlines()
+    ]
     derived = [task.load(s) for s in (tasks.SPLITS if name != "gsm8k" else ("train", "validation"))]
     keys = [{tuple(r[f] for f in task.group) for r in rows} for rows in derived]
-    assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1 :])
     assert sorted(map(json.dumps, (r for rows in derived for r in rows))) == sorted(map(json.dumps, source))
     assert "sha256" in derived[0].info["rule"]
 
@@ -186,6 +225,7 @@ def test_a_folder_with_train_uses_the_official_mapping(tmp_path):
 
 # Bad input: one clear error naming the file, the line and the fields.
 
+
 def _write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -195,13 +235,16 @@ def _write(path: Path, data: bytes) -> Path:
 GOOD = b'{"question": "q", "answer": "#### 1"}\n'
 
 
-@pytest.mark.parametrize("data, line, says", [
-    (GOOD + b'{"question": "q", "answer": \n', 2, "not JSON"),
-    (GOOD + GOOD + b'{"question": "caf\xe9", "answer": "#### 1"}\n', 3, "not UTF-8"),
-    (GOOD + b'{"question": "q"}\n', 2, "no answer"),
-    (GOOD + b"\n" + GOOD, 2, "not JSON"),
-    (b'["question", "answer"]\n', 1, "no question, answer"),
-])
+@pytest.mark.parametrize(
+    "data, line, says",
+    [
+        (GOOD + b'{"question": "q", "answer": \n', 2, "not JSON"),
+        (GOOD + GOOD + b'{"question": "caf\xe9", "answer": "#### 1"}\n', 3, "not UTF-8"),
+        (GOOD + b'{"question": "q"}\n', 2, "no answer"),
+        (GOOD + b"\n" + GOOD, 2, "not JSON"),
+        (b'["question", "answer"]\n', 1, "no question, answer"),
+    ],
+)
 def test_a_bad_line_names_file_line_and_fields(tmp_path, data, line, says):
     path = _write(tmp_path / "gsm8k" / "test.jsonl", data)
     _write(tmp_path / "gsm8k" / "train.jsonl", GOOD)
@@ -215,7 +258,9 @@ def test_a_bad_line_names_file_line_and_fields(tmp_path, data, line, says):
 def test_an_empty_file_or_split_is_an_error(tmp_path):
     _write(tmp_path / "train.jsonl", GOOD)
     _write(tmp_path / "test.jsonl", b"")
-    with pytest.raises(DataError, match=r"test\.jsonl: no rows; expected one JSON object per row with fields question, answer"):
+    with pytest.raises(
+        DataError, match=r"test\.jsonl: no rows; expected one JSON object per row with fields question, answer"
+    ):
         tasks.get("gsm8k").load("test", tmp_path)
     # One row cannot fill three offline splits: the two empty ones say so.
     _write(tmp_path / "one" / "validation.jsonl", b'{"de": "Hallo", "en": "Hello"}\n')
@@ -246,6 +291,7 @@ def test_missing_file_unknown_split_source_and_task(tmp_path):
 
 # The Hub, through a stand-in `datasets` module.
 
+
 @pytest.fixture
 def hub(monkeypatch):
     """A fake `datasets` whose load_dataset serves `hub.splits[split]` and records its calls."""
@@ -260,10 +306,27 @@ def hub(monkeypatch):
 
 
 def test_hub_squad_uses_the_papers_rule(hub):
-    hub.splits = {"train": [{"id": str(i), "title": "t", "context": f"c{i}", "question": "q",
-                             "answers": {"text": ["a"], "answer_start": [0]}} for i in range(4900)],
-                  "validation": [{"id": "v", "title": "t", "context": "c", "question": "q",
-                                  "answers": {"text": ["a", "b"], "answer_start": [0, 0]}}]}
+    hub.splits = {
+        "train": [
+            {
+                "id": str(i),
+                "title": "t",
+                "context": f"c{i}",
+                "question": "q",
+                "answers": {"text": ["a"], "answer_start": [0]},
+            }
+            for i in range(4900)
+        ],
+        "validation": [
+            {
+                "id": "v",
+                "title": "t",
+                "context": "c",
+                "question": "q",
+                "answers": {"text": ["a", "b"], "answer_start": [0, 0]},
+            }
+        ],
+    }
     squad = tasks.get("squad")
     train, validation, test = (squad.load(s, "hub") for s in tasks.SPLITS)
     assert (len(train), len(validation), len(test)) == (100, 4800, 1)
@@ -273,18 +336,39 @@ def test_hub_squad_uses_the_papers_rule(hub):
 
 
 def test_hub_rows_are_brought_to_the_local_layout(hub):
-    hub.splits = {"test": [{"id": f"test_0_{k}", "dialogue": "d0", "summary": f"s{k}", "topic": "t"} for k in (1, 2, 3)]
-                  + [{"id": "test_1_1", "dialogue": "d1", "summary": "x", "topic": "t"}]}
+    hub.splits = {
+        "test": [{"id": f"test_0_{k}", "dialogue": "d0", "summary": f"s{k}", "topic": "t"} for k in (1, 2, 3)]
+        + [{"id": "test_1_1", "dialogue": "d1", "summary": "x", "topic": "t"}]
+    }
     assert list(tasks.get("dialogsum").load("test", "hub")) == [
         {"id": "test_0_1", "dialogue": "d0", "summary1": "s1", "summary2": "s2", "summary3": "s3"},
-        {"id": "test_1_1", "dialogue": "d1", "summary1": "x"}]
-    hub.splits = {"validation": [{"activity_label": "Jumping", "ctx": "[header] How to jump [title] Bend your knees.",
-                                  "endings": ["[step] Jump.", "Sit.", "Run.", "Fly."], "label": "3"}]}
+        {"id": "test_1_1", "dialogue": "d1", "summary1": "x"},
+    ]
+    hub.splits = {
+        "validation": [
+            {
+                "activity_label": "Jumping",
+                "ctx": "[header] How to jump [title] Bend your knees.",
+                "endings": ["[step] Jump.", "Sit.", "Run.", "Fly."],
+                "label": "3",
+            }
+        ]
+    }
     (row,) = tasks.get("hellaswag").load("test", "hub")
-    assert row == {"activity_label": "Jumping", "ctx": "How to jump. Bend your knees.", "endings": ["Jump.", "Sit.", "Run.", "Fly."], "label": 3}
+    assert row == {
+        "activity_label": "Jumping",
+        "ctx": "How to jump. Bend your knees.",
+        "endings": ["Jump.", "Sit.", "Run.", "Fly."],
+        "label": 3,
+    }
     hub.splits = {"train": [{"translation": {"de": "Hallo", "en": "Hello"}}]}
     assert list(tasks.get("iwslt2017-de-en").load("train", "hub")) == [{"de": "Hallo", "en": "Hello"}]
-    assert hub.calls[-1] == {"path": "IWSLT/iwslt2017", "data_dir": "iwslt2017-de-en", "revision": "refs/convert/parquet", "split": "train"}
+    assert hub.calls[-1] == {
+        "path": "IWSLT/iwslt2017",
+        "data_dir": "iwslt2017-de-en",
+        "revision": "refs/convert/parquet",
+        "split": "train",
+    }
 
 
 def test_hub_rows_are_checked_too(hub):

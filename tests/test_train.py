@@ -16,18 +16,41 @@ from tiedlora import TiedLoraError
 from tiedlora.cli import main
 from tiedlora.train import Diverged, TokenLoss, TrainConfig, lr_at, micro_batches, step_batches, train
 
+from conftest import latest_step, record_steps
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def options(tiny_folder, out, **extra):
     """A small run: 6 steps of 4 SQuAD rows in micro batches of 2, validating every 2 steps."""
-    return dict(task="squad", config="tl6", rank=4, model=str(tiny_folder), out=str(out), max_steps=6, batch_size=4,
-                micro_batch_size=2, val_every=2, val_rows=4, train_rows=24, test_rows=3, max_new_tokens=4, lr=1e-2,
-                warmup_steps=2, eval_batch_size=4) | extra
+    return (
+        dict(
+            task="squad",
+            config="tl6",
+            rank=4,
+            model=str(tiny_folder),
+            out=str(out),
+            max_steps=6,
+            batch_size=4,
+            micro_batch_size=2,
+            val_every=2,
+            val_rows=4,
+            train_rows=24,
+            test_rows=3,
+            max_new_tokens=4,
+            lr=1e-2,
+            warmup_steps=2,
+            eval_batch_size=4,
+        )
+        | extra
+    )
 
 
 def flags(tiny_folder, out, **extra):
-    return [(f"--{k}" if v else f"--no_{k}") if isinstance(v, bool) else f"--{k}={v}" for k, v in options(tiny_folder, out, **extra).items()]
+    return [
+        (f"--{k}" if v else f"--no_{k}") if isinstance(v, bool) else f"--{k}={v}"
+        for k, v in options(tiny_folder, out, **extra).items()
+    ]
 
 
 def adapter_tensors(folder):
@@ -84,7 +107,9 @@ def test_train_eval_merge_export_cycle(tiny_folder, tmp_path, capsys):
     assert main(["eval", "--adapter", str(run), "--task", "squad", "--limit", "2", "--max_new_tokens", "3"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["rows"] == 2 and list(scored["metrics"]) == ["exact_match", "f1"]
-    assert main(["eval", "--adapter", str(run), "--task", "squad", "--limit", "2", "--max_new_tokens", "3", "--base"]) == 0
+    assert (
+        main(["eval", "--adapter", str(run), "--task", "squad", "--limit", "2", "--max_new_tokens", "3", "--base"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["adapter"] is None
 
     from peft import PeftModel
@@ -107,20 +132,30 @@ def test_train_eval_merge_export_cycle(tiny_folder, tmp_path, capsys):
     assert main(["generate", "--adapter", str(run), "--max_new_tokens", "3", "Hello"]) == 0
 
 
-def test_resume_after_kill_ends_with_the_same_adapter(tiny_folder, tmp_path):
+def test_resume_after_kill_ends_with_the_same_adapter(tiny_folder, tmp_path, monkeypatch, capsys):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     options = dict(max_steps=8, checkpoint_every=2, dropout=0.1, test_rows=1)
     assert main(["train", *flags(tiny_folder, whole, **options), "--quiet"]) == 0
 
-    child = subprocess.Popen([sys.executable, "-m", "tiedlora", "train", *flags(tiny_folder, killed, **options), "--quiet"],
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tiedlora", "train", *flags(tiny_folder, killed, **options), "--quiet"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while not (killed / "checkpoint" / "latest").is_file() and time.time() < deadline and child.poll() is None:
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    start = latest_step(killed)
+    assert 0 < start < 8
+    steps = record_steps(monkeypatch)
+    capsys.readouterr()
     assert main(["train", *flags(tiny_folder, killed, **options), "--resume", "--quiet"]) == 0
+    assert steps == list(range(start, 8))  # from the step checkpoint/latest names, none redone
+    assert f"resuming at step {start} of 8 from {killed / 'checkpoint' / f'step-{start}'}" in capsys.readouterr().out
 
     for sub in ("checkpoint/step-8", "best"):
         a, b = adapter_tensors(whole / sub), adapter_tensors(killed / sub)
@@ -135,8 +170,26 @@ def test_two_processes_match_one_process(tiny_folder, tmp_path, engine):
     options = dict(max_steps=3, batch_size=6, micro_batch_size=2, val_every=3, test_rows=1)
     assert main(["train", *flags(tiny_folder, one, **options), "--quiet"]) == 0
     options["fsdp"] = engine == "fsdp"
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tiedlora", "train",
-                          *flags(tiny_folder, two, **options), "--quiet"], env=ENV, capture_output=True, text=True, timeout=600)
+    # --standalone: torchrun picks a free port for its rendezvous itself, rather than a fixed 29500
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tiedlora",
+            "train",
+            *flags(tiny_folder, two, **options),
+            "--quiet",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     with (one / "log.csv").open() as f, (two / "log.csv").open() as g:
         losses = [(float(a["loss"]), float(b["loss"])) for a, b in zip(csv.DictReader(f), csv.DictReader(g))]
@@ -163,13 +216,16 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_folde
     assert adapter_tensors(run / "checkpoint" / "step-2")
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(task="squadd"), "No task 'squadd'; the tasks are squad"),
-    (dict(config="tl9"), "Unknown preset 'tl9'"),
-    (dict(model="no/such-model-here"), "Could not load --model 'no/such-model-here'"),
-    (dict(lr=-1), "--lr -1.0 must be a positive number"),
-    (dict(precision="fp16"), "--precision 'fp16': choose auto"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(task="squadd"), "No task 'squadd'; the tasks are squad"),
+        (dict(config="tl9"), "Unknown preset 'tl9'"),
+        (dict(model="no/such-model-here"), "Could not load --model 'no/such-model-here'"),
+        (dict(lr=-1), "--lr -1.0 must be a positive number"),
+        (dict(precision="fp16"), "--precision 'fp16': choose auto"),
+    ],
+)
 def test_bad_options_are_one_clear_line(tiny_folder, tmp_path, capsys, change, message):
     assert main(["train", *flags(tiny_folder, tmp_path / "run", **change), "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -216,8 +272,12 @@ def test_bf16_precision_trains_under_autocast_on_the_cpu(tiny_folder, tmp_path, 
     runs = {}
     for precision in ("auto", "bf16"):
         seen.clear()
-        runs[precision] = train(TrainConfig(**options(tiny_folder, tmp_path / precision, max_steps=2, precision=precision)), quiet=True)
-        assert seen.count(True) == (4 if precision == "bf16" else 0)  # 2 steps of 2 micro batches; validation stays fp32
+        runs[precision] = train(
+            TrainConfig(**options(tiny_folder, tmp_path / precision, max_steps=2, precision=precision)), quiet=True
+        )
+        assert seen.count(True) == (
+            4 if precision == "bf16" else 0
+        )  # 2 steps of 2 micro batches; validation stays fp32
     assert runs["bf16"]["recipe"]["precision"] == "bf16"
     a, b = (adapter_tensors(tmp_path / p / "best") for p in ("auto", "bf16"))
     assert all(torch.isfinite(b[k]).all() for k in b) and any(not torch.equal(a[k], b[k]) for k in a)

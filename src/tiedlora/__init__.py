@@ -8,6 +8,20 @@ from .serve.multi import MultiAdapterModel
 from .version import __version__
 
 __all__ = [
-    "PRESETS", "MultiAdapterModel", "Part", "TiedLoraConfig", "TiedLoraError", "__version__", "adapter_parameters", "apply",
-    "disabled", "export_peft", "load", "merge", "remove", "save", "trainable_parameters", "unmerge",
+    "PRESETS",
+    "MultiAdapterModel",
+    "Part",
+    "TiedLoraConfig",
+    "TiedLoraError",
+    "__version__",
+    "adapter_parameters",
+    "apply",
+    "disabled",
+    "export_peft",
+    "load",
+    "merge",
+    "remove",
+    "save",
+    "trainable_parameters",
+    "unmerge",
 ]

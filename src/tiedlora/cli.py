@@ -9,10 +9,12 @@ import dataclasses
 import inspect
 import json as jsonlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import TiedLoraError
-from .models import NAMES, SMOLLM2, parameter_table
+from .models import SMOLLM2, parameter_table
 from .runs import best_adapter, run_options, write_json
 
 
@@ -51,8 +53,19 @@ def train(resume: bool = False, quiet: bool = False, **options) -> None:
         print(jsonlib.dumps({k: results[k] for k in keys}, indent=2))
 
 
-def sweep(*, out: str, tasks: str = "all", configs: str = "all", ranks: str = "2,8,32,128", lrs: str = "1e-4",
-          layers: str = "", model: str = SMOLLM2, shard: str = "1/1", quiet: bool = False, **budget) -> None:
+def sweep(
+    *,
+    out: str,
+    tasks: str = "all",
+    configs: str = "all",
+    ranks: str = "2,8,32,128",
+    lrs: str = "1e-4",
+    layers: str = "",
+    model: str = SMOLLM2,
+    shard: str = "1/1",
+    quiet: bool = False,
+    **budget,
+) -> None:
     """Run a grid of train runs, one folder per cell: finished cells are skipped, killed ones
     resumed. Budget options left unset come from each task's paper recipe.
 
@@ -107,16 +120,30 @@ def open_adapter(adapter: str, model_name: str | None, base: bool = False):
     run = run_options(Path(adapter))
     folder = best_adapter(Path(adapter))
     if not (folder / CONFIG).is_file():
-        raise TiedLoraError(f"--adapter {adapter}: no run folder (run.json) with a best/ adapter, nor an adapter folder ({CONFIG}).")
+        raise TiedLoraError(
+            f"--adapter {adapter}: no run folder (run.json) with a best/ adapter, nor an adapter folder ({CONFIG})."
+        )
     model, tokenizer = load_model(model_name or (run or {}).get("model") or SMOLLM2)
     if not base:
         load(model, folder)
     return model, tokenizer, run
 
 
-def evaluate(*, task: str, adapter: str | None = None, split: str = "test", limit: int | None = None, model: str | None = None,
-             base: bool = False, max_new_tokens: int = 500, batch_size: int = 16, loglik: bool = False,
-             source: str | None = None, chat: bool = False, out: str | None = None) -> dict:
+def evaluate(
+    *,
+    task: str,
+    adapter: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    model: str | None = None,
+    base: bool = False,
+    max_new_tokens: int = 500,
+    batch_size: int = 16,
+    loglik: bool = False,
+    source: str | None = None,
+    chat: bool = False,
+    out: str | None = None,
+) -> dict:
     """Score an adapter (or the base model) on a task by greedy decoding.
 
     Args:
@@ -153,8 +180,14 @@ def evaluate(*, task: str, adapter: str | None = None, split: str = "test", limi
     else:
         scores = score(lm, tokenizer, the_task, picked, max_new_tokens, batch_size, chat)
     scores.pop("predictions", None)
-    result = {"task": task, "split": split, "rows": len(picked), "adapter": None if base else adapter, "data": rows.info,
-              "metrics": scores}
+    result = {
+        "task": task,
+        "split": split,
+        "rows": len(picked),
+        "adapter": None if base else adapter,
+        "data": rows.info,
+        "metrics": scores,
+    }
     if out:
         write_json(Path(out), result)
     print(jsonlib.dumps(result, indent=2))
@@ -196,8 +229,9 @@ def export(*, adapter: str, out: str, format: str = "peft", model: str | None = 
     print(f"wrote {out}: a PEFT LoRA adapter (r = {lm.tiedlora.config.rank})")
 
 
-def generate(prompt: str, *, adapter: str | None = None, model: str | None = None, max_new_tokens: int = 200,
-             chat: bool = False) -> None:
+def generate(
+    prompt: str, *, adapter: str | None = None, model: str | None = None, max_new_tokens: int = 200, chat: bool = False
+) -> None:
     """Greedy completion of one prompt, for a quick look.
 
     Args:
@@ -214,8 +248,15 @@ def generate(prompt: str, *, adapter: str | None = None, model: str | None = Non
     print(complete(lm, tokenizer, [prompt], max_new_tokens, 1, chat)[0])
 
 
-def serve(model: str = SMOLLM2, adapters: str = "runs", host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
-          max_prompt_tokens: int = 2048, max_tokens_limit: int = 1024) -> None:
+def serve(
+    model: str = SMOLLM2,
+    adapters: str = "runs",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 32,
+    max_prompt_tokens: int = 2048,
+    max_tokens_limit: int = 1024,
+) -> None:
     """An OpenAI-compatible HTTP server: one base model, every adapter under --adapters, requests
     batched across adapters.
 
@@ -233,8 +274,17 @@ def serve(model: str = SMOLLM2, adapters: str = "runs", host: str = "127.0.0.1",
     run(model, adapters, host, port, max_batch, max_prompt_tokens, max_tokens_limit)
 
 
-COMMANDS = {"params": params, "train": train, "sweep": sweep, "report": report, "eval": evaluate, "merge": merge,
-            "export": export, "generate": generate, "serve": serve}
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "params": params,
+    "train": train,
+    "sweep": sweep,
+    "report": report,
+    "eval": evaluate,
+    "merge": merge,
+    "export": export,
+    "generate": generate,
+    "serve": serve,
+}
 
 
 def config_file(command: str) -> str:
@@ -259,7 +309,9 @@ def add_options(parser, source, skip=()) -> None:
     else:
         parser.add_function_arguments(source, skip=skipped, as_group=False, as_positional=True)
     for name in sorted(switches, key=list(signature.parameters).index):
-        parser.add_argument(f"--{name}", action=ActionYesNo, default=signature.parameters[name].default, help=docs.get(name))
+        parser.add_argument(
+            f"--{name}", action=ActionYesNo, default=signature.parameters[name].default, help=docs.get(name)
+        )
 
 
 def parser():
@@ -269,13 +321,14 @@ def parser():
     from .train import TrainConfig
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    top = ArgumentParser(prog="tiedlora", description="Tied-LoRA fine-tuning: weight-tied, selectively trained low-rank adapters.")
+    top = ArgumentParser(
+        prog="tiedlora", description="Tied-LoRA fine-tuning: weight-tied, selectively trained low-rank adapters."
+    )
     commands = top.add_subcommands(dest="command")
     for name, command in COMMANDS.items():
         doc = inspect.getdoc(command) or ""
         p = ArgumentParser(prog=f"tiedlora {name}", description=doc.split("\n\nArgs:")[0])
-        p.add_argument(f"--{config_file(name)}", action=ActionConfigFile,
-                       help="A YAML file of these options.")
+        p.add_argument(f"--{config_file(name)}", action=ActionConfigFile, help="A YAML file of these options.")
         add_options(p, command)
         if name == "train":
             add_options(p, TrainConfig)
@@ -293,10 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv, defaults=False)
     except ImportError as e:
-        print(f"tiedlora: the command line needs the harness extra ({e.name} is missing): pip install 'tiedlora[harness]'",
-              file=sys.stderr)
+        print(
+            f"tiedlora: the command line needs the harness extra ({e.name} is missing): pip install "
+            "'tiedlora[harness]'",
+            file=sys.stderr,
+        )
         return 2
-    options = {k: v for k, v in args[args.command].as_dict().items() if k not in (config_file(args.command), "__path__")}
+    options = {
+        k: v for k, v in args[args.command].as_dict().items() if k not in (config_file(args.command), "__path__")
+    }
     try:
         COMMANDS[args.command](**options)
     except TiedLoraError as e:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 PARTS = ("A", "B", "u", "v")
+FLOAT32_MAX = 3.4028234663852886e38  # an init beyond it cannot become a float32 tensor
 NAMED_INITS = ("kaiming", "zeros", "ones")
 # Target groups the library finds by itself; see `layout.GROUP_PATTERNS` for the module names.
 GROUP_ALIASES = ("qkv", "o", "mlp_in", "mlp_out")
@@ -35,8 +36,11 @@ class Part:
             raise TiedLoraError(f"Part(tied={self.tied!r}, trainable={self.trainable!r}): both must be True or False.")
         named = isinstance(self.init, str) and self.init in NAMED_INITS
         number = isinstance(self.init, (int, float)) and not isinstance(self.init, bool) and math.isfinite(self.init)
-        if not (named or number):
-            raise TiedLoraError(f"init={self.init!r} is not an initialisation: use one of {NAMED_INITS} or a finite number.")
+        if not (named or number and abs(self.init) <= FLOAT32_MAX):  # type: ignore[arg-type]
+            raise TiedLoraError(
+                f"init={self.init!r} is not an initialisation: use one of {NAMED_INITS} "
+                f"or a number within float32's range (|init| <= {FLOAT32_MAX:.3g})."
+            )
 
 
 def _p(tied: bool, trainable: bool, init) -> Part:
@@ -86,9 +90,15 @@ class TiedLoraConfig:
             raise TiedLoraError(f"rank={self.rank!r} must be a positive integer, e.g. rank=8.")
         for part in PARTS:
             if not isinstance(getattr(self, part), Part):
-                raise TiedLoraError(f"{part}={getattr(self, part)!r} must be a tiedlora.Part(tied=..., trainable=..., init=...).")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
-                                       or not math.isfinite(self.alpha) or self.alpha <= 0):
+                raise TiedLoraError(
+                    f"{part}={getattr(self, part)!r} must be a tiedlora.Part(tied=..., trainable=..., init=...)."
+                )
+        if self.alpha is not None and (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not math.isfinite(self.alpha)
+            or self.alpha <= 0
+        ):
             raise TiedLoraError(f"alpha={self.alpha!r} must be a positive number (or None for alpha = rank).")
         if not isinstance(self.name, str):
             raise TiedLoraError(f"name={self.name!r} must be a string.")
@@ -98,10 +108,14 @@ class TiedLoraConfig:
             raise TiedLoraError(f"dropout={self.dropout!r} must be in [0, 1).")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)):
-                raise TiedLoraError(f"layers={self.layers!r} must be a list of layer indices, e.g. [3], or None for all.")
+                raise TiedLoraError(
+                    f"layers={self.layers!r} must be a list of layer indices, e.g. [3], or None for all."
+                )
             layers = tuple(self.layers)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-                raise TiedLoraError(f"layers={self.layers!r} must be a non-empty list of layer indices (0, 1, ...), or None for all.")
+                raise TiedLoraError(
+                    f"layers={self.layers!r} must be a non-empty list of layer indices (0, 1, ...), or None for all."
+                )
             object.__setattr__(self, "layers", tuple(sorted(set(layers))))
         object.__setattr__(self, "targets", _normalise_targets(self.targets))
 
@@ -119,7 +133,7 @@ class TiedLoraConfig:
         return {p: getattr(self, p) for p in PARTS}
 
     @classmethod
-    def preset(cls, name: str, rank: int = 8, *, init: dict | None = None, **options) -> "TiedLoraConfig":
+    def preset(cls, name: str, rank: int = 8, *, init: dict | None = None, **options) -> TiedLoraConfig:
         """One of Table 1's configurations; `init={"A": "zeros"}` overrides a part's start,
         `A=Part(...)` a whole part."""
         if name not in PRESETS:
@@ -130,16 +144,18 @@ class TiedLoraConfig:
             if part not in PARTS:
                 raise TiedLoraError(f"init names part {part!r}: parts are {', '.join(PARTS)}.")
             parts[part] = dataclasses.replace(parts[part], init=value)
-        return cls(rank=rank, name=name, **parts, **options)
+        return cls(rank=rank, name=name, A=parts["A"], B=parts["B"], u=parts["u"], v=parts["v"], **options)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers) if self.layers is not None else None
-        d["targets"] = {k: list(v) for k, v in self.targets.items()} if isinstance(self.targets, dict) else list(self.targets)
+        d["targets"] = (
+            {k: list(v) for k, v in self.targets.items()} if isinstance(self.targets, dict) else list(self.targets)
+        )
         return d
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TiedLoraConfig":
+    def from_dict(cls, data: dict) -> TiedLoraConfig:
         """The inverse of to_dict; unknown or mistyped keys are errors, never ignored."""
         if not isinstance(data, dict):
             raise TiedLoraError(f"An adapter config must be a JSON object, got {type(data).__name__}.")
@@ -153,7 +169,9 @@ class TiedLoraConfig:
                 value = data[part]
                 part_keys = {f.name for f in dataclasses.fields(Part)}
                 if not isinstance(value, dict) or set(value) - part_keys:
-                    raise TiedLoraError(f"Config part {part}={value!r} must be an object with keys {sorted(part_keys)}.")
+                    raise TiedLoraError(
+                        f"Config part {part}={value!r} must be an object with keys {sorted(part_keys)}."
+                    )
                 data[part] = Part(**value)
         return cls(**data)
 
@@ -162,13 +180,28 @@ def _normalise_targets(targets) -> tuple[str, ...] | dict[str, tuple[str, ...]]:
     if isinstance(targets, str):
         targets = (targets,)
     if not isinstance(targets, (dict, list, tuple)):
-        raise TiedLoraError(f"targets={targets!r}: use a list of groups from {list(GROUP_ALIASES)} or a mapping {{group: [module names]}}.")
+        raise TiedLoraError(
+            f"targets={targets!r}: use a list of groups from {list(GROUP_ALIASES)} or a mapping "
+            f"{{group: [module names]}}."
+        )
     if isinstance(targets, dict):
-        if not targets or not all(isinstance(k, str) and k.isidentifier() and isinstance(v, (list, tuple)) and v and all(isinstance(m, str) for m in v) for k, v in targets.items()):
-            raise TiedLoraError(f"targets={targets!r}: a mapping needs group names to non-empty lists of module names, e.g. {{'qkv': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj']}}.")
+        if not targets or not all(
+            isinstance(k, str)
+            and k.isidentifier()
+            and isinstance(v, (list, tuple))
+            and v
+            and all(isinstance(m, str) for m in v)
+            for k, v in targets.items()
+        ):
+            raise TiedLoraError(
+                f"targets={targets!r}: a mapping needs group names to non-empty lists of module names, e.g. "
+                f"{{'qkv': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj']}}."
+            )
         return {k: tuple(v) for k, v in targets.items()}
     targets = tuple(targets)
     bad = [t for t in targets if t not in GROUP_ALIASES]
     if not targets or bad:
-        raise TiedLoraError(f"targets={list(targets)!r}: use groups from {list(GROUP_ALIASES)} or a mapping {{group: [module names]}}.")
+        raise TiedLoraError(
+            f"targets={list(targets)!r}: use groups from {list(GROUP_ALIASES)} or a mapping {{group: [module names]}}."
+        )
     return tuple(dict.fromkeys(targets))

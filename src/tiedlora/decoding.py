@@ -24,7 +24,9 @@ def pad_id(tokenizer) -> int:
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The tokens of a conversation in the tokenizer's chat template, ready for the assistant's turn."""
     if not getattr(tokenizer, "chat_template", None):
-        raise TiedLoraError(f"chat=True, but the tokenizer {type(tokenizer).__name__} has no chat template; use chat=False.")
+        raise TiedLoraError(
+            f"chat=True, but the tokenizer {type(tokenizer).__name__} has no chat template; use chat=False."
+        )
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -44,8 +46,15 @@ def pad_batch(seqs: list[list[int]], pad: int, left: bool, device) -> tuple[torc
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 500, batch_size: int = 8, chat: bool = False,
-             progress: bool = True) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 500,
+    batch_size: int = 8,
+    chat: bool = False,
+    progress: bool = True,
+) -> list[str]:
     """Greedy completions of `prompts`, in their order, by transformers' generate. Batches are
     filled longest prompt first so they waste little on padding. Decoding stops at EOS or
     `max_new_tokens`; no other stop string is assumed. The model runs in eval mode and is given
@@ -54,7 +63,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 500, ba
     from transformers import GenerationConfig
 
     pad = pad_id(tokenizer)
-    greedy = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    greedy = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad
+    )
     ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     answers = [""] * len(ids)
@@ -62,10 +73,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 500, ba
     model.eval()
     with tqdm(total=len(ids), desc="generate", unit="row", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             input_ids, mask = pad_batch([ids[i] for i in rows], pad, True, model.device)
             out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=greedy)
-            for i, new in zip(rows, out[:, input_ids.shape[1]:]):
+            for i, new in zip(rows, out[:, input_ids.shape[1] :]):
                 answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
             bar.update(len(rows))
     model.train(training)
@@ -119,14 +130,14 @@ class Sequence:
         text = tokenizer.decode(self.tokens, skip_special_tokens=True)
         hits = [text.find(s) for s in stop if s in text]
         if hits:
-            text, self.finish = text[:min(hits)], "stop"
+            text, self.finish = text[: min(hits)], "stop"
         elif self.finish is None and len(self.tokens) >= self.sampling.max_tokens:
             self.finish = "length"
         if self.finish is None:
             text = text.rstrip("\ufffd")
             held = max([n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])], default=0)
-            text = text[:len(text) - held]
-        delta = text[self.sent:]
+            text = text[: len(text) - held]
+        delta = text[self.sent :]
         self.sent = max(self.sent, len(text))
         return delta
 
@@ -155,7 +166,14 @@ def decode(model, tokenizer, seqs: list[Sequence], emit: Callable[[Sequence, str
         seq.seed(device)
     input_ids, mask = pad_batch([s.prompt for s in seqs], pad_id(tokenizer), True, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **model_kwargs)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **model_kwargs,
+    )
     while True:
         tokens = pick(out.logits[:, -1].float(), seqs)
         for seq, token in zip(seqs, tokens.tolist()):
@@ -167,5 +185,11 @@ def decode(model, tokenizer, seqs: list[Sequence], emit: Callable[[Sequence, str
             return
         mask = torch.cat([mask, mask.new_ones(len(seqs), 1)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values,
-                    use_cache=True, **model_kwargs)
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            **model_kwargs,
+        )

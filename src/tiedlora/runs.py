@@ -56,7 +56,9 @@ def adapter_folder(root: Path, relative: str) -> Path:
     if folder.is_relative_to(base):
         folder = best_adapter(folder).resolve()
     if not folder.is_relative_to(base):
-        raise TiedLoraError(f"Adapter path {relative!r} leads outside the adapters root {root}; pass a folder inside it.")
+        raise TiedLoraError(
+            f"Adapter path {relative!r} leads outside the adapters root {root}; pass a folder inside it."
+        )
     if not (folder / CONFIG).is_file():
         raise TiedLoraError(
             f"Adapter path {relative!r}: {folder} is neither a run folder ({RUN} and {BEST}/) "

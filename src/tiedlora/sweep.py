@@ -3,7 +3,8 @@ Table 3 cells, LoRA on one layer), each cell a normal `train` run in its own fol
 
 A cell with results.json is done and skipped (a diverged one too: its results.json says so);
 one with run.json but no results resumes from its checkpoint; `shard=(k, n)` takes every n-th
-cell from the k-th, so n machines can split a sweep over one shared folder. Budgets left unset come from each task's paper recipe.
+cell from the k-th, so n machines can split a sweep over one shared folder. Budgets left unset
+come from each task's paper recipe.
 """
 
 from __future__ import annotations
@@ -46,16 +47,25 @@ def grid(tasks, configs, ranks, lrs, layers=()) -> list[Cell]:
     if isinstance(lrs, dict):
         missing = [c for c in [*configs, *(["lora"] if layers else [])] if c not in lrs]
         if missing:
-            raise TiedLoraError(f"--lrs gives no learning rate for {sorted(set(missing))}: name every configuration, e.g. lora:1e-3,tl6:1e-2.")
+            raise TiedLoraError(
+                f"--lrs gives no learning rate for {sorted(set(missing))}: name every configuration, e.g. "
+                "lora:1e-3,tl6:1e-2."
+            )
+
     def lrs_of(config):
         return lrs[config] if isinstance(lrs, dict) else lrs
 
-    return [cell for r in ranks for t in tasks for cell in
-            [Cell(t, c, r, lr) for c in configs for lr in lrs_of(c)] + [Cell(t, "lora", r, lr, layer) for layer in layers for lr in lrs_of("lora")]]
+    return [
+        cell
+        for r in ranks
+        for t in tasks
+        for cell in [Cell(t, c, r, lr) for c in configs for lr in lrs_of(c)]
+        + [Cell(t, "lora", r, lr, layer) for layer in layers for lr in lrs_of("lora")]
+    ]
 
 
 def parse_lrs(text: str) -> list[float] | dict[str, list[float]]:
-    """"1e-3,1e-2": these for every configuration; "lora:1e-3,tl6:1e-2,tl6:3e-3": per configuration."""
+    """ "1e-3,1e-2": these for every configuration; "lora:1e-3,tl6:1e-2,tl6:3e-3": per configuration."""
     try:
         if ":" not in text:
             return [float(v) for v in text.split(",") if v.strip()]
@@ -65,14 +75,18 @@ def parse_lrs(text: str) -> list[float] | dict[str, list[float]]:
             lrs.setdefault(config.strip(), []).append(float(lr))
         return lrs
     except ValueError:
-        raise TiedLoraError(f"--lrs {text!r}: write comma-separated numbers (1e-3,1e-2) or config:lr pairs (lora:1e-3,tl6:1e-2).") from None
+        raise TiedLoraError(
+            f"--lrs {text!r}: write comma-separated numbers (1e-3,1e-2) or config:lr pairs (lora:1e-3,tl6:1e-2)."
+        ) from None
 
 
 def chosen_lrs(folder, rank: int) -> str:
     """The learning rate of each (configuration) chosen on validation at `rank` in a sweep folder
     of one task, as `--lrs` takes it: to sweep the other ranks at those alone."""
     chosen = select(load_results(folder))
-    picked = {config: run["recipe"]["lr"] for (_, config, r, layer), run in chosen.items() if r == rank and layer is None}
+    picked = {
+        config: run["recipe"]["lr"] for (_, config, r, layer), run in chosen.items() if r == rank and layer is None
+    }
     return ",".join(f"{config}:{picked[config]:g}" for config in PRESETS if config in picked)
 
 
@@ -90,8 +104,18 @@ def recipe(budget: dict, cell: Cell, model: str, out: Path) -> TrainConfig:
     """The task's paper recipe, then the sweep's budget (its unset options: the recipe's), then
     the cell's own values."""
     options = {k: v for k, v in budget.items() if v is not None and k not in CELL_FIELDS}
-    return from_recipe({**options, "task": cell.task, "config": cell.config, "rank": cell.rank, "lr": cell.lr, "model": model,
-                        "layers": [cell.layer] if cell.layer is not None else None, "out": str(out / cell.name)})
+    return from_recipe(
+        {
+            **options,
+            "task": cell.task,
+            "config": cell.config,
+            "rank": cell.rank,
+            "lr": cell.lr,
+            "model": model,
+            "layers": [cell.layer] if cell.layer is not None else None,
+            "out": str(out / cell.name),
+        }
+    )
 
 
 def _set(budget: dict) -> dict:
@@ -111,7 +135,9 @@ def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1),
     if path.is_file():
         saved = read_json(path)
         if saved["model"] != model or _set(saved["budget"]) != _set(budget):
-            raise TiedLoraError(f"{out} holds a sweep with another model or budget ({path}); use the same options or another --out.")
+            raise TiedLoraError(
+                f"{out} holds a sweep with another model or budget ({path}); use the same options or another --out."
+            )
         manifest["cells"] = sorted(set(saved["cells"]) | set(manifest["cells"]))
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, manifest)
@@ -133,17 +159,35 @@ def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1),
             try:
                 result = train(cfg, resume=is_run(folder), quiet=True, base=base)
             except Diverged as e:  # a learning rate too high for this cell: recorded, and the sweep goes on
-                result = {"task": cell.task, "config": cell.config, "rank": cell.rank, "diverged": str(e), "recipe": dataclasses.asdict(cfg)}
+                result = {
+                    "task": cell.task,
+                    "config": cell.config,
+                    "rank": cell.rank,
+                    "diverged": str(e),
+                    "recipe": dataclasses.asdict(cfg),
+                }
                 write_json(folder / RESULTS, result)
-            except torch.OutOfMemoryError as e:  # the machine's state, not the cell's: left unfinished, so a rerun resumes it
+            except (
+                torch.OutOfMemoryError
+            ) as e:  # the machine's state, not the cell's: left unfinished, so a rerun resumes it
                 torch.cuda.empty_cache()
-                print(f"[{done}/{len(mine)}] {cell.name}: out of memory ({str(e).splitlines()[0]}); skipped, a rerun resumes it", flush=True)
+                print(
+                    f"[{done}/{len(mine)}] {cell.name}: out of memory ({str(e).splitlines()[0]}); skipped, a "
+                    "rerun resumes it",
+                    flush=True,
+                )
                 continue
         results.append(result)
         if not quiet:
-            outcome = f"diverged ({result['diverged']})" if "diverged" in result else \
-                "{} {:.2f}, {:,} params".format(*next(iter(result["metrics"].items())), result["params"])
+            outcome = (
+                f"diverged ({result['diverged']})"
+                if "diverged" in result
+                else "{} {:.2f}, {:,} params".format(*next(iter(result["metrics"].items())), result["params"])
+            )
             left = (time.time() - started) / done * (len(mine) - done)
-            print(f"[{done}/{len(mine)}] {cell.name}: {outcome}, "
-                  f"{'already done' if finished else f'{time.time() - t:.0f} s'}; about {left / 60:.0f} min to go", flush=True)
+            print(
+                f"[{done}/{len(mine)}] {cell.name}: {outcome}, "
+                f"{'already done' if finished else f'{time.time() - t:.0f} s'}; about {left / 60:.0f} min to go",
+                flush=True,
+            )
     return results

@@ -23,6 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ from .model import adapter_parameters, apply, trainable_parameters
 from .models import SMOLLM2
 from .runs import BEST, CHECKPOINTS, LOG, PREDICTIONS, RESULTS, RUN, read_json, write_json
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .tasks import Rows
 
 PRECISIONS = ("auto", "bf16", "fp32")
 RECIPES = Path(__file__).parent / "configs" / "paper"  # the paper's recipe per task, as YAML
@@ -113,25 +117,44 @@ class TrainConfig:
     """Seeds the adapter's init, the data order and dropout."""
 
     def __post_init__(self):
-        for name in ("rank", "max_steps", "batch_size", "micro_batch_size", "val_every", "patience", "max_length",
-                     "max_new_tokens"):
+        for name in (
+            "rank",
+            "max_steps",
+            "batch_size",
+            "micro_batch_size",
+            "val_every",
+            "patience",
+            "max_length",
+            "max_new_tokens",
+        ):
             if getattr(self, name) <= 0:
                 raise TiedLoraError(f"--{name} {getattr(self, name)} must be positive.")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise TiedLoraError(f"--lr {self.lr} must be a positive number, e.g. 1e-4.")
         if self.precision not in PRECISIONS:
-            raise TiedLoraError(f"--precision {self.precision!r}: choose auto (bf16 autocast on a GPU, fp32 on a CPU), bf16 or fp32.")
+            raise TiedLoraError(
+                f"--precision {self.precision!r}: choose auto (bf16 autocast on a GPU, fp32 on a CPU), bf16 or fp32."
+            )
         if self.early_stop_on not in ("loss", "metric"):
-            raise TiedLoraError(f"--early_stop_on {self.early_stop_on!r}: choose loss (validation loss) or metric "
-                                "(the task's headline, by generation).")
+            raise TiedLoraError(
+                f"--early_stop_on {self.early_stop_on!r}: choose loss (validation loss) or metric "
+                "(the task's headline, by generation)."
+            )
         from .tasks import get
 
         get(self.task)
         self.adapter()
 
     def adapter(self) -> TiedLoraConfig:
-        return TiedLoraConfig.preset(self.config, rank=self.rank, alpha=self.alpha, seed=self.seed,
-                                     layers=self.layers, init=self.init, dropout=self.dropout)
+        return TiedLoraConfig.preset(
+            self.config,
+            rank=self.rank,
+            alpha=self.alpha,
+            seed=self.seed,
+            layers=self.layers,
+            init=self.init,
+            dropout=self.dropout,
+        )
 
 
 def from_recipe(options: dict) -> TrainConfig:
@@ -153,7 +176,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def encode_rows(task, rows, tokenizer, cfg: TrainConfig) -> list[dict]:
+def encode_rows(task, rows, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int]:
     """Tokenised examples, loss on answer tokens; an over-long example loses the start of its
     prompt (the answer is what is learnt), and the run says how many did."""
     from .tasks import encode
@@ -176,7 +199,7 @@ def step_batches(n: int, cfg: TrainConfig, step: int) -> list[int]:
     per_epoch = n // size
     epoch, pos = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    return order[pos * size:(pos + 1) * size]
+    return order[pos * size : (pos + 1) * size]
 
 
 def micro_batches(indices: list[int], examples: list[dict], cfg: TrainConfig, world: int, rank: int) -> list[list[int]]:
@@ -187,7 +210,7 @@ def micro_batches(indices: list[int], examples: list[dict], cfg: TrainConfig, wo
     k = math.ceil(len(ordered) / (cfg.micro_batch_size * world))
     parts = world * k
     bounds = [round(j * len(ordered) / parts) for j in range(parts + 1)]
-    chunks = [ordered[bounds[j]:bounds[j + 1]] for j in range(parts)]
+    chunks = [ordered[bounds[j] : bounds[j + 1]] for j in range(parts)]
     return chunks[rank::world]
 
 
@@ -205,10 +228,12 @@ class TokenLoss(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a transformers causal LM: its base_model and output head are used
 
     def forward(self, input_ids, attention_mask, labels):
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
@@ -238,7 +263,7 @@ def validation_loss(loss_fn, examples, cfg, pad, device) -> float:
     total = 0.0
     ordered = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, len(ordered), cfg.micro_batch_size):
-        chunk = [examples[i] for i in ordered[start:start + cfg.micro_batch_size]]
+        chunk = [examples[i] for i in ordered[start : start + cfg.micro_batch_size]]
         total += loss_fn(**collate(chunk, pad, device)).item()
     return total / max(1, answer_tokens(examples))
 
@@ -267,8 +292,12 @@ class Checkpoints:
             shutil.rmtree(path)
         save(model, path)
         params = {id(p): k for k, p in adapter_parameters(model).items()}
-        moments = {f"{params[id(p)]}/{name}": t.detach().cpu().contiguous()
-                   for p, s in optimizer.state.items() for name, t in s.items() if torch.is_tensor(t)}
+        moments = {
+            f"{params[id(p)]}/{name}": t.detach().cpu().contiguous()
+            for p, s in optimizer.state.items()
+            for name, t in s.items()
+            if torch.is_tensor(t)
+        }
         write_atomic(path / "optimizer.safetensors", to_bytes(moments))
         write_json(path / "state.json", state)
         write_atomic(self.folder / "latest", path.name.encode())
@@ -295,8 +324,12 @@ class Checkpoints:
 def versions() -> dict:
     import transformers
 
-    return {"tiedlora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "tiedlora": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
@@ -312,7 +345,10 @@ def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
         changed = sorted(k for k in set(mine) | set(theirs) if k not in RESUMABLE and mine.get(k) != theirs.get(k))
         if changed:
             diff = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in changed)
-            raise TiedLoraError(f"--resume with a different config than {run_file} ({diff}); resume with the same options or choose another --out.")
+            raise TiedLoraError(
+                f"--resume with a different config than {run_file} ({diff}); resume with the same options or "
+                "choose another --out."
+            )
     elif folder.exists() and any(folder.iterdir()):
         raise TiedLoraError(f"{folder} is not empty and holds no tiedlora run: choose another --out.")
     folder.mkdir(parents=True, exist_ok=True)
@@ -363,8 +399,8 @@ class Log:
 class Data:
     """A run's rows (with where they came from) and their tokenised examples."""
 
-    train_rows: list
-    val_rows: list
+    train_rows: Rows
+    val_rows: Rows
     train: list[dict]
     val: list[dict]
     cut: int  # training examples whose prompt lost its start to --max_length
@@ -373,8 +409,8 @@ class Data:
 
 def load_data(task, tokenizer, cfg: TrainConfig) -> Data:
     train_rows, val_rows = task.load("train", cfg.source), task.load("validation", cfg.source)
-    train_examples, cut = encode_rows(task, train_rows[:cfg.train_rows], tokenizer, cfg)
-    val_examples, _ = encode_rows(task, val_rows[:cfg.val_rows], tokenizer, cfg)
+    train_examples, cut = encode_rows(task, train_rows[: cfg.train_rows], tokenizer, cfg)
+    val_examples, _ = encode_rows(task, val_rows[: cfg.val_rows], tokenizer, cfg)
     return Data(train_rows, val_rows, train_examples, val_examples, cut, pad_id(tokenizer))
 
 
@@ -382,7 +418,7 @@ def load_data(task, tokenizer, cfg: TrainConfig) -> Data:
 class Processes:
     """Where training runs: one process, or several (DDP, or FSDP with --fsdp) under torchrun."""
 
-    accelerator: object
+    accelerator: Any  # accelerate's Accelerator, imported when training starts
     device: torch.device
     world: int
     rank: int
@@ -398,7 +434,9 @@ class Processes:
         from accelerate import Accelerator
 
         cuda = torch.cuda.is_available()
-        accelerator = Accelerator(cpu=not cuda)  # its mixed_precision is fixed per process; a sweep runs cells of any precision
+        accelerator = Accelerator(
+            cpu=not cuda
+        )  # its mixed_precision is fixed per process; a sweep runs cells of any precision
         world = accelerator.num_processes
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
         return cls(accelerator, accelerator.device, world, accelerator.process_index, cfg.fsdp and world > 1, bf16)
@@ -414,7 +452,15 @@ def resume_state(checkpoints: Checkpoints, resume: bool, model, optimizer, cfg: 
     """The training state: fresh, or the latest checkpoint's (saying so in one line)."""
     latest = checkpoints.latest() if resume else None
     if latest is None:
-        return {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "elapsed_s": 0.0, "stopped": None}
+        return {
+            "step": 0,
+            "best": None,
+            "best_step": None,
+            "bad_evals": 0,
+            "tokens": 0,
+            "elapsed_s": 0.0,
+            "stopped": None,
+        }
     state = Checkpoints.read(latest, model, optimizer)
     if main:
         print(f"tiedlora train: resuming at step {state['step']} of {cfg.max_steps} from {latest}", flush=True)
@@ -446,16 +492,32 @@ def train_step(loss_fn, optimizer, params, data: Data, cfg: TrainConfig, procs: 
     total = procs.accelerator.reduce(total, reduction="sum")
     bad_loss = not torch.isfinite(total)
     if bad_loss or any(not torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-        what = f"the training loss became {total.item()}" if bad_loss else f"a gradient became non-finite (loss {total.item():.4g})"
-        raise Diverged(f"{what} at step {step + 1} (lr {lr_at(step, cfg):.3g}); the last good checkpoint stays in "
-                       f"{Path(cfg.out) / CHECKPOINTS}; lower --lr and start again, or --resume from it.")
+        what = (
+            f"the training loss became {total.item()}"
+            if bad_loss
+            else f"a gradient became non-finite (loss {total.item():.4g})"
+        )
+        raise Diverged(
+            f"{what} at step {step + 1} (lr {lr_at(step, cfg):.3g}); the last good checkpoint stays in "
+            f"{Path(cfg.out) / CHECKPOINTS}; lower --lr and start again, or --resume from it."
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total.item(), sum(len(data.train[i]["input_ids"]) for i in indices), n_tokens
 
 
-def validate(loss_fn, model, tokenizer, task, data: Data, cfg: TrainConfig, procs: Processes, state: dict, folder: Path,
-             quiet: bool) -> dict:
+def validate(
+    loss_fn,
+    model,
+    tokenizer,
+    task,
+    data: Data,
+    cfg: TrainConfig,
+    procs: Processes,
+    state: dict,
+    folder: Path,
+    quiet: bool,
+) -> dict:
     """Validation loss (and the headline metric if asked); keeps the best adapter and counts
     validations without improvement for early stopping. Returns the log's validation columns."""
     from tqdm.auto import tqdm
@@ -465,12 +527,20 @@ def validate(loss_fn, model, tokenizer, task, data: Data, cfg: TrainConfig, proc
     loss_fn.eval()
     step = state["step"]
     val_loss = validation_loss(loss_fn, data.val, cfg, data.pad, procs.device)
-    headline, val_metric = "", ""
+    headline, metric = "", None
     if cfg.val_metric or cfg.early_stop_on == "metric":
-        scored = evaluate(model, tokenizer, task, data.val_rows[:cfg.val_rows], cfg.max_new_tokens, cfg.eval_batch_size,
-                          cfg.chat, progress=not quiet)
-        headline, val_metric = next(iter(scored.items()))
-    value = -val_metric if cfg.early_stop_on == "metric" else val_loss
+        scored = evaluate(
+            model,
+            tokenizer,
+            task,
+            data.val_rows[: cfg.val_rows],
+            cfg.max_new_tokens,
+            cfg.eval_batch_size,
+            cfg.chat,
+            progress=not quiet,
+        )
+        headline, metric = next(iter(scored.items()))
+    value = -metric if metric is not None and cfg.early_stop_on == "metric" else val_loss
     if state["best"] is None or value < state["best"]:
         state.update(best=value, best_step=step, bad_evals=0)
         if procs.main:
@@ -480,31 +550,62 @@ def validate(loss_fn, model, tokenizer, task, data: Data, cfg: TrainConfig, proc
         if state["bad_evals"] >= cfg.patience:
             state["stopped"] = f"early stop: no better validation {cfg.early_stop_on} in {cfg.patience} validations"
     if not quiet and procs.main:
-        tqdm.write(f"step {step}: validation loss {val_loss:.4f}" + (f", {headline} {val_metric:.2f}" if headline else "")
-                   + (" (best)" if state["best_step"] == step else ""))
-    return {"val_loss": round(val_loss, 6), "val_metric": val_metric}
+        tqdm.write(
+            f"step {step}: validation loss {val_loss:.4f}"
+            + (f", {headline} {metric:.2f}" if metric is not None else "")
+            + (" (best)" if state["best_step"] == step else "")
+        )
+    return {"val_loss": round(val_loss, 6), "val_metric": "" if metric is None else metric}
 
 
-def test_and_record(model, tokenizer, task, data: Data, cfg: TrainConfig, procs: Processes, state: dict, folder: Path,
-                    started: float, quiet: bool) -> dict:
+def test_and_record(
+    model,
+    tokenizer,
+    task,
+    data: Data,
+    cfg: TrainConfig,
+    procs: Processes,
+    state: dict,
+    folder: Path,
+    started: float,
+    quiet: bool,
+) -> dict:
     """Score the best adapter on the test split; write predictions.jsonl and results.json."""
     from .evaluate import evaluate
 
     load(model, folder / BEST)
     test_all = task.load("test", cfg.source)
-    test_rows = test_all[:cfg.test_rows]
-    scores = evaluate(model, tokenizer, task, test_rows, cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat, progress=not quiet)
+    test_rows = test_all[: cfg.test_rows]
+    scores = evaluate(
+        model, tokenizer, task, test_rows, cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat, progress=not quiet
+    )
     predictions = scores.pop("predictions")
     results = {
-        "task": cfg.task, "config": cfg.config, "rank": cfg.rank, "model": cfg.model,
-        "params": trainable_parameters(model), "metrics": scores, "steps": state["step"], "best_step": state["best_step"],
+        "task": cfg.task,
+        "config": cfg.config,
+        "rank": cfg.rank,
+        "model": cfg.model,
+        "params": trainable_parameters(model),
+        "metrics": scores,
+        "steps": state["step"],
+        "best_step": state["best_step"],
         "validation": {"on": cfg.early_stop_on, "best": abs(state["best"]) if state["best"] is not None else None},
-        "stopped": state["stopped"] or "max_steps", "train_tokens": state["tokens"], "train_time_s": round(state["elapsed_s"], 1),
+        "stopped": state["stopped"] or "max_steps",
+        "train_tokens": state["tokens"],
+        "train_time_s": round(state["elapsed_s"], 1),
         "wall_time_s": round(time.time() - started, 1),
-        "processes": procs.world, "engine": "fsdp" if procs.fsdp else "ddp" if procs.world > 1 else "single",
-        "data": {"train": data.train_rows.info, "validation": data.val_rows.info, "test": test_all.info,
-                 "train_rows_used": len(data.train), "validation_rows_used": len(data.val), "test_rows_used": len(test_rows)},
-        "recipe": dataclasses.asdict(cfg), "versions": versions(),
+        "processes": procs.world,
+        "engine": "fsdp" if procs.fsdp else "ddp" if procs.world > 1 else "single",
+        "data": {
+            "train": data.train_rows.info,
+            "validation": data.val_rows.info,
+            "test": test_all.info,
+            "train_rows_used": len(data.train),
+            "validation_rows_used": len(data.val),
+            "test_rows_used": len(test_rows),
+        },
+        "recipe": dataclasses.asdict(cfg),
+        "versions": versions(),
     }
     if procs.main:
         write_atomic(folder / PREDICTIONS, "".join(json.dumps({"prediction": p}) + "\n" for p in predictions).encode())
@@ -533,8 +634,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     if resume and (folder / RESULTS).is_file():
         return read_json(folder / RESULTS)
     if data.cut and procs.main:
-        print(f"tiedlora train: {data.cut} of {len(data.train)} training examples exceed --max_length {cfg.max_length}; "
-              "their prompts were cut from the start.")
+        print(
+            f"tiedlora train: {data.cut} of {len(data.train)} training examples exceed --max_length {cfg.max_length}; "
+            "their prompts were cut from the start."
+        )
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -543,8 +646,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     loss_fn, optimizer = procs.wrap(model, optimizer)
     checkpoint_every = cfg.checkpoint_every or cfg.val_every
     log = Log(folder, state["step"], procs.main)
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"{cfg.task} {cfg.config} r{cfg.rank}", unit="step",
-               disable=quiet or not procs.main, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=state["step"],
+        desc=f"{cfg.task} {cfg.config} r{cfg.rank}",
+        unit="step",
+        disable=quiet or not procs.main,
+        dynamic_ncols=True,
+    )
     try:
         while state["step"] < cfg.max_steps and state["stopped"] is None:
             t0 = time.time()
@@ -556,8 +665,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
             step, lr = state["step"], lr_at(state["step"] - 1, cfg)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_inputs / dt:.0f}")
-            row = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(n_inputs / dt, 1),
-                   "val_loss": "", "val_metric": "", "elapsed_s": round(state["elapsed_s"], 2)}
+            row = {
+                "step": step,
+                "loss": round(loss, 6),
+                "lr": lr,
+                "tokens_per_s": round(n_inputs / dt, 1),
+                "val_loss": "",
+                "val_metric": "",
+                "elapsed_s": round(state["elapsed_s"], 2),
+            }
             if step % cfg.val_every == 0 or step == cfg.max_steps:
                 row.update(validate(loss_fn, model, tokenizer, task, data, cfg, procs, state, folder, quiet))
             log.write(**row)

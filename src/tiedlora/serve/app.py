@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +28,7 @@ class Served:
     (adapters load by path relative to it, never outside) and the request limits."""
 
     engine: Engine
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     model_name: str
     root: Path
     max_prompt_tokens: int = 2048
@@ -39,21 +40,31 @@ def served(request: Request) -> Served:
     return request.app.state.served
 
 
+ServedBy = Annotated[Served, Depends(served)]  # how a handler receives the shared state
 router = APIRouter()
 
 
 def job_of(s: Served, body: Options, ids: list[int]) -> Job:
     """The engine job for a request, every option checked first."""
     if body.model != s.model_name and body.model not in s.engine.adapters:
-        raise ApiError(404, f"Model {body.model!r} is neither the base model {s.model_name!r} nor a loaded adapter "
-                            f"{s.engine.adapters}; GET /v1/models lists them.", "model")
+        raise ApiError(
+            404,
+            f"Model {body.model!r} is neither the base model {s.model_name!r} nor a loaded adapter "
+            f"{s.engine.adapters}; GET /v1/models lists them.",
+            "model",
+        )
     if not ids:
         raise ApiError(400, "The prompt is empty; send some text.", "prompt")
     if len(ids) > s.max_prompt_tokens:
-        raise ApiError(400, f"The prompt is {len(ids)} tokens, more than this server's limit of {s.max_prompt_tokens}; "
-                            "shorten it.", "prompt")
+        raise ApiError(
+            400,
+            f"The prompt is {len(ids)} tokens, more than this server's limit of {s.max_prompt_tokens}; shorten it.",
+            "prompt",
+        )
     if not 1 <= body.max_tokens <= s.max_tokens_limit:
-        raise ApiError(400, f"max_tokens is {body.max_tokens}; it must be between 1 and {s.max_tokens_limit}.", "max_tokens")
+        raise ApiError(
+            400, f"max_tokens is {body.max_tokens}; it must be between 1 and {s.max_tokens_limit}.", "max_tokens"
+        )
     if not 0 <= body.temperature <= 2:
         raise ApiError(400, f"temperature is {body.temperature}; it must be between 0 (greedy) and 2.", "temperature")
     if body.seed is not None and not 0 <= body.seed < 2**63:
@@ -105,36 +116,45 @@ async def respond(s: Served, job: Job, body: Options, chat: bool):
 
 
 @router.get("/v1/models")
-def models(s: Served = Depends(served)):
+def models(s: ServedBy):
     return {"object": "list", "data": [model_card(n, s.started) for n in [s.model_name, *s.engine.adapters]]}
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionBody, s: Served = Depends(served)):
+async def completions(body: CompletionBody, s: ServedBy):
     return await respond(s, job_of(s, body, s.tokenizer(body.prompt)["input_ids"]), body, chat=False)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, s: Served = Depends(served)):
+async def chat_completions(body: ChatBody, s: ServedBy):
     if not body.messages:
         raise ApiError(400, "messages is empty; send at least one {role, content}.", "messages")
     if not getattr(s.tokenizer, "chat_template", None):
-        raise ApiError(400, f"The base model's tokenizer has no chat template; use /v1/completions with model "
-                            f"{s.model_name!r}.", "messages")
+        raise ApiError(
+            400,
+            f"The base model's tokenizer has no chat template; use /v1/completions with model {s.model_name!r}.",
+            "messages",
+        )
     try:
         ids = chat_ids(s.tokenizer, [m.model_dump() for m in body.messages])
     except TemplateError as e:
-        raise ApiError(400, f"The chat template refused these messages ({e}); check their roles and order.", "messages") from None
+        raise ApiError(
+            400, f"The chat template refused these messages ({e}); check their roles and order.", "messages"
+        ) from None
     return await respond(s, job_of(s, body, ids), body, chat=True)
 
 
 @router.post("/v1/adapters")
-def load_adapter(body: AdapterBody, s: Served = Depends(served)):
+def load_adapter(body: AdapterBody, s: ServedBy):
     if not body.name.strip():
         raise ApiError(400, "The adapter name is empty; name it.", "name")
     if body.name == s.model_name or body.name in s.engine.adapters:
-        raise ApiError(409, f"The name {body.name!r} is taken (the base model or a loaded adapter); "
-                            f"DELETE /v1/adapters/{body.name} first or pick another name.", "name")
+        raise ApiError(
+            409,
+            f"The name {body.name!r} is taken (the base model or a loaded adapter); "
+            f"DELETE /v1/adapters/{body.name} first or pick another name.",
+            "name",
+        )
     try:
         s.engine.add(body.name, adapter_folder(s.root, body.path))
     except TiedLoraError as e:
@@ -143,7 +163,7 @@ def load_adapter(body: AdapterBody, s: Served = Depends(served)):
 
 
 @router.delete("/v1/adapters/{name:path}")
-def unload_adapter(name: str, s: Served = Depends(served)):
+def unload_adapter(name: str, s: ServedBy):
     try:
         s.engine.remove(name)
     except TiedLoraError as e:
@@ -161,8 +181,10 @@ async def invalid_request(request: Request, e: Exception):
     assert isinstance(e, RequestValidationError)
     errors = e.errors()
     if errors[0]["type"] == "json_invalid":
-        return await api_error(request, ApiError(400, f"The request body is not valid JSON ({errors[0]['ctx']['error']}); "
-                                                      "send a JSON object."))
+        return await api_error(
+            request,
+            ApiError(400, f"The request body is not valid JSON ({errors[0]['ctx']['error']}); send a JSON object."),
+        )
     where = [".".join(str(p) for p in err["loc"][1:]) or "body" for err in errors]
     problems = "; ".join(f"{w}: {err['msg']}" for w, err in zip(where, errors))
     return await api_error(request, ApiError(400, f"Invalid request: {problems}.", where[0]))

@@ -27,7 +27,9 @@ class Job:
     status, message)."""
 
     seq: Sequence
-    adapter: str | None  # None: the base model; resolved to an id when its batch starts, so an unload in between is caught
+    adapter: (
+        str | None
+    )  # None: the base model; resolved to an id when its batch starts, so an unload in between is caught
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     closed: bool = False  # its last event is sent
@@ -88,7 +90,11 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - whatever broke, only this batch fails and the worker goes on
                     for j in batch:
                         if not j.closed:
-                            j.push("error", 500, f"Generation failed in this batch ({type(e).__name__}: {e}); retry the request.")
+                            j.push(
+                                "error",
+                                500,
+                                f"Generation failed in this batch ({type(e).__name__}: {e}); retry the request.",
+                            )
 
     def _collect(self, first: Job) -> list[Job]:
         """`first` and whatever else is queued, or arrives within `wait`, up to max_batch."""
@@ -110,7 +116,11 @@ class Engine:
         jobs = []
         for job in batch:
             if job.adapter is not None and job.adapter not in self.multi.names:
-                job.push("error", 404, f"Adapter {job.adapter!r} was unloaded before this request ran; loaded: {self.adapters}.")
+                job.push(
+                    "error",
+                    404,
+                    f"Adapter {job.adapter!r} was unloaded before this request ran; loaded: {self.adapters}.",
+                )
             else:
                 jobs.append(job)
         if not jobs:

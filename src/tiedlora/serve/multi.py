@@ -13,6 +13,7 @@ model alone.
 from __future__ import annotations
 
 import contextlib
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -82,9 +83,14 @@ class Bank(nn.Module):
             us.append(padded(u, 1))
             vs.append(v)
         place = dict(device=device, dtype=dtype)
-        stacked = {"A": torch.stack(As).to(**place), "B": torch.stack(Bs).to(**place), "u": torch.stack(us).to(**place),
-                   "v": torch.stack(vs).to(**place), "a_index": torch.stack(a_index).to(device),
-                   "b_index": torch.stack(b_index).to(device)}
+        stacked = {
+            "A": torch.stack(As).to(**place),
+            "B": torch.stack(Bs).to(**place),
+            "u": torch.stack(us).to(**place),
+            "v": torch.stack(vs).to(**place),
+            "a_index": torch.stack(a_index).to(device),
+            "b_index": torch.stack(b_index).to(device),
+        }
         for name, t in stacked.items():
             self.register_buffer(name, t, persistent=False)
 
@@ -130,7 +136,7 @@ class MultiAdapterModel(nn.Module):
 
     def __init__(self, model: nn.Module, targets=("qkv",), dtype=torch.float32):
         super().__init__()
-        self.model = model.requires_grad_(False)
+        self.model: Any = model.requires_grad_(False)  # a transformers model: its generate is used too
         self.dtype = dtype
         self.names: list[str | None] = []
         self.layers = find_layers(model)
@@ -144,7 +150,9 @@ class MultiAdapterModel(nn.Module):
                 down = LayerDown(bank, i)
                 down.shared.attach(self.layers[i].get_submodule(g.owner))
                 for name, rows in zip(g.members, g.rows()):
-                    replace_submodule(self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), down, rows))
+                    replace_submodule(
+                        self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), down, rows)
+                    )
         self.entries: dict[str, list[Entry | None]] = {g: [] for g in self.groups}
         self._rebuild()
 
@@ -152,9 +160,12 @@ class MultiAdapterModel(nn.Module):
         """Stack the banks again on the base model's device; done before the next forward, not
         at every add or remove, so loading a thousand adapters stacks them once."""
         device = next(self.model.parameters()).device
-        for group, bank in self.banks.items():
-            bank.rebuild(self.entries[group], device, self.dtype)
+        for group in self.groups:
+            self.bank(group).rebuild(self.entries[group], device, self.dtype)
         self._stale = False
+
+    def bank(self, group: str) -> Bank:
+        return cast(Bank, self.banks[group])
 
     def id_of(self, name: str) -> int:
         if name not in self.names:
@@ -198,7 +209,11 @@ class MultiAdapterModel(nn.Module):
         def value(part: str, layer: int) -> torch.Tensor:
             key = tensor_key(group, part, None if config.parts[part].tied else layer)
             stored = adapter.tensors.get(key)
-            t = stored.float() if stored is not None else initial_value(config.parts[part], sizes[part], config.seed, key)
+            t = (
+                stored.float()
+                if stored is not None
+                else initial_value(config.parts[part], sizes[part], config.seed, key)
+            )
             if tuple(t.shape) != sizes[part]:
                 raise TiedLoraError(f"{adapter.folder}: tensor {key} is {tuple(t.shape)}, expected {sizes[part]}.")
             return t
@@ -208,9 +223,13 @@ class MultiAdapterModel(nn.Module):
             tied = config.parts[part].tied
             mats[part] = [value(part, layer) for layer in (adapted[:1] if tied else adapted)]
             # per layer: 0 where not adapted, else this adapter's 1-based matrix for that layer
-            index[part] = torch.tensor([0 if layer not in adapted else 1 if tied else 1 + adapted.index(layer) for layer in range(L)])
+            index[part] = torch.tensor(
+                [0 if layer not in adapted else 1 if tied else 1 + adapted.index(layer) for layer in range(L)]
+            )
         u = torch.stack([value("u", layer) if layer in adapted else torch.zeros(r) for layer in range(L)])
-        v = torch.stack([config.scale * value("v", layer) if layer in adapted else torch.zeros(d_out) for layer in range(L)])
+        v = torch.stack(
+            [config.scale * value("v", layer) if layer in adapted else torch.zeros(d_out) for layer in range(L)]
+        )
         return mats["A"], mats["B"], index["A"], index["B"], u, v
 
     def forward(self, *args, adapter_ids=None, **kwargs):
@@ -229,15 +248,21 @@ class MultiAdapterModel(nn.Module):
         batch = (args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))).shape[0]
         device = next(self.model.parameters()).device
         ids = None if adapter_ids is None else torch.as_tensor(adapter_ids, dtype=torch.long, device=device)
-        if ids is not None and (ids.shape != (batch,) or ids.min() < 0 or ids.max() > len(self.names)
-                                or any(self.names[i - 1] is None for i in ids.tolist() if i)):
-            raise TiedLoraError(f"adapter_ids {adapter_ids!r}: need one id per row ({batch}), each 0 (none) or a loaded adapter's id.")
+        if ids is not None and (
+            ids.shape != (batch,)
+            or ids.min() < 0
+            or ids.max() > len(self.names)
+            or any(self.names[i - 1] is None for i in ids.tolist() if i)
+        ):
+            raise TiedLoraError(
+                f"adapter_ids {adapter_ids!r}: need one id per row ({batch}), each 0 (none) or a loaded adapter's id."
+            )
         if ids is not None and self._stale:
             self._rebuild()
-        for bank in self.banks.values():
-            bank.select(ids)
+        for group in self.groups:
+            self.bank(group).select(ids)
         try:
             yield
         finally:
-            for bank in self.banks.values():
-                bank.select(None)
+            for group in self.groups:
+                self.bank(group).select(None)

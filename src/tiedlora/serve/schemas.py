@@ -70,18 +70,37 @@ class Reply:
     def choice(self, text: str, finish: str | None, delta: bool) -> dict:
         if not self.chat:
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "delta" if delta else "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        return {
+            "index": 0,
+            "delta" if delta else "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+        }
 
     def usage(self, completion: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
 
     def whole(self, text: str, finish: str, completion: int) -> dict:
-        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
-                "choices": [self.choice(text, finish, False)], "usage": self.usage(completion)}
+        return {
+            "id": self.id,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": [self.choice(text, finish, False)],
+            "usage": self.usage(completion),
+        }
 
     def chunk(self, text: str, finish: str | None = None, completion: int | None = None) -> str:
-        data = {"id": self.id, "object": self.kind + (".chunk" if self.chat else ""), "created": self.created,
-                "model": self.model, "choices": [self.choice(text, finish, True)]}
+        data = {
+            "id": self.id,
+            "object": self.kind + (".chunk" if self.chat else ""),
+            "created": self.created,
+            "model": self.model,
+            "choices": [self.choice(text, finish, True)],
+        }
         if completion is not None:
             data["usage"] = self.usage(completion)
         return sse(data)

@@ -21,7 +21,9 @@ def build(model: str, adapters, max_batch: int = 32, max_prompt_tokens: int = 20
 
     root = Path(adapters)
     if not root.is_dir():
-        raise TiedLoraError(f"--adapters {adapters}: no such folder; pass the folder of run or adapter folders to serve.")
+        raise TiedLoraError(
+            f"--adapters {adapters}: no such folder; pass the folder of run or adapter folders to serve."
+        )
     if min(max_batch, max_prompt_tokens, max_tokens_limit) < 1:
         raise TiedLoraError("--max_batch, --max_prompt_tokens and --max_tokens_limit must be at least 1.")
     lm, tokenizer = load_model(model)
@@ -37,7 +39,9 @@ def build(model: str, adapters, max_batch: int = 32, max_prompt_tokens: int = 20
     return engine, create_app(Served(engine, tokenizer, model, root, max_prompt_tokens, max_tokens_limit))
 
 
-def serve(model: str, adapters, host: str, port: int, max_batch: int, max_prompt_tokens: int, max_tokens_limit: int) -> None:
+def serve(
+    model: str, adapters, host: str, port: int, max_batch: int, max_prompt_tokens: int, max_tokens_limit: int
+) -> None:
     """Serve until interrupted. The socket is bound before the line that names the address is
     printed, so `--port 0` (any free port) prints the port it got, with no race for it."""
     import uvicorn
@@ -46,9 +50,14 @@ def serve(model: str, adapters, host: str, port: int, max_batch: int, max_prompt
     try:
         sock = socket.create_server((host, port))
     except OSError as e:
-        raise TiedLoraError(f"Cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host.") from None
+        raise TiedLoraError(
+            f"Cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host."
+        ) from None
     bound = sock.getsockname()[1]
-    print(f"tiedlora serve: {model} with {len(engine.adapters)} adapters {engine.adapters} on http://{host}:{bound}/v1",
-          file=sys.stderr, flush=True)
+    print(
+        f"tiedlora serve: {model} with {len(engine.adapters)} adapters {engine.adapters} on http://{host}:{bound}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     engine.close()

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import re
 
+from ..decoding import prompt_ids
 from . import metrics
 from .base import SPLITS, DataError, Rows, Task
-from ..decoding import prompt_ids
 from .prompts import CHOICE_CONTEXT, TEMPLATES, encode
 
 __all__ = ["SPLITS", "TASKS", "TEMPLATES", "DataError", "Rows", "Task", "encode", "get", "prompt_ids"]
@@ -48,7 +48,7 @@ class DialogSum(Task):
     def from_hub(self, rows):
         """The Hub copy repeats a test dialogue once per reference summary; merge those into one
         row with summary1..3, as in the official file, so every source is scored alike."""
-        merged = {}
+        merged: dict[str, dict] = {}
         for r in rows:
             row = merged.setdefault(r["dialogue"], {"id": r["id"], "dialogue": r["dialogue"]})
             row[f"summary{len(row) - 1}"] = r["summary"]
@@ -80,8 +80,15 @@ class HellaSwag(Task):
         return CHOICE_CONTEXT.format(**row), [" " + e for e in row["endings"]], int(row["label"])
 
     def from_hub(self, rows):
-        return [{"activity_label": r["activity_label"], "ctx": _clean(r["ctx"]),
-                 "endings": [_clean(e) for e in r["endings"]], "label": int(r["label"])} for r in rows]
+        return [
+            {
+                "activity_label": r["activity_label"],
+                "ctx": _clean(r["ctx"]),
+                "endings": [_clean(e) for e in r["endings"]],
+                "label": int(r["label"]),
+            }
+            for r in rows
+        ]
 
 
 class Iwslt(Task):

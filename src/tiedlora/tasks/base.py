@@ -110,6 +110,10 @@ class Task:
     def metric(self, predictions: list[str], rows: list[dict]) -> dict:
         raise NotImplementedError
 
+    def choices(self, row: dict) -> tuple[str, list[str], int]:
+        """For multiple-choice tasks: the context, the continuations to compare and the right one."""
+        raise DataError(f"{self.name} is not multiple choice: score it by generation, without --loglik.")
+
     def from_hub(self, rows: list[dict]) -> list[dict]:
         """The Hub copy in the layout of the official files, which the local sources keep."""
         return rows
@@ -117,7 +121,9 @@ class Task:
     def score(self, predictions: list[str], rows: list[dict]) -> dict:
         """Scores on 0-100, the headline metric first."""
         if not rows or len(predictions) != len(rows):
-            raise DataError(f"{self.name}: {len(predictions)} predictions for {len(rows)} rows; need one per row, at least one.")
+            raise DataError(
+                f"{self.name}: {len(predictions)} predictions for {len(rows)} rows; need one per row, at least one."
+            )
         return self.metric(predictions, rows)
 
     def load(self, split: str, source: str | Path = "bundled") -> Rows:
@@ -130,7 +136,14 @@ class Task:
             rows, rule = self._split(split, read, have)
         if not rows:
             raise DataError(f"{self.name}: the {split} split of {location} is empty ({rule}).")
-        info = {"task": self.name, "split": split, "source": str(source), "location": str(location), "rule": rule, "rows": len(rows)}
+        info = {
+            "task": self.name,
+            "split": split,
+            "source": str(source),
+            "location": str(location),
+            "rule": rule,
+            "rows": len(rows),
+        }
         return Rows(rows, info)
 
     def _folder(self, source: str | Path):
@@ -154,7 +167,11 @@ class Task:
         if "train" not in have:
             pool = [row for s in have for row in read(s)]
             rows = [r for r in pool if next(s for s, bound in OFFLINE.items() if share(r, self.group) < bound) == split]
-            return rows, f"offline split: {' + '.join(have)} pooled, 80/10/10 to train/validation/test by sha256 of {'+'.join(self.group)}"
+            return (
+                rows,
+                f"offline split: {' + '.join(have)} pooled, 80/10/10 to train/validation/test by sha256 of "
+                f"{'+'.join(self.group)}",
+            )
         test = "test" if "test" in self.official else "validation"
         if split == "test":
             return read(test), f"official {test} split"
@@ -163,7 +180,10 @@ class Task:
         train = read("train")
         if self.held_out:
             if len(train) <= self.held_out:
-                raise DataError(f"{self.name}: train has {len(train)} rows; the paper's rule holds out {self.held_out} of them for validation.")
+                raise DataError(
+                    f"{self.name}: train has {len(train)} rows; the paper's rule holds out {self.held_out} "
+                    "of them for validation."
+                )
             picked = set(random.Random(0).sample(range(len(train)), self.held_out))
             held = [i in picked for i in range(len(train))]
             rule = f"{self.held_out} train rows (seed-0 sample, the paper's rule)"
@@ -178,7 +198,9 @@ class Task:
         try:
             import datasets
         except ImportError:
-            raise DataError(f"{self.name}: source 'hub' needs the datasets package: pip install 'tiedlora[hub]'.") from None
+            raise DataError(
+                f"{self.name}: source 'hub' needs the datasets package: pip install 'tiedlora[hub]'."
+            ) from None
         location = ", ".join(f"{k}={v}" for k, v in self.hub.items())
 
         def read(s):

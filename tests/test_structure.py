@@ -1,0 +1,93 @@
+"""The package's shape: no import circle, no module reaching into another's private names, a
+core that needs only torch and safetensors, and serving that never imports the training harness.
+Imports inside functions count: a lazy import is still a dependency."""
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiedlora
+
+SOURCE = Path(tiedlora.__file__).parent
+CORE = {"tiedlora.config", "tiedlora.layer", "tiedlora.layout", "tiedlora.model", "tiedlora.io", "tiedlora.version"}
+HARNESS = ("tiedlora.train", "tiedlora.evaluate", "tiedlora.sweep", "tiedlora.report", "tiedlora.cli", "tiedlora.tasks")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SOURCE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in SOURCE.rglob("*.py")}
+
+
+def imports(name: str) -> list[tuple[str, list[str]]]:
+    """(module imported, names taken from it) for every import statement in module `name`."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = f"{base}.{node.module}" if node.level and node.module else base if node.level else node.module
+            names = [a.name for a in node.names]
+            # `from . import x` imports the submodule x where there is one
+            subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+            found += [(s, []) for s in subs] or [(target, names)]
+    return found
+
+
+def internal(name: str) -> set[str]:
+    return {m for m, _ in imports(name) if m in MODULES}
+
+
+def test_every_module_is_seen():
+    assert {"tiedlora.model", "tiedlora.serve.multi", "tiedlora.tasks.base", "tiedlora.runs"} <= set(MODULES)
+
+
+def test_no_import_circle():
+    graph = {name: internal(name) - {name} for name in MODULES}
+    state: dict[str, str] = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                pytest.fail(f"import circle: {' -> '.join([*path, nxt])}")
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = [
+        (name, target, n)
+        for name in MODULES
+        for target, names in imports(name)
+        if target in MODULES and target != name
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
+    assert not bad
+
+
+def test_the_core_needs_only_torch_and_safetensors():
+    allowed = set(sys.stdlib_module_names) | {"torch", "safetensors", "__future__"}
+    for name in CORE:
+        for target, _ in imports(name):
+            assert target in CORE or target.split(".")[0] in allowed, f"{name} imports {target}"
+
+
+def test_serving_imports_nothing_from_the_training_harness():
+    for name in (m for m in MODULES if m.startswith("tiedlora.serve")):
+        assert not [t for t in internal(name) if t.startswith(HARNESS)], name
