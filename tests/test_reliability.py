@@ -24,7 +24,7 @@ from tiedlora.cli import main
 from tiedlora.io import read_config
 from tiedlora.train import TrainConfig, train
 
-from conftest import latest_step, randomize, record_steps, tiny_model
+from conftest import latest_step, randomize, record_steps, small_run, tiny_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 KILLS = 5
@@ -112,23 +112,7 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tiny_folder, tmp_path, mo
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
 def test_write_errors_keep_the_previous_checkpoint(tiny_folder, tmp_path, monkeypatch, code):
     run = tmp_path / "run"
-    options = dict(
-        task="squad",
-        config="tl6",
-        rank=4,
-        model=str(tiny_folder),
-        out=str(run),
-        max_steps=6,
-        batch_size=4,
-        micro_batch_size=2,
-        val_every=2,
-        val_rows=4,
-        train_rows=24,
-        test_rows=2,
-        max_new_tokens=3,
-        lr=1e-2,
-        warmup_steps=2,
-    )
+    options = small_run(tiny_folder, run)
     real_fsync, writes = os.fsync, []
 
     def failing_fsync(fd):
@@ -434,20 +418,13 @@ def test_integer_tensors_are_refused(saved_adapter, tmp_path, dtype):
 
 def test_a_diverging_learning_rate_is_reported(tiny_folder, tmp_path):
     """An absurd learning rate: training must stop on the non-finite loss, naming the step."""
-    options = dict(
-        task="squad",
+    options = small_run(
+        tiny_folder,
+        tmp_path / "run",
         config="lora",
-        rank=4,
-        model=str(tiny_folder),
-        out=str(tmp_path / "run"),
         max_steps=40,
-        batch_size=4,
         micro_batch_size=4,
         val_every=40,
-        val_rows=4,
-        train_rows=24,
-        test_rows=2,
-        max_new_tokens=3,
         lr=1e12,
         warmup_steps=1,
         alpha=1e6,
@@ -505,24 +482,8 @@ sys.exit(main(["train", *sys.argv[2:]]))
 def test_death_inside_a_checkpoint_write_then_resume_is_exact(tiny_folder, tmp_path, monkeypatch, target):
     """A real process dies in the middle of step 4's checkpoint, at each of its writes in turn;
     the resumed run starts from step 2 and ends as the uninterrupted one."""
-    options = dict(
-        task="squad",
-        config="tl6",
-        rank=4,
-        model=str(tiny_folder),
-        max_steps=6,
-        batch_size=4,
-        micro_batch_size=2,
-        val_every=2,
-        val_rows=4,
-        train_rows=24,
-        test_rows=2,
-        max_new_tokens=3,
-        lr=1e-2,
-        warmup_steps=2,
-        dropout=0.1,
-    )
-    train(TrainConfig(**options, out=str(tmp_path / "whole")), quiet=True)
+    options = small_run(tiny_folder, tmp_path / "whole", dropout=0.1)
+    train(TrainConfig(**options), quiet=True)
     flags = [f"--{k}={v}" for k, v in {**options, "out": tmp_path / "killed"}.items()]
     died = subprocess.run(
         [sys.executable, "-c", DIE_AT_WRITE, target, *flags, "--quiet"],
@@ -535,40 +496,19 @@ def test_death_inside_a_checkpoint_write_then_resume_is_exact(tiny_folder, tmp_p
     assert latest_step(tmp_path / "killed") == 2
     assert_no_torn_files(tmp_path / "killed")
     steps = record_steps(monkeypatch)
-    train(TrainConfig(**options, out=str(tmp_path / "killed")), resume=True, quiet=True)
+    train(TrainConfig(**{**options, "out": str(tmp_path / "killed")}), resume=True, quiet=True)
     assert steps == [2, 3, 4, 5]
     for sub in ("best", "checkpoint/step-6"):
         a, b = (load_file(tmp_path / f / sub / "adapter.safetensors") for f in ("whole", "killed"))
         assert all(torch.equal(a[k], b[k]) for k in a), sub
 
 
-def small_run(tiny_folder, out, **extra):
-    return TrainConfig(
-        **{
-            **dict(
-                task="squad",
-                config="tl6",
-                rank=4,
-                model=str(tiny_folder),
-                out=str(out),
-                max_steps=4,
-                batch_size=4,
-                micro_batch_size=2,
-                val_every=2,
-                val_rows=4,
-                train_rows=24,
-                test_rows=2,
-                max_new_tokens=3,
-                lr=1e-2,
-                warmup_steps=2,
-            ),
-            **extra,
-        }
-    )
+def small_config(tiny_folder, out, **extra) -> TrainConfig:
+    return TrainConfig(**small_run(tiny_folder, out, **{"max_steps": 4, **extra}))
 
 
 def test_prompts_longer_than_the_context_lose_their_start_and_say_so_once(tiny_folder, tmp_path, capsys):
-    train(small_run(tiny_folder, tmp_path / "run", max_length=48), quiet=True)
+    train(small_config(tiny_folder, tmp_path / "run", max_length=48), quiet=True)
     out = capsys.readouterr().out
     assert out.count("training examples exceed --max_length 48; their prompts were cut from the start.") == 1
 
@@ -589,5 +529,5 @@ def test_an_infinite_gradient_stops_training_at_its_step(tiny_folder, tmp_path, 
     with pytest.raises(
         Diverged, match="a gradient became non-finite \\(loss [0-9.]+\\) at step 3 .* the last good checkpoint stays in"
     ):
-        train(small_run(tiny_folder, tmp_path / "run"), quiet=True)
+        train(small_config(tiny_folder, tmp_path / "run"), quiet=True)
     assert latest_step(tmp_path / "run") == 2

@@ -16,34 +16,13 @@ from tiedlora import TiedLoraError
 from tiedlora.cli import main
 from tiedlora.train import Diverged, TokenLoss, TrainConfig, lr_at, micro_batches, step_batches, train
 
-from conftest import latest_step, record_steps
+from conftest import latest_step, record_steps, small_run
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def options(tiny_folder, out, **extra):
-    """A small run: 6 steps of 4 SQuAD rows in micro batches of 2, validating every 2 steps."""
-    return (
-        dict(
-            task="squad",
-            config="tl6",
-            rank=4,
-            model=str(tiny_folder),
-            out=str(out),
-            max_steps=6,
-            batch_size=4,
-            micro_batch_size=2,
-            val_every=2,
-            val_rows=4,
-            train_rows=24,
-            test_rows=3,
-            max_new_tokens=4,
-            lr=1e-2,
-            warmup_steps=2,
-            eval_batch_size=4,
-        )
-        | extra
-    )
+    return small_run(tiny_folder, out, **{"test_rows": 3, "max_new_tokens": 4, "eval_batch_size": 4, **extra})
 
 
 def flags(tiny_folder, out, **extra):

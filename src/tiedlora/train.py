@@ -448,6 +448,36 @@ class Processes:
         return self.accelerator.prepare(TokenLoss(model), optimizer)
 
 
+@dataclass
+class Run:
+    """What every step of a run reads: its options, model, data, processes and folder."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    tokenizer: Any
+    task: Any
+    data: Data
+    procs: Processes
+    folder: Path
+    quiet: bool
+
+    def score(self, rows) -> dict:
+        """The task's scores on `rows` by greedy generation, with the run's decoding options."""
+        from .evaluate import evaluate
+
+        cfg = self.cfg
+        return evaluate(
+            self.model,
+            self.tokenizer,
+            self.task,
+            rows,
+            cfg.max_new_tokens,
+            cfg.eval_batch_size,
+            cfg.chat,
+            progress=not self.quiet,
+        )
+
+
 def resume_state(checkpoints: Checkpoints, resume: bool, model, optimizer, cfg: TrainConfig, main: bool) -> dict:
     """The training state: fresh, or the latest checkpoint's (saying so in one line)."""
     latest = checkpoints.latest() if resume else None
@@ -467,8 +497,9 @@ def resume_state(checkpoints: Checkpoints, resume: bool, model, optimizer, cfg: 
     return state
 
 
-def train_step(loss_fn, optimizer, params, data: Data, cfg: TrainConfig, procs: Processes, step: int):
-    """One optimizer step over global batch `step`; returns (loss, tokens in the batch)."""
+def train_step(run: Run, loss_fn, optimizer, params, step: int):
+    """One optimizer step over global batch `step`; returns (loss, input tokens, answer tokens)."""
+    cfg, data, procs = run.cfg, run.data, run.procs
     torch.manual_seed(cfg.seed * 100_003 + step * procs.world + procs.rank)  # dropout masks: a function of the step
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
@@ -506,50 +537,28 @@ def train_step(loss_fn, optimizer, params, data: Data, cfg: TrainConfig, procs: 
     return total.item(), sum(len(data.train[i]["input_ids"]) for i in indices), n_tokens
 
 
-def validate(
-    loss_fn,
-    model,
-    tokenizer,
-    task,
-    data: Data,
-    cfg: TrainConfig,
-    procs: Processes,
-    state: dict,
-    folder: Path,
-    quiet: bool,
-) -> dict:
+def validate(run: Run, loss_fn, state: dict) -> dict:
     """Validation loss (and the headline metric if asked); keeps the best adapter and counts
     validations without improvement for early stopping. Returns the log's validation columns."""
     from tqdm.auto import tqdm
 
-    from .evaluate import evaluate
-
+    cfg, data, procs = run.cfg, run.data, run.procs
     loss_fn.eval()
     step = state["step"]
     val_loss = validation_loss(loss_fn, data.val, cfg, data.pad, procs.device)
     headline, metric = "", None
     if cfg.val_metric or cfg.early_stop_on == "metric":
-        scored = evaluate(
-            model,
-            tokenizer,
-            task,
-            data.val_rows[: cfg.val_rows],
-            cfg.max_new_tokens,
-            cfg.eval_batch_size,
-            cfg.chat,
-            progress=not quiet,
-        )
-        headline, metric = next(iter(scored.items()))
+        headline, metric = next(iter(run.score(data.val_rows[: cfg.val_rows]).items()))
     value = -metric if metric is not None and cfg.early_stop_on == "metric" else val_loss
     if state["best"] is None or value < state["best"]:
         state.update(best=value, best_step=step, bad_evals=0)
         if procs.main:
-            save(model, folder / BEST)
+            save(run.model, run.folder / BEST)
     else:
         state["bad_evals"] += 1
         if state["bad_evals"] >= cfg.patience:
             state["stopped"] = f"early stop: no better validation {cfg.early_stop_on} in {cfg.patience} validations"
-    if not quiet and procs.main:
+    if not run.quiet and procs.main:
         tqdm.write(
             f"step {step}: validation loss {val_loss:.4f}"
             + (f", {headline} {metric:.2f}" if metric is not None else "")
@@ -558,34 +567,20 @@ def validate(
     return {"val_loss": round(val_loss, 6), "val_metric": "" if metric is None else metric}
 
 
-def test_and_record(
-    model,
-    tokenizer,
-    task,
-    data: Data,
-    cfg: TrainConfig,
-    procs: Processes,
-    state: dict,
-    folder: Path,
-    started: float,
-    quiet: bool,
-) -> dict:
+def test_and_record(run: Run, state: dict, started: float) -> dict:
     """Score the best adapter on the test split; write predictions.jsonl and results.json."""
-    from .evaluate import evaluate
-
-    load(model, folder / BEST)
-    test_all = task.load("test", cfg.source)
+    cfg, data, procs, folder = run.cfg, run.data, run.procs, run.folder
+    load(run.model, folder / BEST)
+    test_all = run.task.load("test", cfg.source)
     test_rows = test_all[: cfg.test_rows]
-    scores = evaluate(
-        model, tokenizer, task, test_rows, cfg.max_new_tokens, cfg.eval_batch_size, cfg.chat, progress=not quiet
-    )
+    scores = run.score(test_rows)
     predictions = scores.pop("predictions")
     results = {
         "task": cfg.task,
         "config": cfg.config,
         "rank": cfg.rank,
         "model": cfg.model,
-        "params": trainable_parameters(model),
+        "params": trainable_parameters(run.model),
         "metrics": scores,
         "steps": state["step"],
         "best_step": state["best_step"],
@@ -644,6 +639,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     checkpoints = Checkpoints(folder)
     state = resume_state(checkpoints, resume, model, optimizer, cfg, procs.main)
     loss_fn, optimizer = procs.wrap(model, optimizer)
+    run = Run(cfg, model, tokenizer, task, data, procs, folder, quiet)
     checkpoint_every = cfg.checkpoint_every or cfg.val_every
     log = Log(folder, state["step"], procs.main)
     bar = tqdm(
@@ -657,7 +653,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     try:
         while state["step"] < cfg.max_steps and state["stopped"] is None:
             t0 = time.time()
-            loss, n_inputs, n_answers = train_step(loss_fn, optimizer, params, data, cfg, procs, state["step"])
+            loss, n_inputs, n_answers = train_step(run, loss_fn, optimizer, params, state["step"])
             dt = time.time() - t0
             state["step"] += 1
             state["tokens"] += n_answers
@@ -675,7 +671,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
                 "elapsed_s": round(state["elapsed_s"], 2),
             }
             if step % cfg.val_every == 0 or step == cfg.max_steps:
-                row.update(validate(loss_fn, model, tokenizer, task, data, cfg, procs, state, folder, quiet))
+                row.update(validate(run, loss_fn, state))
             log.write(**row)
             if procs.main and (step % checkpoint_every == 0 or step == cfg.max_steps or state["stopped"]):
                 checkpoints.write(model, optimizer, state)
@@ -686,5 +682,5 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
 
     if not (procs.main or procs.fsdp):  # sharded layers need every process in every forward
         return {}
-    results = test_and_record(model, tokenizer, task, data, cfg, procs, state, folder, started, quiet)
+    results = test_and_record(run, state, started)
     return results if procs.main else {}
