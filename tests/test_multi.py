@@ -97,3 +97,25 @@ def test_bad_requests(saved, tmp_path):
     tiedlora.save(tiedlora.apply(tiny_model("gpt2"), TiedLoraConfig.preset("tl6", rank=2)), other)
     with pytest.raises(TiedLoraError, match="was made for another base model: expected"):
         multi.add("gpt2", other)
+
+
+def test_banks_are_buffers_that_move_with_the_model_and_stay_out_of_its_state_dict(saved):
+    multi = MultiAdapterModel(tiny_model("llama"))
+    multi.add("tl6", saved / "tl6")
+    tokens = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(5))
+    multi(tokens, adapter_ids=[1])  # stacks the banks
+    bank = multi.bank("qkv")
+    buffers = {id(b) for b in multi.buffers()}
+    assert all(id(getattr(bank, n)) in buffers for n in ("A", "B", "u", "v", "a_index", "b_index"))
+    assert not [k for k in multi.state_dict() if k.startswith("banks.")]  # adapters live in their own folders
+    multi.double()
+    assert bank.A.dtype == bank.u.dtype == torch.float64 and bank.a_index.dtype == torch.long
+
+
+def test_the_shared_input_of_q_k_v_is_dropped_after_each_call(saved):
+    multi = MultiAdapterModel(tiny_model("llama"))
+    multi.add("tl6", saved / "tl6")
+    with torch.no_grad():
+        multi(torch.zeros(2, 3, dtype=torch.long), adapter_ids=[1, 0])
+    downs = {m._down[0] for m in multi.modules() if hasattr(m, "_down")}
+    assert len(downs) == 3 and all(d.shared.empty for d in downs)
