@@ -238,8 +238,13 @@ def test_config_errors_without_the_cli():
         TrainConfig(early_stop_on="bleu")
 
 
-def test_bf16_precision_trains_under_autocast_on_the_cpu(tiny_folder, tmp_path, monkeypatch):
-    """bf16 is the GPU's default and halves a CPU step with AVX512-BF16; auto keeps the CPU in fp32."""
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_follows_the_hardware_and_bf16_trains_under_autocast(tiny_folder, tmp_path, monkeypatch, native):
+    """auto is bf16 autocast where the CPU has native bf16 (AVX512-BF16, AMX), fp32 where bf16 would
+    be emulated (many times slower); bf16 forces autocast. results.json records what ran."""
+    import tiedlora.train
+
+    monkeypatch.setattr(tiedlora.train, "native_bf16", lambda device: native)
     seen = []
     forward = TokenLoss.forward
 
@@ -249,14 +254,21 @@ def test_bf16_precision_trains_under_autocast_on_the_cpu(tiny_folder, tmp_path, 
 
     monkeypatch.setattr(TokenLoss, "forward", spy)
     runs = {}
-    for precision in ("auto", "bf16"):
+    for precision in ("auto", "bf16", "fp32"):
         seen.clear()
-        runs[precision] = train(
-            TrainConfig(**options(tiny_folder, tmp_path / precision, max_steps=2, precision=precision)), quiet=True
-        )
-        assert seen.count(True) == (
-            4 if precision == "bf16" else 0
-        )  # 2 steps of 2 micro batches; validation stays fp32
-    assert runs["bf16"]["recipe"]["precision"] == "bf16"
-    a, b = (adapter_tensors(tmp_path / p / "best") for p in ("auto", "bf16"))
+        cfg = TrainConfig(**options(tiny_folder, tmp_path / precision, max_steps=2, precision=precision))
+        runs[precision] = train(cfg, quiet=True)
+        used = "bf16" if precision == "bf16" or (precision == "auto" and native) else "fp32"
+        assert seen.count(True) == (4 if used == "bf16" else 0)  # 2 steps of 2 micro batches; validation stays fp32
+        assert runs[precision]["precision"] == used and runs[precision]["recipe"]["precision"] == precision
+    a, b = (adapter_tensors(tmp_path / p / "best") for p in ("fp32", "bf16"))
     assert all(torch.isfinite(b[k]).all() for k in b) and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_native_bf16_agrees_with_the_cpu_flags():
+    from tiedlora.train import native_bf16
+
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert native_bf16(torch.device("cpu")) == ("avx512_bf16" in flags or "amx_bf16" in flags)

@@ -95,8 +95,8 @@ class TrainConfig:
     fsdp: bool = False
     """With several processes, shard the frozen base model's layers over them (torch FSDP2); the adapter stays whole."""
     precision: str = "auto"
-    """Training matmuls: auto (bf16 autocast on a GPU, fp32 on a CPU), bf16 (about 2x faster on CPUs with
-    AVX512-BF16 or AMX) or fp32. The adapter and optimizer stay fp32."""
+    """Training matmuls: auto (bf16 autocast on a GPU, and on a CPU with native bf16, AVX512-BF16 or AMX;
+    fp32 elsewhere), bf16 or fp32. The adapter and optimizer stay fp32; results.json records the choice."""
     val_metric: bool = False
     """Also score the task's headline metric (by generation) at every validation."""
     checkpoint_every: int | None = None
@@ -133,7 +133,7 @@ class TrainConfig:
             raise TiedLoraError(f"--lr {self.lr} must be a positive number, e.g. 1e-4.")
         if self.precision not in PRECISIONS:
             raise TiedLoraError(
-                f"--precision {self.precision!r}: choose auto (bf16 autocast on a GPU, fp32 on a CPU), bf16 or fp32."
+                f"--precision {self.precision!r}: choose auto (bf16 where the hardware has it natively), bf16 or fp32."
             )
         if self.early_stop_on not in ("loss", "metric"):
             raise TiedLoraError(
@@ -438,7 +438,7 @@ class Processes:
             cpu=not cuda
         )  # its mixed_precision is fixed per process; a sweep runs cells of any precision
         world = accelerator.num_processes
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(accelerator.device))
         return cls(accelerator, accelerator.device, world, accelerator.process_index, cfg.fsdp and world > 1, bf16)
 
     def wrap(self, model: nn.Module, optimizer):
@@ -446,6 +446,14 @@ class Processes:
         if self.fsdp:
             return shard_base(model.to(self.device)), self.accelerator.prepare(optimizer)
         return self.accelerator.prepare(TokenLoss(model), optimizer)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does `device` compute in bf16 natively? On a CPU without AVX512-BF16 or AMX, bf16 matmuls
+    are emulated and many times slower than fp32, so `--precision auto` keeps those in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 @dataclass
@@ -589,6 +597,7 @@ def test_and_record(run: Run, state: dict, started: float) -> dict:
         "train_tokens": state["tokens"],
         "train_time_s": round(state["elapsed_s"], 1),
         "wall_time_s": round(time.time() - started, 1),
+        "precision": "bf16" if procs.bf16 else "fp32",
         "processes": procs.world,
         "engine": "fsdp" if procs.fsdp else "ddp" if procs.world > 1 else "single",
         "data": {
