@@ -18,9 +18,9 @@ import torch
 from timing import timed  # benchmarks/timing.py, beside this script
 
 from tiedlora import TiedLoraConfig, apply
+from tiedlora.loss import TokenLoss, collate, encode_rows
 from tiedlora.models import load_model
 from tiedlora.tasks import get
-from tiedlora.train import TokenLoss, TrainConfig, collate, encode_rows
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     model, tokenizer = load_model("smollm2-135m")
     apply(model, TiedLoraConfig.preset(args.config, rank=8))
     task = get("squad")
-    examples, _ = encode_rows(task, task.load("train", "bundled")[: args.rows], tokenizer, TrainConfig(task="squad"))
+    examples, _ = encode_rows(task, task.load("train", "bundled")[: args.rows], tokenizer, max_length=1024)
     batch = collate(examples, tokenizer.pad_token_id or tokenizer.eos_token_id, "cpu")
     loss_fn = TokenLoss(model).train()
 

@@ -514,7 +514,8 @@ def test_prompts_longer_than_the_context_lose_their_start_and_say_so_once(tiny_f
 
 
 def test_an_infinite_gradient_stops_training_at_its_step(tiny_folder, tmp_path, monkeypatch):
-    from tiedlora.train import Diverged, TokenLoss
+    from tiedlora.loss import TokenLoss
+    from tiedlora.train import Diverged
 
     forward, calls = TokenLoss.forward, []
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from tiedlora import TiedLoraError
 from tiedlora.cli import main
-from tiedlora.train import Diverged, TokenLoss, TrainConfig, lr_at, micro_batches, step_batches, train
+from tiedlora.loss import TokenLoss
+from tiedlora.train import Diverged, TrainConfig, lr_at, micro_batches, step_batches, train
 
 from conftest import latest_step, record_steps, small_run
 

@@ -131,7 +131,8 @@ def open_adapter(adapter: str, model_name: str | None, base: bool = False):
 
 def evaluate(
     *,
-    task: str,
+    task: str | None = None,
+    data: str | None = None,
     adapter: str | None = None,
     split: str = "test",
     limit: int | None = None,
@@ -142,14 +143,22 @@ def evaluate(
     loglik: bool = False,
     source: str | None = None,
     chat: bool = False,
+    metric: str | None = None,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    messages_field: str = "messages",
+    max_length: int = 1024,
+    samples: int = 5,
     out: str | None = None,
 ) -> dict:
-    """Score an adapter (or the base model) on a task by greedy decoding.
+    """Score an adapter (or the base model) on a task by greedy decoding, or on your own data by
+    loss, perplexity and, with --metric, generated answers.
 
     Args:
-        task: The task.
+        task: The task (or --data).
+        data: Your own data, every row scored: a .jsonl, .csv or .parquet file, or a Hub data set name.
         adapter: A run folder (runs/x) or an adapter folder.
-        split: train, validation or test.
+        split: train, validation or test (with --data and a Hub data set: its split).
         limit: Score only the first N rows.
         model: The base model (default: the run's, or smollm2-135m).
         base: Score the base model without the adapter.
@@ -158,13 +167,22 @@ def evaluate(
         loglik: HellaSwag: score choices by log-likelihood instead.
         source: Data source (default: the run's, or bundled).
         chat: Use the chat template.
+        metric: With --data: exact_match, f1, rougeL or bleu on generated answers.
+        prompt_field: With --data: the column holding the prompt.
+        completion_field: With --data: the column holding the completion.
+        messages_field: With --data: the column holding a conversation.
+        max_length: With --data: longer examples lose the start of their prompt in the loss.
+        samples: With --data and no --metric: generate answers for this many rows.
         out: Also write the scores to this JSON file.
     """
-    from .evaluate import choice_loglik
+    from .data import OwnData
+    from .evaluate import choice_loglik, evaluate_own
     from .evaluate import evaluate as score
     from .models import load_model
     from .tasks import get
 
+    if (task is None) == (data is None):
+        raise TiedLoraError("eval needs one of --task (a paper task) or --data (your own rows).")
     if adapter is None and not base:
         raise TiedLoraError("eval needs --adapter runs/x (or an adapter folder), or --base to score the model alone.")
     if adapter is None:
@@ -172,16 +190,32 @@ def evaluate(
         run = None
     else:
         lm, tokenizer, run = open_adapter(adapter, model, base)
-    the_task = get(task)
-    rows = the_task.load(split, source if source else (run or {}).get("source", "bundled"))
-    picked = rows[:limit]
-    if loglik:
-        scores = choice_loglik(lm, tokenizer, the_task, picked)
+    if data is not None:
+        own = OwnData(
+            data,
+            split="train" if split == "test" else split,
+            prompt_field=prompt_field,
+            completion_field=completion_field,
+            messages_field=messages_field,
+            metric=metric,
+        )
+        rows = own.all_rows()
+        picked = rows[:limit]
+        scores = evaluate_own(
+            lm, tokenizer, own, picked, max_new_tokens, batch_size, chat, samples, max_length=max_length
+        )
     else:
-        scores = score(lm, tokenizer, the_task, picked, max_new_tokens, batch_size, chat)
+        assert task is not None
+        the_task = get(task)
+        rows = the_task.load(split, source if source else (run or {}).get("source", "bundled"))
+        picked = rows[:limit]
+        if loglik:
+            scores = choice_loglik(lm, tokenizer, the_task, picked)
+        else:
+            scores = score(lm, tokenizer, the_task, picked, max_new_tokens, batch_size, chat)
     scores.pop("predictions", None)
     result = {
-        "task": task,
+        "task": task or "own",
         "split": split,
         "rows": len(picked),
         "adapter": None if base else adapter,

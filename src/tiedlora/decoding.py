@@ -21,13 +21,15 @@ def pad_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
 
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The tokens of a conversation in the tokenizer's chat template, ready for the assistant's turn."""
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The tokens of a conversation in the tokenizer's chat template, by default ready for the
+    assistant's next turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise TiedLoraError(
-            f"chat=True, but the tokenizer {type(tokenizer).__name__} has no chat template; use chat=False."
+            f"Chat prompts need a chat template, and the tokenizer {type(tokenizer).__name__} has no chat template; "
+            "use chat=False (plain prompts, or prompt/completion rows)."
         )
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -45,7 +47,6 @@ def pad_batch(seqs: list[list[int]], pad: int, left: bool, device) -> tuple[torc
     return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -55,10 +56,19 @@ def generate(
     chat: bool = False,
     progress: bool = True,
 ) -> list[str]:
-    """Greedy completions of `prompts`, in their order, by transformers' generate. Batches are
-    filled longest prompt first so they waste little on padding. Decoding stops at EOS or
-    `max_new_tokens`; no other stop string is assumed. The model runs in eval mode and is given
-    back in the mode it came in."""
+    """Greedy completions of `prompts`, in their order (see `generate_ids`)."""
+    ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
+    return generate_ids(model, tokenizer, ids, max_new_tokens, batch_size, progress)
+
+
+@torch.no_grad()
+def generate_ids(
+    model, tokenizer, ids: list[list[int]], max_new_tokens: int = 500, batch_size: int = 8, progress: bool = True
+) -> list[str]:
+    """Greedy completions of tokenised prompts, in their order, by transformers' generate.
+    Batches are filled longest prompt first so they waste little on padding. Decoding stops at
+    EOS or `max_new_tokens`; no other stop string is assumed. The model runs in eval mode and is
+    given back in the mode it came in."""
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
@@ -66,7 +76,6 @@ def generate(
     greedy = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad
     )
-    ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     answers = [""] * len(ids)
     training = model.training

@@ -4,10 +4,12 @@ scorer. The model runs in eval mode and is given back in the mode it came in."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
-from .decoding import generate, pad_batch
+from .decoding import generate, generate_ids, pad_batch, pad_id
 from .tasks import Task
 
 __all__ = ["choice_loglik", "evaluate", "generate", "loglik"]
@@ -16,15 +18,17 @@ __all__ = ["choice_loglik", "evaluate", "generate", "loglik"]
 def evaluate(
     model,
     tokenizer,
-    task: Task,
+    task,
     rows: list[dict],
     max_new_tokens: int = 500,
     batch_size: int = 8,
     chat: bool = False,
     progress: bool = True,
 ) -> dict:
-    """The task's scores on `rows` (headline first), then "predictions": the generated answers."""
-    predictions = generate(model, tokenizer, [task.prompt(r) for r in rows], max_new_tokens, batch_size, chat, progress)
+    """The scores of `task` (one of the paper's, or own data) on `rows`, headline first, then
+    "predictions": the generated answers."""
+    ids = [task.prompt_ids(tokenizer, r, chat) for r in rows]
+    predictions = generate_ids(model, tokenizer, ids, max_new_tokens, batch_size, progress)
     return {**task.score(predictions, rows), "predictions": predictions}
 
 
@@ -58,3 +62,34 @@ def choice_loglik(model, tokenizer, task: Task, rows: list[dict], batch_size: in
         acc += max(range(len(ll)), key=lambda k: ll[k]) == label
         acc_norm += max(range(len(ll)), key=lambda k: ll[k] / len(endings[k])) == label
     return {"acc": 100 * acc / len(rows), "acc_norm": 100 * acc_norm / len(rows)}
+
+
+def evaluate_own(
+    model,
+    tokenizer,
+    task,
+    rows: list[dict],
+    max_new_tokens: int = 500,
+    batch_size: int = 8,
+    chat: bool = False,
+    samples: int = 5,
+    progress: bool = True,
+    max_length: int = 1024,
+    too_long: str = "cut",
+) -> dict:
+    """Own data: the loss per answer token and its perplexity on `rows` always; the metric the
+    data was given (`task.metric`) on answers generated for every row, or else generations for
+    the first `samples` rows only; then "predictions". Rows longer than `max_length` are cut
+    or dropped from the loss as in training."""
+    from .loss import TokenLoss, encode_rows, mean_loss
+
+    examples, _ = encode_rows(task, rows, tokenizer, max_length, too_long, chat)
+    training = model.training
+    loss_fn = TokenLoss(model).eval()
+    loss = mean_loss(loss_fn, examples, pad_id(tokenizer), batch_size, model.device)
+    model.train(training)
+    scores = {"loss": loss, "perplexity": math.exp(loss)}
+    generated = rows if task.metric else rows[:samples]
+    ids = [task.prompt_ids(tokenizer, r, chat) for r in generated]
+    predictions = generate_ids(model, tokenizer, ids, max_new_tokens, batch_size, progress)
+    return {**(task.score(predictions, generated) if task.metric else {}), **scores, "predictions": predictions}

@@ -2,8 +2,8 @@
 
 A run folder holds `run.json` (the options and versions), `best/` (the adapter kept on
 validation), `checkpoint/` (the latest training state), `log.csv`, `tensorboard/`,
-`predictions.jsonl` and, once finished, `results.json`. Anywhere an adapter is expected, a run
-folder stands for its `best/`.
+`predictions.jsonl` (`samples.jsonl` with own data) and, once finished, `results.json`.
+Anywhere an adapter is expected, a run folder stands for its `best/`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ BEST = "best"
 CHECKPOINTS = "checkpoint"
 LOG = "log.csv"
 PREDICTIONS = "predictions.jsonl"
+SAMPLES = "samples.jsonl"  # own data: a few generations beside the prompts and references
 
 
 def is_run(folder: Path) -> bool:

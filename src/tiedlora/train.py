@@ -26,17 +26,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 from .config import TiedLoraConfig, TiedLoraError
-from .decoding import pad_batch, pad_id
+from .decoding import pad_id
 from .io import load, save, write_atomic
 from .layout import find_layers
+from .loss import TokenLoss, answer_tokens, collate, encode_rows, mean_loss, pack
 from .model import adapter_parameters, apply, trainable_parameters
 from .models import SMOLLM2
-from .runs import BEST, CHECKPOINTS, LOG, PREDICTIONS, RESULTS, RUN, read_json, write_json
+from .runs import BEST, CHECKPOINTS, LOG, PREDICTIONS, RESULTS, RUN, SAMPLES, read_json, write_json
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -53,7 +53,29 @@ class TrainConfig:
     """Every option of `tiedlora train`; the defaults are the paper's recipe."""
 
     task: str = "gsm8k"
-    """squad, dialogsum, hellaswag, iwslt2017-de-en or gsm8k."""
+    """squad, dialogsum, hellaswag, iwslt2017-de-en or gsm8k (ignored with --data)."""
+    data: str | None = None
+    """Your own data instead of a task: a .jsonl, .csv or .parquet file, or a Hub data set name, of
+    {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]} rows."""
+    validation: str | None = None
+    """With --data: a validation file (default: 10% of the rows, chosen by the sha256 of each row)."""
+    split: str = "train"
+    """With a Hub data set: the split to train on."""
+    prompt_field: str = "prompt"
+    """With --data: the column holding the prompt."""
+    completion_field: str = "completion"
+    """With --data: the column holding the completion."""
+    messages_field: str = "messages"
+    """With --data: the column holding a conversation."""
+    metric: str | None = None
+    """With --data: also score generated answers against the references: exact_match, f1, rougeL or bleu."""
+    too_long: str = "cut"
+    """Examples longer than --max_length: cut (their prompt loses its start) or drop (left out)."""
+    packing: bool = False
+    """Pack several examples into each sequence of a micro batch (positions restart per example, and no
+    example attends to another): no padding."""
+    samples: int = 5
+    """With --data: write this many validation generations to samples.jsonl beside the results."""
     config: str = "tl6"
     """The configuration: lora, vera, tl1, tl2, tl3, tl4, tl5 or tl6 (the paper's Table 1)."""
     rank: int = 8
@@ -135,15 +157,34 @@ class TrainConfig:
             raise TiedLoraError(
                 f"--precision {self.precision!r}: choose auto (bf16 where the hardware has it natively), bf16 or fp32."
             )
+        if self.too_long not in ("cut", "drop"):
+            raise TiedLoraError(f"--too_long {self.too_long!r}: choose cut (the prompt loses its start) or drop.")
+        if self.data is not None and self.early_stop_on == "metric" and self.metric is None:
+            raise TiedLoraError("--early_stop_on metric with --data needs --metric exact_match, f1, rougeL or bleu.")
         if self.early_stop_on not in ("loss", "metric"):
             raise TiedLoraError(
                 f"--early_stop_on {self.early_stop_on!r}: choose loss (validation loss) or metric "
                 "(the task's headline, by generation)."
             )
+        self.task_data()
+        self.adapter()
+
+    def task_data(self):
+        """The data and its scoring: the user's own (--data) or one of the paper's tasks."""
+        from .data import OwnData
         from .tasks import get
 
-        get(self.task)
-        self.adapter()
+        if self.data is None:
+            return get(self.task)
+        return OwnData(
+            self.data,
+            validation=self.validation,
+            split=self.split,
+            prompt_field=self.prompt_field,
+            completion_field=self.completion_field,
+            messages_field=self.messages_field,
+            metric=self.metric,
+        )
 
     def adapter(self) -> TiedLoraConfig:
         return TiedLoraConfig.preset(
@@ -158,9 +199,10 @@ class TrainConfig:
 
 
 def from_recipe(options: dict) -> TrainConfig:
-    """The config of a run: the task's paper recipe (configs/paper/<task>.yaml), then `options`."""
+    """The config of a run: the task's paper recipe (configs/paper/<task>.yaml), then `options`.
+    Own data (--data) starts from TrainConfig's defaults instead."""
     recipe = RECIPES / f"{options.get('task', TrainConfig.task)}.yaml"
-    base = yaml.safe_load(recipe.read_text()) if recipe.is_file() else {}
+    base = yaml.safe_load(recipe.read_text()) if recipe.is_file() and options.get("data") is None else {}
     return TrainConfig(**{**base, **options})
 
 
@@ -174,22 +216,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def encode_rows(task, rows, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int]:
-    """Tokenised examples, loss on answer tokens; an over-long example loses the start of its
-    prompt (the answer is what is learnt), and the run says how many did."""
-    from .tasks import encode
-
-    examples, cut = [], 0
-    for row in rows:
-        e = encode(tokenizer, task.prompt(row), task.target(row), cfg.chat)
-        extra = len(e["input_ids"]) - cfg.max_length
-        if extra > 0:
-            cut += 1
-            e = {k: v[extra:] for k, v in e.items()}
-        examples.append(e)
-    return examples, cut
 
 
 def step_batches(n: int, cfg: TrainConfig, step: int) -> list[int]:
@@ -214,32 +240,6 @@ def micro_batches(indices: list[int], examples: list[dict], cfg: TrainConfig, wo
     return chunks[rank::world]
 
 
-def collate(examples: list[dict], pad: int, device) -> dict:
-    """A right-padded batch; padding is masked out of attention and of the loss."""
-    input_ids, attention_mask = pad_batch([e["input_ids"] for e in examples], pad, False, device)
-    labels, _ = pad_batch([e["labels"] for e in examples], -100, False, device)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-class TokenLoss(nn.Module):
-    """Summed next-token loss over the answer tokens, with the output head applied only where
-    there is a loss: on a 49k-word vocabulary the head is a fifth of the model's work. Used as
-    the module that DDP wraps, so its forward is the one that synchronises gradients."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model: Any = model  # a transformers causal LM: its base_model and output head are used
-
-    def forward(self, input_ids, attention_mask, labels):
-        hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != -100
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-
-
 def shard_base(model: nn.Module) -> nn.Module:
     """FSDP for models too large for one device: torch's fully_shard splits each decoder
     layer's frozen weights over the processes and gathers them for its forward and backward.
@@ -251,21 +251,6 @@ def shard_base(model: nn.Module) -> nn.Module:
     for layer in find_layers(model):
         fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
     return TokenLoss(model)
-
-
-def answer_tokens(examples: list[dict]) -> int:
-    return sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
-
-
-@torch.no_grad()
-def validation_loss(loss_fn, examples, cfg, pad, device) -> float:
-    """Mean loss per answer token over the validation examples."""
-    total = 0.0
-    ordered = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    for start in range(0, len(ordered), cfg.micro_batch_size):
-        chunk = [examples[i] for i in ordered[start : start + cfg.micro_batch_size]]
-        total += loss_fn(**collate(chunk, pad, device)).item()
-    return total / max(1, answer_tokens(examples))
 
 
 class Checkpoints:
@@ -403,15 +388,21 @@ class Data:
     val_rows: Rows
     train: list[dict]
     val: list[dict]
-    cut: int  # training examples whose prompt lost its start to --max_length
+    long: int  # training examples longer than --max_length: cut or dropped
     pad: int  # the token that pads a batch
 
 
 def load_data(task, tokenizer, cfg: TrainConfig) -> Data:
     train_rows, val_rows = task.load("train", cfg.source), task.load("validation", cfg.source)
-    train_examples, cut = encode_rows(task, train_rows[: cfg.train_rows], tokenizer, cfg)
-    val_examples, _ = encode_rows(task, val_rows[: cfg.val_rows], tokenizer, cfg)
-    return Data(train_rows, val_rows, train_examples, val_examples, cut, pad_id(tokenizer))
+    limits = (cfg.max_length, cfg.too_long, cfg.chat)
+    train_examples, long = encode_rows(task, train_rows[: cfg.train_rows], tokenizer, *limits)
+    val_examples, _ = encode_rows(task, val_rows[: cfg.val_rows], tokenizer, *limits)
+    if not train_examples:
+        raise TiedLoraError(
+            f"Every training example is longer than --max_length {cfg.max_length} and --too_long drop "
+            "left none; raise --max_length or use --too_long cut."
+        )
+    return Data(train_rows, val_rows, train_examples, val_examples, long, pad_id(tokenizer))
 
 
 @dataclass
@@ -517,7 +508,12 @@ def train_step(run: Run, loss_fn, optimizer, params, step: int):
     mine = micro_batches(indices, data.train, cfg, procs.world, procs.rank)
     total = torch.zeros((), device=procs.device)
     for j, chunk in enumerate(mine):
-        batch = collate([data.train[i] for i in chunk], data.pad, procs.device)
+        examples = [data.train[i] for i in chunk]
+        batch = (
+            pack(examples, data.pad, cfg.max_length, procs.device)
+            if cfg.packing
+            else collate(examples, data.pad, procs.device)
+        )
         last = j == len(mine) - 1
         sync = procs.accelerator.no_sync(loss_fn) if not last and not procs.fsdp else contextlib.nullcontext()
         with sync, torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=procs.bf16):
@@ -553,7 +549,7 @@ def validate(run: Run, loss_fn, state: dict) -> dict:
     cfg, data, procs = run.cfg, run.data, run.procs
     loss_fn.eval()
     step = state["step"]
-    val_loss = validation_loss(loss_fn, data.val, cfg, data.pad, procs.device)
+    val_loss = mean_loss(loss_fn, data.val, data.pad, cfg.micro_batch_size, procs.device)
     headline, metric = "", None
     if cfg.val_metric or cfg.early_stop_on == "metric":
         headline, metric = next(iter(run.score(data.val_rows[: cfg.val_rows]).items()))
@@ -576,15 +572,34 @@ def validate(run: Run, loss_fn, state: dict) -> dict:
 
 
 def test_and_record(run: Run, state: dict, started: float) -> dict:
-    """Score the best adapter on the test split; write predictions.jsonl and results.json."""
+    """Score the best adapter on the test split (own data: on the validation rows, by loss and
+    perplexity, the metric if one was chosen, and a few sample generations); write
+    predictions.jsonl (samples.jsonl for own data) and results.json."""
+    from .evaluate import evaluate_own
+
     cfg, data, procs, folder = run.cfg, run.data, run.procs, run.folder
     load(run.model, folder / BEST)
     test_all = run.task.load("test", cfg.source)
     test_rows = test_all[: cfg.test_rows]
-    scores = run.score(test_rows)
+    if cfg.data is None:
+        scores = run.score(test_rows)
+    else:
+        scores = evaluate_own(
+            run.model,
+            run.tokenizer,
+            run.task,
+            test_rows,
+            cfg.max_new_tokens,
+            cfg.eval_batch_size,
+            cfg.chat,
+            cfg.samples,
+            progress=not run.quiet,
+            max_length=cfg.max_length,
+            too_long=cfg.too_long,
+        )
     predictions = scores.pop("predictions")
     results = {
-        "task": cfg.task,
+        "task": cfg.task if cfg.data is None else "own",
         "config": cfg.config,
         "rank": cfg.rank,
         "model": cfg.model,
@@ -612,9 +627,27 @@ def test_and_record(run: Run, state: dict, started: float) -> dict:
         "versions": versions(),
     }
     if procs.main:
-        write_atomic(folder / PREDICTIONS, "".join(json.dumps({"prediction": p}) + "\n" for p in predictions).encode())
+        if cfg.data is None:
+            write_atomic(
+                folder / PREDICTIONS, "".join(json.dumps({"prediction": p}) + "\n" for p in predictions).encode()
+            )
+        else:
+            write_samples(folder / SAMPLES, run.tokenizer, run.task, test_rows, predictions, cfg.chat)
         write_json(folder / RESULTS, results)
     return results
+
+
+def write_samples(path: Path, tokenizer, task, rows: list, predictions: list[str], chat: bool) -> None:
+    """Own data: each generated answer beside what the model was asked and the reference."""
+    lines = [
+        {
+            "prompt": tokenizer.decode(task.prompt_ids(tokenizer, row, chat)),
+            "reference": task.reference(row),
+            "prediction": p,
+        }
+        for row, p in zip(rows, predictions)
+    ]
+    write_atomic(path, "".join(json.dumps(line) + "\n" for line in lines).encode())
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=None) -> dict:
@@ -624,10 +657,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     from tqdm.auto import tqdm
 
     from .models import load_model
-    from .tasks import get
 
     started = time.time()
-    task = get(cfg.task)
+    task = cfg.task_data()
     model, tokenizer = load_model(cfg.model) if base is None else (copy.deepcopy(base[0]), base[1])
     apply(model, cfg.adapter())
     data = load_data(task, tokenizer, cfg)
@@ -637,11 +669,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     procs.accelerator.wait_for_everyone()
     if resume and (folder / RESULTS).is_file():
         return read_json(folder / RESULTS)
-    if data.cut and procs.main:
-        print(
-            f"tiedlora train: {data.cut} of {len(data.train)} training examples exceed --max_length {cfg.max_length}; "
-            "their prompts were cut from the start."
+    if data.long and procs.main:
+        fate = (
+            "they were left out (--too_long drop)"
+            if cfg.too_long == "drop"
+            else "their prompts were cut from the start"
         )
+        total = len(data.train) + (data.long if cfg.too_long == "drop" else 0)
+        print(f"tiedlora train: {data.long} of {total} training examples exceed --max_length {cfg.max_length}; {fate}.")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

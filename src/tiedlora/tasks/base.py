@@ -15,7 +15,8 @@ import random
 from pathlib import Path
 
 from ..config import TiedLoraError
-from .prompts import TEMPLATES
+from ..decoding import prompt_ids
+from .prompts import TEMPLATES, encode
 
 SPLITS = ("train", "validation", "test")
 BUNDLED = Path(__file__).parent / "data"
@@ -71,7 +72,8 @@ def check(rows: list, fields: tuple[str, ...], where: str, unit: str) -> list[di
     return rows
 
 
-def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
+def json_lines(path: Path, expected: str) -> list:
+    """The value on each line of a JSON Lines file; a line that is not UTF-8 JSON is named."""
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError as e:
@@ -83,10 +85,14 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
         try:
             rows.append(json.loads(line.decode("utf-8")))
         except UnicodeDecodeError:
-            raise DataError(f"{path}, line {n}: not UTF-8; {_expected(fields)}.") from None
+            raise DataError(f"{path}, line {n}: not UTF-8; {expected}.") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {n}: not JSON ({e.msg}); {_expected(fields)}.") from None
-    return check(rows, fields, str(path), "line")
+            raise DataError(f"{path}, line {n}: not JSON ({e.msg}); {expected}.") from None
+    return rows
+
+
+def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    return check(json_lines(path, _expected(fields)), fields, str(path), "line")
 
 
 class Task:
@@ -103,6 +109,14 @@ class Task:
 
     def prompt(self, row: dict) -> str:
         return TEMPLATES[self.name].format(**row)
+
+    def encode(self, tokenizer, row: dict, chat: bool = False) -> dict[str, list[int]]:
+        """The row as a training example: its prompt, then its target, the loss on the target."""
+        return encode(tokenizer, self.prompt(row), self.target(row), chat)
+
+    def prompt_ids(self, tokenizer, row: dict, chat: bool = False) -> list[int]:
+        """The tokens the model is asked, to generate its answer."""
+        return prompt_ids(tokenizer, self.prompt(row), chat)
 
     def target(self, row: dict) -> str:
         raise NotImplementedError
