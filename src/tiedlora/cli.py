@@ -111,11 +111,13 @@ def report(sweep: str, *, out: str) -> None:
     print(f"wrote {out}: table2, table3 (md, csv), {', '.join(Path(f).name for f in written['figures'])}, summary.md")
 
 
-def open_adapter(adapter: str, model_name: str | None, base: bool = False):
+def open_adapter(adapter: str, model_name: str | None, base: bool = False, as_trained: bool = True):
     """(model, tokenizer, run options or None) for a run folder (its model and its best adapter)
-    or an adapter folder; with `base`, the model without the adapter."""
+    or an adapter folder; with `base`, the model without the adapter. `as_trained` quantizes
+    the base as the run did (--quantize); without it the base stays in full precision."""
     from .io import CONFIG, load
     from .models import load_model
+    from .quantize import quantize
 
     run = run_options(Path(adapter))
     folder = best_adapter(Path(adapter))
@@ -124,6 +126,9 @@ def open_adapter(adapter: str, model_name: str | None, base: bool = False):
             f"--adapter {adapter}: no run folder (run.json) with a best/ adapter, nor an adapter folder ({CONFIG})."
         )
     model, tokenizer = load_model(model_name or (run or {}).get("model") or SMOLLM2)
+    bits = (run or {}).get("quantize")
+    if as_trained and bits:
+        quantize(model, bits)
     if not base:
         load(model, folder)
     return model, tokenizer, run
@@ -238,11 +243,17 @@ def merge(*, adapter: str, out: str, model: str | None = None) -> None:
     """
     from .model import remove
 
-    lm, tokenizer, _ = open_adapter(adapter, model)
+    lm, tokenizer, run = open_adapter(adapter, model, as_trained=False)
     remove(lm, merge_weights=True)
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"wrote {out}: a transformers model with the update folded in")
+    if (run or {}).get("quantize"):
+        print(
+            f"The adapter was trained on a {run['quantize']} base (--quantize); it is merged into the "
+            "unquantized base, "
+            "whose weights can hold the update exactly."
+        )
 
 
 def export(*, adapter: str, out: str, format: str = "peft", model: str | None = None) -> None:

@@ -140,8 +140,11 @@ def is_conv1d(module) -> bool:
 
 
 def in_out(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out). nn.Linear says them itself: a quantized one packs its weight into another shape."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
     w = cast(torch.Tensor, module.weight)
-    return (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
+    return w.shape[0], w.shape[1]  # Conv1D
 
 
 def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -7,6 +7,7 @@ causal LM) and whose projections are nn.Linear or GPT-2's Conv1D; transformers i
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import torch
 from torch import nn
@@ -104,8 +105,17 @@ def trainable_parameters(model: nn.Module) -> int:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold the update into every adapted W (exact up to the weights' rounding); a no-op on a
-    module already merged."""
-    for member in _members(model):
+    module already merged. Quantized base weights are refused before any is changed."""
+    members = _members(model)
+    weights = {path: cast(torch.Tensor, m.base.weight) for site in root(model).sites for path, m in site.members}
+    quantized = [(path, w.dtype) for path, w in weights.items() if not w.is_floating_point()]
+    if quantized:
+        raise TiedLoraError(
+            f"The base weights are quantized ({quantized[0][0]} holds {quantized[0][1]}), so the update "
+            "cannot be folded "
+            "into them exactly: merge into the unquantized base model instead (tiedlora merge loads it so)."
+        )
+    for member in members:
         if not member.merged:
             member.fold(+1)
             member.merged = True

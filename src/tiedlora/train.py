@@ -36,6 +36,7 @@ from .layout import find_layers
 from .loss import TokenLoss, answer_tokens, collate, encode_rows, mean_loss, pack
 from .model import adapter_parameters, apply, trainable_parameters
 from .models import SMOLLM2
+from .quantize import quantize
 from .runs import BEST, CHECKPOINTS, LOG, PREDICTIONS, RESULTS, RUN, SAMPLES, read_json, write_json
 from .version import __version__
 
@@ -90,6 +91,9 @@ class TrainConfig:
     """Dropout on the adapter's input (0: none, no copy)."""
     model: str = SMOLLM2
     """smollm2-135m (bundled), a local model folder, or a Hub id."""
+    quantize: str | None = None
+    """Hold the frozen base's decoder layers in 8bit or 4bit (NF4) with bitsandbytes, on a GPU or the CPU;
+    the adapter stays fp32."""
     out: str = "runs/run"
     """The run folder."""
     source: str = "bundled"
@@ -157,6 +161,8 @@ class TrainConfig:
             raise TiedLoraError(
                 f"--precision {self.precision!r}: choose auto (bf16 where the hardware has it natively), bf16 or fp32."
             )
+        if self.quantize not in (None, "8bit", "4bit"):
+            raise TiedLoraError(f"--quantize {self.quantize!r}: choose 8bit or 4bit, or leave it unset.")
         if self.too_long not in ("cut", "drop"):
             raise TiedLoraError(f"--too_long {self.too_long!r}: choose cut (the prompt loses its start) or drop.")
         if self.data is not None and self.early_stop_on == "metric" and self.metric is None:
@@ -661,6 +667,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     started = time.time()
     task = cfg.task_data()
     model, tokenizer = load_model(cfg.model) if base is None else (copy.deepcopy(base[0]), base[1])
+    if cfg.quantize is not None:
+        quantize(model, cfg.quantize)
     apply(model, cfg.adapter())
     data = load_data(task, tokenizer, cfg)
 
