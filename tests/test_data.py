@@ -216,3 +216,21 @@ def test_train_and_eval_on_own_data(tiny_folder, tmp_path, capsys, rows):
     assert main(["eval", "--adapter", str(run), "--data", str(data), "--max_new_tokens=3", "--limit=6"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["rows"] == 6 and list(scored["metrics"]) == ["loss", "perplexity"]
+
+
+def test_a_hub_data_set_by_name_with_its_split_and_columns(monkeypatch, tmp_path):
+    """The Hub cannot be reached from here: a stand-in `datasets` answers load_dataset(name, split=...)."""
+    import sys
+    import types
+
+    asked = []
+
+    def load_dataset(name, split):
+        asked.append((name, split))
+        return [{"q": f"question {i}", "a": f"answer {i}"} for i in range(30)] + [{"q": "x", "a": 3}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    own = OwnData("org/my-data", split="dev", prompt_field="q", completion_field="a")
+    with pytest.raises(DataError, match="Hub org/my-data, split dev, row 31: field 'a' is a int, not a string"):
+        own.all_rows()
+    assert asked == [("org/my-data", "dev")]

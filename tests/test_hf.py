@@ -105,6 +105,39 @@ def test_checkpoints_hold_the_adapter_and_optimizer_but_no_base_weights(tiny_fol
     assert on_disk.keys() == trained.keys() and all(torch.equal(on_disk[k], trained[k].detach()) for k in trained)
 
 
+def test_the_head_only_loss_equals_the_trainers_own(tiny_folder, rows, tmp_path):
+    """Our compute_loss (the output head only where labels are) against Trainer's (full logits),
+    on one padded batch: the same value and gradients, with the accumulated batch's token count
+    (num_items_in_batch) and without it."""
+    ours = trainer(tiny_folder, rows, tmp_path / "ours")
+    theirs = Trainer(model=ours.model, args=ours.args, data_collator=ours.data_collator)
+    inputs = ours.data_collator(ours.train_dataset[:5])
+    for n in (None, torch.tensor(123)):
+        losses, grads = [], []
+        for t in (theirs, ours):
+            ours.model.zero_grad()
+            loss = t.compute_loss(ours.model, dict(inputs), num_items_in_batch=n)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(
+                {k: p.grad.clone() for k, p in tiedlora.adapter_parameters(ours.model).items() if p.grad is not None}
+            )
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5) and grads[0].keys() == grads[1].keys()
+        assert all(torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-7) for k in grads[0])
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_with_the_head_only_loss_follows_the_trainers_own(tiny_folder, rows, tmp_path, accumulate):
+    """3 steps of each, with and without gradient accumulation: the same adapter up to rounding."""
+    runs = []
+    for cls in (Trainer, TiedLoraTrainer):
+        t = trainer(tiny_folder, rows, tmp_path / cls.__name__, cls=cls)
+        t.args.max_steps, t.args.save_strategy, t.args.gradient_accumulation_steps = 3, "no", accumulate
+        t.train()
+        runs.append(tiedlora.adapter_parameters(t.model))
+    assert all(torch.allclose(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-6) for k in runs[0])
+
+
 def test_resume_from_checkpoint_continues_exactly(tiny_folder, rows, tmp_path):
     whole = trainer(tiny_folder, rows, tmp_path / "whole")
     whole.train()

@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass, field
 
 PARTS = ("A", "B", "u", "v")
-FLOAT32_MAX = 3.4028234663852886e38  # an init beyond it cannot become a float32 tensor
+# No sensible adapter needs a scale or a value beyond this; a larger one (alpha 1e300, an init of
+# 1e38) only makes every output NaN or empty, so it is refused where it is read.
+MAX_MAGNITUDE = 1e6
 NAMED_INITS = ("kaiming", "zeros", "ones")
 # Target groups the library finds by itself; see `layout.GROUP_PATTERNS` for the module names.
 GROUP_ALIASES = ("qkv", "o", "mlp_in", "mlp_out")
@@ -36,10 +38,10 @@ class Part:
             raise TiedLoraError(f"Part(tied={self.tied!r}, trainable={self.trainable!r}): both must be True or False.")
         named = isinstance(self.init, str) and self.init in NAMED_INITS
         number = isinstance(self.init, (int, float)) and not isinstance(self.init, bool) and math.isfinite(self.init)
-        if not (named or number and abs(self.init) <= FLOAT32_MAX):  # type: ignore[arg-type]
+        if not (named or number and abs(self.init) <= MAX_MAGNITUDE):  # type: ignore[arg-type]
             raise TiedLoraError(
                 f"init={self.init!r} is not an initialisation: use one of {NAMED_INITS} "
-                f"or a number within float32's range (|init| <= {FLOAT32_MAX:.3g})."
+                f"or a number from -{MAX_MAGNITUDE:g} to {MAX_MAGNITUDE:g}."
             )
 
 
@@ -97,9 +99,11 @@ class TiedLoraConfig:
             isinstance(self.alpha, bool)
             or not isinstance(self.alpha, (int, float))
             or not math.isfinite(self.alpha)
-            or self.alpha <= 0
+            or not 0 < self.alpha <= MAX_MAGNITUDE
         ):
-            raise TiedLoraError(f"alpha={self.alpha!r} must be a positive number (or None for alpha = rank).")
+            raise TiedLoraError(
+                f"alpha={self.alpha!r} must be a positive number up to {MAX_MAGNITUDE:g} (or None for alpha = rank)."
+            )
         if not isinstance(self.name, str):
             raise TiedLoraError(f"name={self.name!r} must be a string.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:

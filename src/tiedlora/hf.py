@@ -7,6 +7,12 @@ adapter. Put `TiedLoraMixin` before the Trainer class and every checkpoint, and 
 files; `resume_from_checkpoint` and `load_best_model_at_end` load the adapter back. The output
 folder is a tiedlora adapter folder: `tiedlora.load` reads it, `tiedlora serve` serves it.
 
+Where the Trainer computes its default loss, the mixin computes the same value as `tiedlora
+train` does, with the output head applied only to the positions that have a label (on a
+49k-word vocabulary the head is a fifth of a small model's work). A Trainer subclass with a loss
+of its own (TRL's SFTTrainer adds token accuracy and entropy) keeps it, and so does a model that
+DDP wraps, whose forward synchronises the gradients.
+
     model = tiedlora.apply(AutoModelForCausalLM.from_pretrained(...), TiedLoraConfig.preset("tl6"))
     trainer = TiedLoraTrainer(model=model, args=TrainingArguments(...), train_dataset=...)
 
@@ -23,6 +29,7 @@ from typing import Any
 from transformers import Trainer
 
 from .io import load, save
+from .loss import TokenLoss
 
 
 class TiedLoraMixin:
@@ -33,6 +40,9 @@ class TiedLoraMixin:
     accelerator: Any
     processing_class: Any
     state: Any
+    label_smoother: Any
+    compute_loss_func: Any
+    model_accepts_loss_kwargs: bool
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """In place of Trainer._save, which writes the whole model: the adapter, then the
@@ -43,6 +53,22 @@ class TiedLoraMixin:
         save(self.accelerator.unwrap_model(self.model), output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """Trainer's default causal-LM loss, the head run only where labels are: the sum over
+        labelled tokens divided by `num_items_in_batch` (all labelled tokens of the accumulated
+        batch, when the Trainer counts them) or else by this batch's count, as Trainer does."""
+        mro = type(self).__mro__
+        below = next(c for c in mro[mro.index(TiedLoraMixin) + 1 :] if "compute_loss" in c.__dict__)
+        plain = below is Trainer and self.label_smoother is None and self.compute_loss_func is None
+        wrapped = model is not self.accelerator.unwrap_model(model)  # DDP syncs gradients in its own forward
+        if return_outputs or not plain or wrapped or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        labels = inputs["labels"]
+        total = TokenLoss(model)(inputs["input_ids"], inputs.get("attention_mask"), labels, inputs.get("position_ids"))
+        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:  # the Trainer then divides by its steps
+            return total / (labels[:, 1:] != -100).sum()
+        return total / num_items_in_batch
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load(self.model if model is None else model, resume_from_checkpoint)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .config import TiedLoraConfig, TiedLoraError
+from .config import MAX_MAGNITUDE, TiedLoraConfig, TiedLoraError
+from .layer import tensor_key
 from .layout import Group, find_layers
 from .model import adapter_parameters, apply, has_adapter, is_merged, remove, root
 from .version import __version__
@@ -28,6 +31,7 @@ from .version import __version__
 TENSORS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
 FORMAT = "tiedlora"
+FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -45,7 +49,7 @@ def save(model: nn.Module, folder, *, include_frozen: bool = False, dtype: torch
     blob = to_bytes(tensors)
     meta = {
         "format": FORMAT,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "config": root(model).config.to_dict(),
         "base_model": base_identity(model),
@@ -56,10 +60,38 @@ def save(model: nn.Module, folder, *, include_frozen: bool = False, dtype: torch
         },
     }
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / TENSORS, blob)
-    write_atomic(folder / CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
+    files = {TENSORS: blob, CONFIG: (json.dumps(meta, indent=2) + "\n").encode()}
+    if folder.is_dir() and {p.name for p in folder.iterdir()} - set(files):
+        for name, data in files.items():  # a folder that holds more (a Trainer's output): file by file, tensors first
+            write_atomic(folder / name, data)
+    else:
+        write_folder(folder, files)
     return folder
+
+
+def write_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """Write `files` as the whole of `folder`, as a unit: into a temporary folder beside it, then
+    renamed into place, so a reader finds the old folder or the new one, never a mix of the two."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise TiedLoraError(f"Could not write {folder}: {e.strerror or e}; nothing was changed there.") from e
+    try:
+        for name, data in files.items():
+            write_atomic(tmp / name, data)
+        old = tmp.with_suffix(".old")
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise TiedLoraError(
+                f"Could not write {folder}: {e.strerror or e}; the folder there before is unchanged."
+            ) from e
+        raise
 
 
 class AdapterFile(NamedTuple):
@@ -72,10 +104,48 @@ class AdapterFile(NamedTuple):
 
 
 def read_adapter(folder) -> AdapterFile:
-    """The one reader of adapter folders: `load` and the multi-adapter model both use it."""
+    """The one reader of adapter folders, for `load`, the multi-adapter model and the server:
+    every structural and numeric check that needs no model happens here, before any tensor
+    reaches one. The config and the base model it records fix every tensor's name and shape, so
+    the file's size is capped before it is read, and what frozen parts would allocate is bounded
+    by the base's own shapes."""
     folder = Path(folder)
     meta = read_config(folder)
-    return AdapterFile(folder, meta, TiedLoraConfig.from_dict(meta["config"]), read_tensors(folder, meta))
+    config = TiedLoraConfig.from_dict(meta["config"])
+    shapes = tensor_shapes(config, meta["base_model"], stored=meta["tensors"]["stored"], where=folder / CONFIG)
+    return AdapterFile(folder, meta, config, read_tensors(folder, meta, shapes))
+
+
+def tensor_shapes(config: TiedLoraConfig, base: dict, stored: str, where: Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor the file must hold, from the config and the recorded
+    base model; the config must fit that base (its layers, its groups, a rank within them)."""
+    layers, groups = base.get("layers"), base.get("groups")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1 or not isinstance(groups, dict):
+        raise TiedLoraError(
+            f'{where}: "base_model" must give "layers" (a positive count) and "groups"; the file is damaged.'
+        )
+    indices = list(range(layers)) if config.layers is None else list(config.layers)
+    if any(i >= layers for i in indices):
+        raise TiedLoraError(f"{where}: layers={list(indices)} but the base model has {layers}; the file is damaged.")
+    shapes = {}
+    for group in config.groups:
+        g = groups.get(group)
+        sizes = [g.get("d_in"), *g.get("d_out", [])] if isinstance(g, dict) and isinstance(g.get("d_out"), list) else []
+        if len(sizes) < 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in sizes):
+            raise TiedLoraError(
+                f'{where}: "base_model.groups.{group}" must give "d_in" and a list "d_out" of positive sizes.'
+            )
+        d_in, d_out = sizes[0], sum(sizes[1:])
+        if config.rank > min(d_in, d_out):
+            raise TiedLoraError(
+                f"{where}: rank {config.rank} is larger than the {group!r} projection ({d_in} -> {d_out})."
+            )
+        part_shapes = {"A": (config.rank, d_in), "B": (d_out, config.rank), "u": (config.rank,), "v": (d_out,)}
+        for part, spec in config.parts.items():
+            if spec.trainable or stored == "all":
+                for layer in [None] if spec.tied else indices:
+                    shapes[tensor_key(group, part, layer)] = part_shapes[part]
+    return shapes
 
 
 def load(model: nn.Module, folder) -> nn.Module:
@@ -92,20 +162,8 @@ def load(model: nn.Module, folder) -> nn.Module:
             "call tiedlora.remove(model) first."
         )
     try:
-        check_base(adapter, base_identity(model))
+        check_base(adapter, base_identity(model))  # with read_adapter's checks: every tensor fits the model
         params = adapter_parameters(model)
-        expected = {k for k, p in params.items() if p.requires_grad or adapter.meta["tensors"]["stored"] == "all"}
-        if set(tensors) != expected:
-            raise TiedLoraError(
-                f"{folder / TENSORS} holds tensors {sorted(set(tensors) ^ expected)[:6]} that do not match its config; "
-                "the file is damaged or was written by another tool."
-            )
-        for key, t in tensors.items():
-            if t.shape != params[key].shape or not t.is_floating_point():
-                raise TiedLoraError(
-                    f"{folder / TENSORS}: tensor {key} is {t.dtype} {tuple(t.shape)}, "
-                    f"expected a float tensor of shape {tuple(params[key].shape)}."
-                )
         if is_merged(model):
             raise TiedLoraError(
                 "The adapter on this model is merged into its weights: call tiedlora.unmerge(model) before "
@@ -122,15 +180,15 @@ def load(model: nn.Module, folder) -> nn.Module:
 
 
 def read_config(folder: Path) -> dict:
-    path = Path(folder) / CONFIG
-    if not path.is_file():
-        raise TiedLoraError(f"{path} does not exist: pass a folder written by tiedlora.save.")
+    path = regular_file(Path(folder) / CONFIG)
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise TiedLoraError(f"{path} is {path.stat().st_size} bytes, too large for an adapter config; it is not one.")
     try:
         meta = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TiedLoraError(f"{path} is not valid JSON ({e}); re-save the adapter.") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, or an int of 5000 digits
+        raise TiedLoraError(
+            f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:120]}); re-save the adapter."
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TiedLoraError(
             f'{path} is not a tiedlora adapter config (no "format": "{FORMAT}"); for a PEFT adapter use peft.'
@@ -138,18 +196,39 @@ def read_config(folder: Path) -> dict:
     expected = {"format", "format_version", "library_version", "config", "base_model", "tensors"}
     if set(meta) != expected or not isinstance(meta["tensors"], dict) or not isinstance(meta["base_model"], dict):
         raise TiedLoraError(f"{path} has keys {sorted(meta)}, expected {sorted(expected)}; the file is damaged.")
+    if meta["format_version"] != FORMAT_VERSION or isinstance(meta["format_version"], bool):
+        raise TiedLoraError(
+            f"{path} has format_version {str(meta['format_version'])[:40]}; this tiedlora reads version "
+            f"{FORMAT_VERSION}: upgrade tiedlora, or re-save the adapter with this one."
+        )
     if meta["tensors"].get("stored") not in ("trained", "all") or not isinstance(meta["tensors"].get("sha256"), str):
         raise TiedLoraError(f'{path}: "tensors" must give "stored" (trained or all) and "sha256"; the file is damaged.')
     return meta
 
 
-def read_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
+def regular_file(path: Path) -> Path:
+    """`path`, a file of the folder itself: a link could lead anywhere."""
+    if path.is_symlink():
+        raise TiedLoraError(f"{path} is a link; an adapter folder holds its own files: copy the file there instead.")
+    if not path.exists():
+        raise TiedLoraError(f"{path} does not exist: pass a folder written by tiedlora.save.")
+    if not path.is_file():
+        raise TiedLoraError(f"{path} is not a regular file: pass a folder written by tiedlora.save.")
+    return path
+
+
+def read_tensors(folder: Path, meta: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The tensors, each one of `shapes` (names and shapes), float, finite and of sane size."""
     from safetensors import SafetensorError
     from safetensors.torch import load as from_bytes
 
-    path = folder / TENSORS
-    if path.is_symlink() or not path.is_file():
-        raise TiedLoraError(f"{path} is missing or not a regular file: pass a folder written by tiedlora.save.")
+    path = regular_file(folder / TENSORS)
+    cap = sum(8 * math.prod(s) for s in shapes.values()) + (1 << 16) + 256 * len(shapes)  # fp64 values and a header
+    if path.stat().st_size > cap:
+        raise TiedLoraError(
+            f"{path} is {path.stat().st_size:,} bytes, more than its config's tensors can take "
+            f"({cap:,}); the file is not this adapter's."
+        )
     blob = path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != meta["tensors"]["sha256"]:
         raise TiedLoraError(
@@ -157,9 +236,25 @@ def read_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
             "re-save or re-download it."
         )
     try:
-        return from_bytes(blob)
+        tensors = from_bytes(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise TiedLoraError(f"{path} is not a valid safetensors file ({e}).") from None
+    if set(tensors) != set(shapes):
+        raise TiedLoraError(
+            f"{path} holds tensors {sorted(set(tensors) ^ set(shapes))[:6]} that do not match its config; "
+            "the file is damaged or was written by another tool."
+        )
+    for key, t in tensors.items():
+        if tuple(t.shape) != shapes[key] or not t.is_floating_point():
+            raise TiedLoraError(
+                f"{path}: tensor {key} is {t.dtype} {tuple(t.shape)}, expected a float tensor of shape {shapes[key]}."
+            )
+        if not torch.isfinite(t).all() or t.numel() and t.abs().max() > MAX_MAGNITUDE:
+            raise TiedLoraError(
+                f"{path}: tensor {key} holds NaN, infinite or absurd values (beyond ±{MAX_MAGNITUDE:g}); "
+                "the adapter diverged in training or the file was changed: use an earlier checkpoint."
+            )
+    return tensors
 
 
 def base_identity(model: nn.Module, groups: Iterable[Group] | None = None) -> dict:

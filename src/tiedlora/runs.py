@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .config import TiedLoraError
@@ -36,11 +37,34 @@ def best_adapter(folder: Path) -> Path:
 
 def run_options(folder: Path) -> dict | None:
     """The options a run folder was trained with, or None for a plain adapter folder."""
-    return read_json(Path(folder) / RUN)["config"] if is_run(folder) else None
+    if not is_run(folder):
+        return None
+    run = read_json(Path(folder) / RUN)
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+        raise TiedLoraError(
+            f'{Path(folder) / RUN} is damaged: expected {{"config": {{...}}, "versions": {{...}}}}; '
+            "restore it, or train again in another --out."
+        )
+    return run["config"]
+
+
+def clean_stale(folder: Path) -> None:
+    """Remove the temporary files and folders that writes killed half-way leave behind."""
+    for stale in sorted(Path(folder).rglob(".*.tmp"), key=lambda p: -len(p.parts)):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    """A JSON file of a run; a damaged one is named, with what is wrong."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise TiedLoraError(f"Cannot read {path} ({e.strerror or e}).") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise TiedLoraError(f"{path} is damaged: not JSON ({type(e).__name__}: {str(e)[:100]}).") from None
 
 
 def write_json(path: Path, data) -> None:

@@ -16,9 +16,11 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import io
 import json
 import math
 import platform
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,13 +33,25 @@ from torch import nn
 
 from .config import TiedLoraConfig, TiedLoraError
 from .decoding import pad_id
-from .io import load, save, write_atomic
+from .io import load, read_adapter, regular_file, save, write_atomic
 from .layout import find_layers
 from .loss import TokenLoss, answer_tokens, collate, encode_rows, mean_loss, pack
 from .model import adapter_parameters, apply, trainable_parameters
 from .models import SMOLLM2
 from .quantize import quantize
-from .runs import BEST, CHECKPOINTS, LOG, PREDICTIONS, RESULTS, RUN, SAMPLES, read_json, write_json
+from .runs import (
+    BEST,
+    CHECKPOINTS,
+    LOG,
+    PREDICTIONS,
+    RESULTS,
+    RUN,
+    SAMPLES,
+    clean_stale,
+    read_json,
+    run_options,
+    write_json,
+)
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -261,7 +275,10 @@ def shard_base(model: nn.Module) -> nn.Module:
 
 class Checkpoints:
     """`checkpoint/step-N/` folders, each complete before `checkpoint/latest` (written atomically)
-    names it; older ones are deleted after. A kill at any moment leaves the previous one whole."""
+    names it; all but it and the one before are deleted after. A kill at any moment leaves the
+    previous one whole, and a checkpoint damaged later is passed over for the one before."""
+
+    STATE_KEYS = {"step", "best", "best_step", "bad_evals", "tokens", "elapsed_s", "stopped"}
 
     def __init__(self, folder: Path):
         self.folder = folder / CHECKPOINTS
@@ -270,15 +287,27 @@ class Checkpoints:
         pointer = self.folder / "latest"
         if not pointer.is_file():
             return None
-        path = self.folder / pointer.read_text().strip()
+        name = pointer.read_bytes()[:64].decode("utf-8", "replace").strip()
+        path = self.folder / name
+        if not re.fullmatch(r"step-\d+", name) or not path.resolve().is_relative_to(self.folder.resolve()):
+            raise TiedLoraError(
+                f"{pointer} names {name!r}, not a step-N folder of this run's; delete {self.folder} to start over."
+            )
         if not path.is_dir():
             raise TiedLoraError(f"{pointer} names {path.name}, which is missing; delete {self.folder} to start over.")
         return path
+
+    def steps(self) -> list[Path]:
+        """The checkpoints there, newest first."""
+        found = [p for p in self.folder.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: -int(p.name.split("-")[1]))
 
     def write(self, model, optimizer, state: dict) -> Path:
         from safetensors.torch import save as to_bytes
 
         path = self.folder / f"step-{state['step']}"
+        pointer = self.folder / "latest"
+        previous = self.folder / pointer.read_text().strip() if pointer.is_file() else None  # kept, to fall back to
         if path.exists():
             shutil.rmtree(path)
         save(model, path)
@@ -292,24 +321,36 @@ class Checkpoints:
         write_atomic(path / "optimizer.safetensors", to_bytes(moments))
         write_json(path / "state.json", state)
         write_atomic(self.folder / "latest", path.name.encode())
-        for old in self.folder.glob("step-*"):
-            if old != path:
+        for old in self.steps():
+            if old not in (path, previous):
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
-    @staticmethod
-    def read(path: Path, model, optimizer) -> dict:
+    def read(self, path: Path, model, optimizer) -> dict:
+        """The training state at `path`, its adapter and AdamW moments put on the model and the
+        optimizer; every file is checked before either is touched."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        load(model, path)
+        state = read_json(path / "state.json")
+        if not isinstance(state, dict) or set(state) != self.STATE_KEYS or not isinstance(state["step"], int):
+            raise TiedLoraError(f"{path / 'state.json'} is damaged: expected the keys {sorted(self.STATE_KEYS)}.")
+        try:
+            moments = load_file(regular_file(path / "optimizer.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise TiedLoraError(f"{path / 'optimizer.safetensors'} is damaged ({e}).") from None
+        adapter = read_adapter(path)
         params = adapter_parameters(model)
-        for key, t in load_file(path / "optimizer.safetensors").items():
+        for key in moments:
             name, _, field = key.rpartition("/")
             if name not in params:
                 raise TiedLoraError(f"{path}/optimizer.safetensors has state for {name}, which this adapter lacks.")
+        load(model, adapter.folder)
+        for key, t in moments.items():
+            name, _, field = key.rpartition("/")
             # AdamW keeps its step count on the CPU unless fused or capturable
             optimizer.state[params[name]][field] = t if field == "step" else t.to(params[name].device)
-        return read_json(path / "state.json")
+        return state
 
 
 def versions() -> dict:
@@ -330,7 +371,7 @@ def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
     mine = dataclasses.asdict(cfg)
     if run_file.is_file():
         # An option added after that run was written ran at its default, which keeps the old behaviour.
-        theirs = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | read_json(run_file)["config"]
+        theirs = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | (run_options(folder) or {})
         if not resume:
             raise TiedLoraError(f"{folder} already holds a run: pass --resume to continue it, or choose another --out.")
         changed = sorted(k for k in set(mine) | set(theirs) if k not in RESUMABLE and mine.get(k) != theirs.get(k))
@@ -342,7 +383,13 @@ def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
             )
     elif folder.exists() and any(folder.iterdir()):
         raise TiedLoraError(f"{folder} is not empty and holds no tiedlora run: choose another --out.")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TiedLoraError(
+            f"Cannot create --out {folder} ({e.strerror or e}); choose a folder you can write."
+        ) from None
+    clean_stale(folder)
     if not run_file.is_file():
         write_json(run_file, {"config": mine, "versions": versions()})
     return folder
@@ -361,25 +408,41 @@ class Log:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = folder / LOG
-        rows = []
-        if self.path.is_file():
-            with self.path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        rows = self.rows_until(start) if self.path.is_file() else []
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, self.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.path, buffer.getvalue().encode())  # a kill here leaves the old log whole
         self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start + 1)
+
+    def rows_until(self, start: int) -> list[dict]:
+        """The log's rows up to step `start`; from a damaged row on, none (said in one line)."""
+        rows = []
+        with self.path.open(newline="", errors="replace") as f:
+            for n, row in enumerate(csv.DictReader(f), 2):
+                if set(row) != set(self.FIELDS) or not (row["step"] or "").isdigit():
+                    print(f"tiedlora train: {self.path} is damaged at line {n}; its rows from there on are dropped.")
+                    break
+                if int(row["step"]) <= start:
+                    rows.append(row)
+        return rows
 
     def write(self, **row):
         if not self.enabled:
             return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.FIELDS).writerow(row)
-        for key, value in row.items():
-            if key != "step" and value not in ("", None):
-                self.tb.add_scalar(key, value, row["step"])
-        self.tb.flush()
+        try:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, self.FIELDS).writerow(row)
+            for key, value in row.items():
+                if key != "step" and value not in ("", None):
+                    self.tb.add_scalar(key, value, row["step"])
+            self.tb.flush()
+        except OSError as e:
+            raise TiedLoraError(
+                f"Could not write the log in {self.path.parent} ({e.strerror or e}); the last checkpoint "
+                "written stays: free some space, then --resume."
+            ) from None
 
     def close(self):
         if self.enabled:
@@ -484,7 +547,8 @@ class Run:
 
 
 def resume_state(checkpoints: Checkpoints, resume: bool, model, optimizer, cfg: TrainConfig, main: bool) -> dict:
-    """The training state: fresh, or the latest checkpoint's (saying so in one line)."""
+    """The training state: fresh, or the latest intact checkpoint's (saying so in one line, and
+    naming any newer one passed over as damaged)."""
     latest = checkpoints.latest() if resume else None
     if latest is None:
         return {
@@ -496,10 +560,23 @@ def resume_state(checkpoints: Checkpoints, resume: bool, model, optimizer, cfg: 
             "elapsed_s": 0.0,
             "stopped": None,
         }
-    state = Checkpoints.read(latest, model, optimizer)
-    if main:
-        print(f"tiedlora train: resuming at step {state['step']} of {cfg.max_steps} from {latest}", flush=True)
-    return state
+    candidates = [latest, *[p for p in checkpoints.steps() if p != latest]]
+    damaged = []
+    for path in candidates:
+        try:
+            state = checkpoints.read(path, model, optimizer)
+        except TiedLoraError as e:
+            damaged.append(str(e))
+            continue
+        if main:
+            passed = f" ({'; '.join(damaged)}: resuming from the checkpoint before)" if damaged else ""
+            print(
+                f"tiedlora train: resuming at step {state['step']} of {cfg.max_steps} from {path}{passed}", flush=True
+            )
+        return state
+    raise TiedLoraError(
+        f"No intact checkpoint to resume from: {'; '.join(damaged)}. Delete {checkpoints.folder} to start over."
+    )
 
 
 def train_step(run: Run, loss_fn, optimizer, params, step: int):

@@ -8,7 +8,7 @@ import re
 
 from ..decoding import prompt_ids
 from . import metrics
-from .base import SPLITS, DataError, Rows, Task
+from .base import SPLITS, DataError, Rows, Task, not_text
 from .prompts import CHOICE_CONTEXT, TEMPLATES, encode
 
 __all__ = ["SPLITS", "TASKS", "TEMPLATES", "DataError", "Rows", "Task", "encode", "get", "prompt_ids"]
@@ -24,6 +24,12 @@ class Squad(Task):
 
     def target(self, row):
         return row["answers"]["text"][0]
+
+    def problem(self, row):
+        answers = row["answers"]["text"]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
+            return f"field answers.text is {str(answers)[:40]!r}, expected a non-empty list of answer strings"
+        return not_text(row, ("context", "question"))
 
     def metric(self, predictions, rows):
         return metrics.squad(predictions, [r["answers"]["text"] for r in rows])
@@ -72,6 +78,14 @@ class HellaSwag(Task):
     def target(self, row):
         return str(row["label"])
 
+    def problem(self, row):
+        endings, label = row["endings"], row["label"]
+        if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+            return f"field endings is {str(endings)[:40]!r}, expected a list of 4 strings"
+        if isinstance(label, bool) or str(label) not in ("0", "1", "2", "3"):
+            return f"field label is {label!r}, expected the right ending's number, 0 to 3"
+        return not_text(row, ("activity_label", "ctx"))
+
     def metric(self, predictions, rows):
         return metrics.accuracy(predictions, [r["label"] for r in rows])
 
@@ -117,6 +131,14 @@ class Gsm8k(Task):
 
     def target(self, row):
         return row["answer"]
+
+    def problem(self, row):
+        why = not_text(row, ("question", "answer"))
+        if why:
+            return why
+        if "####" not in row["answer"] or metrics.last_number(row["answer"].split("####")[-1]) is None:
+            return f"field answer {row['answer'][-40:]!r} does not end in '#### <number>', the final answer"
+        return None
 
     def metric(self, predictions, rows):
         return metrics.gsm8k(predictions, [r["answer"] for r in rows])

@@ -20,6 +20,7 @@ from .prompts import TEMPLATES, encode
 
 SPLITS = ("train", "validation", "test")
 BUNDLED = Path(__file__).parent / "data"
+MAX_LINE_BYTES = 4 << 20  # the longest row of the five data sets is a few kB; a 100 MB line is not a row
 # The offline split, for sources without a train split: a row goes to the first split whose
 # bound its group's share is under, so 80/10/10.
 OFFLINE = {"train": 0.8, "validation": 0.9, "test": 1.0}
@@ -60,20 +61,44 @@ def _expected(fields: tuple[str, ...]) -> str:
     return f"expected one JSON object per row with fields {', '.join(fields)}"
 
 
-def check(rows: list, fields: tuple[str, ...], where: str, unit: str) -> list[dict]:
-    """Stop at the first unusable row, naming it: a KeyError deep inside a metric helps nobody.
-    A field "a|b" needs either of a, b; "a.b" needs key b inside a."""
+def check(rows: list, fields: tuple[str, ...], where: str, unit: str, problem=None) -> list[dict]:
+    """Stop at the first unusable row, naming it: a KeyError deep inside a metric helps nobody,
+    and a value of the wrong form trains on nonsense without a word. A field "a|b" needs either
+    of a, b; "a.b" needs key b inside a; `problem(row)` says what else is wrong, or None."""
     if not rows:
         raise DataError(f"{where}: no rows; {_expected(fields)}.")
     for n, row in enumerate(rows, 1):
         missing = [f for f in fields if not any(_has(row, alt) for alt in f.split("|"))]
         if missing:
             raise DataError(f"{where}, {unit} {n}: no {', '.join(missing)}; {_expected(fields)}.")
+        why = problem(row) if problem else None
+        if why:
+            raise DataError(f"{where}, {unit} {n}: {why}.")
     return rows
 
 
+def value(row: dict, field: str):
+    """The value at a dotted field ("answers.text")."""
+    for part in field.split("."):
+        row = row[part]
+    return row
+
+
+def not_text(row: dict, fields) -> str | None:
+    """The first of `fields` present in `row` whose value is not a string of text, described."""
+    for field in fields:
+        if _has(row, field) and not isinstance(value(row, field), str):
+            return f"field {field} is {_shown(value(row, field))}, expected a string"
+    return None
+
+
+def _shown(v) -> str:
+    return f"{type(v).__name__} {str(v)[:40]!r}"
+
+
 def json_lines(path: Path, expected: str) -> list:
-    """The value on each line of a JSON Lines file; a line that is not UTF-8 JSON is named."""
+    """The value on each line of a JSON Lines file; a line that is not UTF-8 JSON, or longer
+    than any row needs (MAX_LINE_BYTES), is named."""
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError as e:
@@ -82,6 +107,11 @@ def json_lines(path: Path, expected: str) -> list:
         lines.pop()
     rows = []
     for n, line in enumerate(lines, 1):
+        if len(line) > MAX_LINE_BYTES:
+            raise DataError(
+                f"{path}, line {n}: {len(line):,} bytes, more than the {MAX_LINE_BYTES:,} a row may take; "
+                "split or shorten it."
+            )
         try:
             rows.append(json.loads(line.decode("utf-8")))
         except UnicodeDecodeError:
@@ -91,8 +121,8 @@ def json_lines(path: Path, expected: str) -> list:
     return rows
 
 
-def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    return check(json_lines(path, _expected(fields)), fields, str(path), "line")
+def read_jsonl(path: Path, fields: tuple[str, ...], problem=None) -> list[dict]:
+    return check(json_lines(path, _expected(fields)), fields, str(path), "line", problem)
 
 
 class Task:
@@ -109,6 +139,11 @@ class Task:
 
     def prompt(self, row: dict) -> str:
         return TEMPLATES[self.name].format(**row)
+
+    def problem(self, row: dict) -> str | None:
+        """What makes a row (with every field there) unusable, or None: by default a field
+        that is not text."""
+        return not_text(row, [alt for f in self.fields for alt in f.split("|")])
 
     def encode(self, tokenizer, row: dict, chat: bool = False) -> dict[str, list[int]]:
         """The row as a training example: its prompt, then its target, the loss on the target."""
@@ -144,7 +179,11 @@ class Task:
         if split not in SPLITS:
             raise DataError(f"{self.name}: no split {split!r}; use one of {', '.join(SPLITS)}.")
         if source not in ("hub", "bundled") and Path(source).is_file():
-            rows, rule, location = read_jsonl(Path(source), self.fields), "the file as given, no split rule", source
+            rows, rule, location = (
+                read_jsonl(Path(source), self.fields, self.problem),
+                "the file as given, no split rule",
+                source,
+            )
         else:
             read, have, location = self._hub() if source == "hub" else self._folder(source)
             rows, rule = self._split(split, read, have)
@@ -172,7 +211,7 @@ class Task:
             raise DataError(f"{self.name}: {path} has none of {', '.join(f'{s}.jsonl' for s in SPLITS)}.")
 
         def read(s):
-            return read_jsonl(path / f"{s}.jsonl", self.fields)
+            return read_jsonl(path / f"{s}.jsonl", self.fields, self.problem)
 
         return read, have, path
 
@@ -219,6 +258,6 @@ class Task:
 
         def read(s):
             rows = self.from_hub([dict(r) for r in datasets.load_dataset(**self.hub, split=s)])
-            return check(rows, self.fields, f"Hub {location}, split {s}", "row")
+            return check(rows, self.fields, f"Hub {location}, split {s}", "row", self.problem)
 
         return read, list(self.official), location
