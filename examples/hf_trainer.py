@@ -10,6 +10,7 @@ read it. Run it again with --resume true to continue from the last checkpoint.
 
 from __future__ import annotations
 
+import torch
 from jsonargparse import auto_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -17,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import tiedlora
 from tiedlora.data import OwnData
 from tiedlora.hf import TiedLoraTrainer
+from tiedlora.train import native_bf16
 
 
 def main(
@@ -48,6 +50,8 @@ def main(
         seed: Seeds the adapter's init, the data order and dropout.
         resume: Continue from the last checkpoint in `out`.
     """
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")  # bf16 only where it is native: emulated, it is many times slower
     tokenizer = AutoTokenizer.from_pretrained(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -67,7 +71,8 @@ def main(
         logging_steps=max(1, max_steps // 10),
         seed=seed,
         report_to=[],
-        use_cpu=True,
+        use_cpu=not cuda,
+        bf16=native_bf16(device),
     )
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     trainer = TiedLoraTrainer(

@@ -10,6 +10,7 @@ adapter folder (plus the trainer's optimizer and scheduler state): `tiedlora.loa
 
 from __future__ import annotations
 
+import torch
 from datasets import load_dataset
 from jsonargparse import auto_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 
 import tiedlora
 from tiedlora.hf import TiedLoraMixin
+from tiedlora.train import native_bf16
 
 
 class TiedLoraSFTTrainer(TiedLoraMixin, SFTTrainer):
@@ -53,6 +55,8 @@ def main(
         seed: Seeds the adapter's init, the data order and dropout.
         resume: Continue from the last checkpoint in `out`.
     """
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")  # bf16 only where it is native: emulated, it is many times slower
     tokenizer = AutoTokenizer.from_pretrained(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -71,7 +75,8 @@ def main(
         logging_steps=max(1, max_steps // 10),
         seed=seed,
         report_to=[],
-        use_cpu=True,
+        use_cpu=not cuda,
+        bf16=native_bf16(device),
     )
     trainer = TiedLoraSFTTrainer(model=lm, args=args, train_dataset=rows, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=get_last_checkpoint(out) if resume else None)
