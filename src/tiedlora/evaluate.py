@@ -88,8 +88,8 @@ def evaluate_own(
     loss_fn = TokenLoss(model).eval()
     loss = mean_loss(loss_fn, examples, pad_id(tokenizer), batch_size, model.device)
     model.train(training)
-    scores = {"loss": loss, "perplexity": math.exp(loss)}
-    generated = rows if task.metric else rows[:samples]
-    ids = [task.prompt_ids(tokenizer, r, chat) for r in generated]
-    predictions = generate_ids(model, tokenizer, ids, max_new_tokens, batch_size, progress)
-    return {**(task.score(predictions, generated) if task.metric else {}), **scores, "predictions": predictions}
+    scored = evaluate(
+        model, tokenizer, task, rows if task.metric else rows[:samples], max_new_tokens, batch_size, chat, progress
+    )  # without a metric, the task scores nothing: the generations are samples
+    predictions = scored.pop("predictions")
+    return {**scored, "loss": loss, "perplexity": math.exp(loss), "predictions": predictions}

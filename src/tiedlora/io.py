@@ -151,7 +151,11 @@ def tensor_shapes(config: TiedLoraConfig, base: dict, stored: str, where: Path) 
 def load(model: nn.Module, folder) -> nn.Module:
     """Put the adapter saved in `folder` on `model` (applying its config if the model has no
     adapter yet) and return the model. Everything is checked before the model is touched."""
-    adapter = read_adapter(folder)
+    return put(model, read_adapter(folder))
+
+
+def put(model: nn.Module, adapter: AdapterFile) -> nn.Module:
+    """`load` for an adapter already read (and checked) by `read_adapter`."""
     folder, config, tensors = adapter.folder, adapter.config, adapter.tensors
     fresh = not has_adapter(model)
     if fresh:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import TiedLoraConfig, TiedLoraError
 from .decoding import pad_id
-from .io import load, read_adapter, regular_file, save, write_atomic
+from .io import load, put, read_adapter, regular_file, save, write_atomic
 from .layout import find_layers
 from .loss import TokenLoss, answer_tokens, collate, encode_rows, mean_loss, pack
 from .model import adapter_parameters, apply, trainable_parameters
@@ -345,7 +345,7 @@ class Checkpoints:
             name, _, field = key.rpartition("/")
             if name not in params:
                 raise TiedLoraError(f"{path}/optimizer.safetensors has state for {name}, which this adapter lacks.")
-        load(model, adapter.folder)
+        put(model, adapter)
         for key, t in moments.items():
             name, _, field = key.rpartition("/")
             # AdamW keeps its step count on the CPU unless fused or capturable
