@@ -301,22 +301,46 @@ def serve(
     max_batch: int = 32,
     max_prompt_tokens: int = 2048,
     max_tokens_limit: int = 1024,
+    max_resident: int = 512,
+    prefill_tokens: int = 256,
+    max_request_bytes: int = 1 << 20,
+    max_rank: int = 64,
+    pin: list[str] | None = None,
 ) -> None:
     """An OpenAI-compatible HTTP server: one base model, every adapter under --adapters, requests
-    batched across adapters.
+    batched across adapters at every step.
 
     Args:
         model: The base model; requests name it to use no adapter.
-        adapters: Serve every run folder (its best/) and adapter folder under it, named by relative path.
+        adapters: Register every run folder (its best/) and adapter folder under it, named by relative path;
+            each is read on its first request. Without this folder the base model is served alone.
         host: The address to listen on.
         port: The port (0: any free one, printed at start).
-        max_batch: At most this many requests decoded together.
+        max_batch: At most this many rows decoded together; the others wait for a place.
         max_prompt_tokens: Longer prompts are refused.
         max_tokens_limit: The largest max_tokens a request may ask for.
+        max_resident: At most this many adapters loaded at once; the least recently used idle one is evicted.
+        prefill_tokens: At most this many prompt tokens read between two decode steps (longer prompts in chunks).
+        max_request_bytes: Larger request bodies are refused (413).
+        max_rank: Adapters of a larger rank are refused (every row computes at the largest rank loaded).
+        pin: Adapters loaded at start and never evicted.
     """
     from .serve.server import serve as run
 
-    run(model, adapters, host, port, max_batch, max_prompt_tokens, max_tokens_limit)
+    run(
+        model,
+        adapters,
+        host,
+        port,
+        max_batch=max_batch,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens_limit=max_tokens_limit,
+        max_resident=max_resident,
+        prefill_tokens=prefill_tokens,
+        max_request_bytes=max_request_bytes,
+        max_rank=max_rank,
+        pin=pin,
+    )
 
 
 COMMANDS: dict[str, Callable[..., Any]] = {

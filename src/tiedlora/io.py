@@ -103,17 +103,18 @@ class AdapterFile(NamedTuple):
     tensors: dict[str, torch.Tensor]
 
 
-def read_adapter(folder) -> AdapterFile:
+def read_adapter(folder, tensors: bool = True) -> AdapterFile:
     """The one reader of adapter folders, for `load`, the multi-adapter model and the server:
     every structural and numeric check that needs no model happens here, before any tensor
     reaches one. The config and the base model it records fix every tensor's name and shape, so
     the file's size is capped before it is read, and what frozen parts would allocate is bounded
-    by the base's own shapes."""
+    by the base's own shapes. Without `tensors`, only the config is read and checked (a server
+    registering thousands of adapters reads each one's tensors on its first request)."""
     folder = Path(folder)
     meta = read_config(folder)
     config = TiedLoraConfig.from_dict(meta["config"])
     shapes = tensor_shapes(config, meta["base_model"], stored=meta["tensors"]["stored"], where=folder / CONFIG)
-    return AdapterFile(folder, meta, config, read_tensors(folder, meta, shapes))
+    return AdapterFile(folder, meta, config, read_tensors(folder, meta, shapes) if tensors else {})
 
 
 def tensor_shapes(config: TiedLoraConfig, base: dict, stored: str, where: Path) -> dict[str, tuple[int, ...]]:

@@ -71,22 +71,27 @@ def write_json(path: Path, data) -> None:
     write_atomic(Path(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
-def adapter_folder(root: Path, relative: str) -> Path:
-    """The adapter folder at `relative` under `root` (a run folder gives its best/), resolved,
-    links included, and refused unless it stays inside root."""
+def adapter_folder(root: Path, path: str) -> Path:
+    """The adapter folder at `path` (relative to `root`, or absolute inside it; a run folder
+    gives its best/), resolved, links included, and refused unless it stays inside root."""
     base = Path(root).resolve()
-    if not relative or Path(relative).is_absolute():
-        raise TiedLoraError(f"Adapter path {relative!r} must be relative to the adapters root {root}.")
-    folder = (base / relative).resolve()
-    if folder.is_relative_to(base):
-        folder = best_adapter(folder).resolve()
-    if not folder.is_relative_to(base):
+    try:
+        if not path or "\0" in path or len(path) > 4096:
+            raise ValueError("empty, too long or holding a NUL byte")
+        folder = (base / path).resolve()
+        if folder.is_relative_to(base):
+            folder = best_adapter(folder).resolve()
+        inside = folder.is_relative_to(base)
+        found = inside and (folder / CONFIG).is_file()
+    except (OSError, ValueError, RuntimeError) as e:  # too long a name, a NUL byte, a link loop
         raise TiedLoraError(
-            f"Adapter path {relative!r} leads outside the adapters root {root}; pass a folder inside it."
-        )
-    if not (folder / CONFIG).is_file():
+            f"Adapter path {path[:80]!r} is not a usable path ({e}); pass a folder under {root}."
+        ) from None
+    if not inside:
+        raise TiedLoraError(f"Adapter path {path!r} leads outside the adapters root {root}; pass a folder inside it.")
+    if not found:
         raise TiedLoraError(
-            f"Adapter path {relative!r}: {folder} is neither a run folder ({RUN} and {BEST}/) "
+            f"Adapter path {path!r}: {folder} is neither a run folder ({RUN} and {BEST}/) "
             f"nor an adapter folder ({CONFIG})."
         )
     return folder

@@ -1,39 +1,68 @@
 """The HTTP layer: a FastAPI app with OpenAI's /v1/models, /v1/completions and
-/v1/chat/completions, plus /v1/adapters to load and unload adapters at run time. Requests are
-checked here and become engine jobs; every refusal is OpenAI's error body naming the field."""
+/v1/chat/completions, /v1/adapters (and vLLM's /v1/load_lora_adapter) to load and unload
+adapters at run time, and /metrics. Requests are checked here and become engine jobs; every
+refusal is OpenAI's error body naming the field. Prompts are tokenised on a thread of their
+own, never on the event loop, and request bodies are capped, so no request stalls the others."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from ..config import TiedLoraError
 from ..decoding import Sampling, chat_ids
+from ..io import check_base, read_adapter
 from ..runs import adapter_folder
 from .engine import Engine, Job
-from .schemas import AdapterBody, ApiError, ChatBody, CompletionBody, Options, Reply, error_body, model_card, sse
+from .registry import Full
+from .schemas import (
+    AdapterBody,
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    LoraBody,
+    Options,
+    Reply,
+    error_body,
+    model_card,
+    sse,
+)
+
+MAX_STOP_CHARS = 1000
+MAX_CHOICES = 64  # rows one request may ask for: n times its prompts
 
 
 @dataclass
 class Served:
     """What the handlers share: the engine, the base model's name in requests, the adapters root
-    (adapters load by path relative to it, never outside) and the request limits."""
+    (adapters load by path relative to it, never outside), its context length and the limits."""
 
     engine: Engine
     tokenizer: Any  # a transformers tokenizer
     model_name: str
     root: Path
+    context: int | None = None  # the base model's max_position_embeddings
     max_prompt_tokens: int = 2048
     max_tokens_limit: int = 1024
+    max_request_bytes: int = 1 << 20
     started: int = field(default_factory=lambda: int(time.time()))
+    tokenizing: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tiedlora-tokenize")
+    )
+
+    async def off_loop(self, work, *args):
+        """Run `work` on the tokenizing thread: long prompts never hold up the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, work, *args)
 
 
 def served(request: Request) -> Served:
@@ -44,44 +73,72 @@ ServedBy = Annotated[Served, Depends(served)]  # how a handler receives the shar
 router = APIRouter()
 
 
-def job_of(s: Served, body: Options, ids: list[int]) -> Job:
-    """The engine job for a request, every option checked first."""
-    if body.model != s.model_name and body.model not in s.engine.adapters:
-        raise ApiError(
-            404,
-            f"Model {body.model!r} is neither the base model {s.model_name!r} nor a loaded adapter "
-            f"{s.engine.adapters}; GET /v1/models lists them.",
-            "model",
-        )
-    if not ids:
-        raise ApiError(400, "The prompt is empty; send some text.", "prompt")
-    if len(ids) > s.max_prompt_tokens:
+def check_options(s: Served, body: Options, prompts: list[list[int]], max_tokens: int | None) -> Sampling:
+    """The sampling options of a request, every option checked first, the prompts against the
+    model's context."""
+    if (name := body.unsupported()) is not None:
         raise ApiError(
             400,
-            f"The prompt is {len(ids)} tokens, more than this server's limit of {s.max_prompt_tokens}; shorten it.",
-            "prompt",
+            f"{name} is not supported by this server (it would change the output and is not implemented); "
+            "leave it out or at its neutral value.",
+            name,
         )
-    if not 1 <= body.max_tokens <= s.max_tokens_limit:
+    if body.model != s.model_name and body.model not in s.engine.registry.folders:
+        why = s.engine.registry.refused.get(body.model)
         raise ApiError(
-            400, f"max_tokens is {body.max_tokens}; it must be between 1 and {s.max_tokens_limit}.", "max_tokens"
+            404,
+            f"Adapter {body.model!r} was refused: {why}"
+            if why
+            else f"Model {body.model!r} is neither the base model {s.model_name!r} nor a registered adapter; "
+            "GET /v1/models lists them.",
+            "model",
         )
-    if not 0 <= body.temperature <= 2:
-        raise ApiError(400, f"temperature is {body.temperature}; it must be between 0 (greedy) and 2.", "temperature")
+    max_tokens = 16 if max_tokens is None else max_tokens
+    if not 1 <= max_tokens <= s.max_tokens_limit:
+        raise ApiError(400, f"max_tokens is {max_tokens}; it must be between 1 and {s.max_tokens_limit}.", "max_tokens")
+    if not 1 <= body.n or body.n * len(prompts) > MAX_CHOICES:
+        raise ApiError(400, f"n is {body.n}; n times the prompts ({len(prompts)}) must be 1 to {MAX_CHOICES}.", "n")
+    for ids in prompts:
+        if not ids:
+            raise ApiError(400, "The prompt is empty; send some text.", "prompt")
+        if len(ids) > s.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"The prompt is {len(ids)} tokens, more than this server's limit of {s.max_prompt_tokens}; shorten it.",
+                "prompt",
+            )
+        if s.context is not None and len(ids) + max_tokens > s.context:
+            raise ApiError(
+                400,
+                f"The prompt ({len(ids)} tokens) and max_tokens ({max_tokens}) exceed the model's context of "
+                f"{s.context} tokens; shorten the prompt or ask for fewer tokens.",
+                "prompt",
+            )
+        if min(ids) < 0 or max(ids) >= len(s.tokenizer):
+            raise ApiError(400, f"The prompt's token ids must be between 0 and {len(s.tokenizer) - 1}.", "prompt")
+    temperature = 0.0 if body.temperature is None else body.temperature
+    if not 0 <= temperature <= 2:
+        raise ApiError(400, f"temperature is {temperature}; it must be between 0 (greedy) and 2.", "temperature")
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"top_p is {top_p}; it must be in (0, 1].", "top_p")
     if body.seed is not None and not 0 <= body.seed < 2**63:
         raise ApiError(400, f"seed is {body.seed}; it must be between 0 and 2**63 - 1.", "seed")
-    if not 0 < body.top_p <= 1:
-        raise ApiError(400, f"top_p is {body.top_p}; it must be in (0, 1].", "top_p")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    if len(stop) > 4 or not all(stop):
-        raise ApiError(400, f"stop is {body.stop!r}; give at most 4 non-empty strings.", "stop")
-    sampling = Sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed)
-    return Job.of(ids, sampling, None if body.model == s.model_name else body.model)
+    if len(stop) > 4 or not all(0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        raise ApiError(
+            400, f"stop: give at most 4 strings of 1 to {MAX_STOP_CHARS} characters, not {str(body.stop)[:60]}.", "stop"
+        )
+    return Sampling(max_tokens, temperature, top_p, stop, body.seed)
 
 
-async def respond(s: Served, job: Job, body: Options, chat: bool):
+def adapter_of(s: Served, body: Options) -> str | None:
+    return None if body.model == s.model_name else body.model
+
+
+async def respond(s: Served, request: Request, job: Job, body: Options, reply: Reply, echo: list[str]):
     """The completion as JSON, or as server-sent events; a worker error before the first token
-    is still an error response."""
-    reply = Reply(body.model, chat, len(job.seq.prompt))
+    is still an error response. Decoding stops as soon as the client goes away, streamed or not."""
     s.engine.submit(job)
     try:
         event = await job.events.get()
@@ -90,43 +147,121 @@ async def respond(s: Served, job: Job, body: Options, chat: bool):
     except BaseException:
         job.cancel()
         raise
+    prefix = dict(enumerate(echo))  # what goes before each choice's text: its prompt, with echo
+
+    def text_of(index: int, delta: str) -> str:
+        return prefix.pop(index, "") + delta
 
     async def stream(event):
+        total, left = 0, len(job.rows)
         try:
-            while event[0] == "text":
-                yield reply.chunk(event[1])
+            while event[0] != "error":
+                kind, index, delta, logprobs = event[:4]
+                finish = event[4] if kind == "done" else None
+                yield reply.chunk([reply.choice(index, text_of(index, delta), finish, logprobs, True)])
+                if kind == "done":
+                    total, left = total + event[5], left - 1
+                    if not left:
+                        break
                 event = await job.events.get()
-            yield reply.chunk("", event[1], event[2]) if event[0] == "done" else sse(error_body(event[1], event[2]))
+            if event[0] == "error":
+                yield sse(error_body(event[1], event[2]))
+            elif body.stream_options is not None and body.stream_options.include_usage:
+                yield reply.chunk([], total)
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
 
     if body.stream:
         return StreamingResponse(stream(event), media_type="text/event-stream")
-    text = ""
+    texts: dict[int, str] = {}
+    logprobs: dict[int, list] = {}
+    finishes: dict[int, tuple[str, int]] = {}
+    watcher = asyncio.create_task(cancel_when_gone(request, job))
     try:
-        while event[0] == "text":
-            text += event[1]
+        while True:
+            if event[0] == "error":
+                raise ApiError(event[1], event[2])
+            index = event[1]
+            texts[index] = texts.get(index, "") + event[2]
+            logprobs.setdefault(index, []).extend(event[3])
+            if event[0] == "done":
+                finishes[index] = (event[4], event[5])
+                if len(finishes) == len(job.rows):
+                    break
             event = await job.events.get()
     finally:
+        watcher.cancel()
         job.cancel()
-    if event[0] == "error":
-        raise ApiError(event[1], event[2])
-    return reply.whole(text, event[1], event[2])
+    choices = [reply.choice(i, text_of(i, texts[i]), finishes[i][0], logprobs[i], False) for i in range(len(job.rows))]
+    return reply.whole(choices, sum(tokens for _, tokens in finishes.values()))
+
+
+async def cancel_when_gone(request: Request, job: Job) -> None:
+    """Wait for the client to disconnect (the body is read, so the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 @router.get("/v1/models")
 def models(s: ServedBy):
-    return {"object": "list", "data": [model_card(n, s.started) for n in [s.model_name, *s.engine.adapters]]}
+    cards = [model_card(s.model_name, s.started)]
+    return {"object": "list", "data": cards + [model_card(n, s.started, s.model_name) for n in s.engine.adapters]}
+
+
+@router.get("/v1/models/{name:path}")
+def model(name: str, s: ServedBy):
+    if name == s.model_name:
+        return model_card(name, s.started)
+    if name in s.engine.registry.folders:
+        return model_card(name, s.started, s.model_name)
+    raise ApiError(404, f"The model {name!r} does not exist; GET /v1/models lists them.", "model")
+
+
+def encode_prompts(s: Served, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [s.tokenizer(prompt)["input_ids"]]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if not prompt:
+        raise ApiError(400, "The prompt is an empty list; send text or token ids.", "prompt")
+    return [s.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionBody, s: ServedBy):
-    return await respond(s, job_of(s, body, s.tokenizer(body.prompt)["input_ids"]), body, chat=False)
+async def completions(body: CompletionBody, request: Request, s: ServedBy):
+    if body.logprobs is not None and not 0 <= body.logprobs <= 20:
+        raise ApiError(400, f"logprobs is {body.logprobs}; it must be between 0 and 20.", "logprobs")
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo with logprobs (the prompt's logprobs) is not supported; drop one of them.", "echo")
+    prompts = await s.off_loop(encode_prompts, s, body.prompt)
+    sampling = check_options(s, body, prompts, body.max_tokens)
+    sampling.logprobs = body.logprobs
+    job = Job.of(body.model, adapter_of(s, body), prompts, sampling, body.n)
+    echo = []
+    if body.echo:
+        texts = [s.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+        echo = [texts[i // body.n] for i in range(len(job.rows))]
+    reply = Reply(body.model, False, sum(map(len, prompts)), s.tokenizer, body.logprobs is not None)
+    return await respond(s, request, job, body, reply, echo)
+
+
+def encode_chat(s: Served, body: ChatBody) -> list[int]:
+    try:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    except ValueError as e:
+        raise ApiError(400, f"messages: {e}.", "messages") from None
+    try:
+        return chat_ids(s.tokenizer, messages)
+    except TemplateError as e:
+        raise ApiError(
+            400, f"The chat template refused these messages ({e}); check their roles and order.", "messages"
+        ) from None
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, s: ServedBy):
+async def chat_completions(body: ChatBody, request: Request, s: ServedBy):
     if not body.messages:
         raise ApiError(400, "messages is empty; send at least one {role, content}.", "messages")
     if not getattr(s.tokenizer, "chat_template", None):
@@ -135,40 +270,116 @@ async def chat_completions(body: ChatBody, s: ServedBy):
             f"The base model's tokenizer has no chat template; use /v1/completions with model {s.model_name!r}.",
             "messages",
         )
-    try:
-        ids = chat_ids(s.tokenizer, [m.model_dump() for m in body.messages])
-    except TemplateError as e:
+    top = body.top_logprobs
+    if top is not None and (not body.logprobs or not 0 <= top <= 20):
+        raise ApiError(400, f"top_logprobs is {top}; it must be 0 to 20, with logprobs true.", "top_logprobs")
+    ids = await s.off_loop(encode_chat, s, body)
+    wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    sampling = check_options(s, body, [ids], wanted)
+    sampling.logprobs = (top or 0) if body.logprobs else None
+    job = Job.of(body.model, adapter_of(s, body), [ids], sampling, body.n)
+    return await respond(s, request, job, body, Reply(body.model, True, len(ids), s.tokenizer, body.logprobs), [])
+
+
+async def register(s: Served, name: str, path: str, pin: bool) -> None:
+    """Check the adapter now (off the event loop) and register it, loaded; or refuse it."""
+    if not name.strip():
+        raise ApiError(400, "The adapter name is empty; name it.", "name")
+    if name == s.model_name or name in s.engine.registry.folders:
         raise ApiError(
-            400, f"The chat template refused these messages ({e}); check their roles and order.", "messages"
+            409,
+            f"The name {name!r} is taken (the base model or a registered adapter); "
+            f"DELETE /v1/adapters/{name} first or pick another name.",
+            "name",
+        )
+
+    def read():
+        folder = adapter_folder(s.root, path)
+        adapter = read_adapter(folder)
+        check_base(adapter, s.engine.multi.identity)
+        return folder, adapter
+
+    try:
+        folder, adapter = await s.off_loop(read)
+        s.engine.add(name, folder, adapter, pin)
+    except TiedLoraError as e:
+        raise ApiError(400, str(e), "path") from None
+    except Full:
+        raise ApiError(
+            503, "Every resident adapter is pinned or in use; retry, or serve with a larger --max_resident."
         ) from None
-    return await respond(s, job_of(s, body, ids), body, chat=True)
 
 
 @router.post("/v1/adapters")
-def load_adapter(body: AdapterBody, s: ServedBy):
-    if not body.name.strip():
-        raise ApiError(400, "The adapter name is empty; name it.", "name")
-    if body.name == s.model_name or body.name in s.engine.adapters:
-        raise ApiError(
-            409,
-            f"The name {body.name!r} is taken (the base model or a loaded adapter); "
-            f"DELETE /v1/adapters/{body.name} first or pick another name.",
-            "name",
-        )
-    try:
-        s.engine.add(body.name, adapter_folder(s.root, body.path))
-    except TiedLoraError as e:
-        raise ApiError(400, str(e), "path") from None
-    return model_card(body.name, int(time.time()))
+async def load_adapter(body: AdapterBody, s: ServedBy):
+    await register(s, body.name, body.path, body.pin)
+    return model_card(body.name, int(time.time()), s.model_name)
 
 
-@router.delete("/v1/adapters/{name:path}")
-def unload_adapter(name: str, s: ServedBy):
+def unregister(s: Served, name: str) -> None:
     try:
         s.engine.remove(name)
     except TiedLoraError as e:
         raise ApiError(404, str(e), "name") from None
+
+
+@router.delete("/v1/adapters/{name:path}")
+def unload_adapter(name: str, s: ServedBy):
+    unregister(s, name)
     return {"id": name, "object": "model", "deleted": True}
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoraBody, s: ServedBy):
+    """vLLM's endpoint, so clients written for vLLM work; lora_path may be absolute inside the root."""
+    if body.lora_path is None:
+        raise ApiError(400, "lora_path is required: the adapter's folder under the adapters root.", "lora_path")
+    await register(s, body.lora_name, body.lora_path, False)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+def unload_lora_adapter(body: LoraBody, s: ServedBy):
+    unregister(s, body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+@router.get("/metrics")
+def metrics(s: ServedBy):
+    return Response(s.engine.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class TooLarge(HTTPException):
+    """Raised while the body is read; FastAPI passes HTTP exceptions through to their handler."""
+
+
+class BodyLimit:
+    """Refuse request bodies over the server's max_request_bytes with a 413, by their
+    Content-Length or, sent in chunks, as soon as they pass it, before they are parsed or held
+    in memory."""
+
+    def __init__(self, app, served: Served):
+        self.app, self.served = app, served
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.served.max_request_bytes
+        message = f"The request body is larger than this server's limit of {limit:,} bytes; send less."
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await JSONResponse(error_body(413, message), status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            event = await receive()
+            seen += len(event.get("body", b""))
+            if seen > limit:
+                raise TooLarge(413, message)
+            return event
+
+        await self.app(scope, limited, send)
 
 
 async def api_error(request: Request, e: Exception):
@@ -177,7 +388,8 @@ async def api_error(request: Request, e: Exception):
 
 
 async def invalid_request(request: Request, e: Exception):
-    """pydantic's complaints, in OpenAI's error shape: the first field named as `param`."""
+    """pydantic's complaints, in OpenAI's error shape: the first field named as `param` (without
+    the union member pydantic tried, as in prompt.str)."""
     assert isinstance(e, RequestValidationError)
     errors = e.errors()
     if errors[0]["type"] == "json_invalid":
@@ -185,7 +397,9 @@ async def invalid_request(request: Request, e: Exception):
             request,
             ApiError(400, f"The request body is not valid JSON ({errors[0]['ctx']['error']}); send a JSON object."),
         )
-    where = [".".join(str(p) for p in err["loc"][1:]) or "body" for err in errors]
+    kinds = {"str", "int", "list[str]", "list[int]", "list[list[int]]", "list[dict[str,any]]"}
+    kinds.add("function-after[valid_unicode(), str]")
+    where = [".".join(str(p) for p in err["loc"][1:] if str(p).lower() not in kinds) or "body" for err in errors]
     problems = "; ".join(f"{w}: {err['msg']}" for w, err in zip(where, errors))
     return await api_error(request, ApiError(400, f"Invalid request: {problems}.", where[0]))
 
@@ -199,6 +413,7 @@ def create_app(served: Served) -> FastAPI:
     app = FastAPI(title="tiedlora serve")
     app.state.served = served
     app.include_router(router)
+    app.add_middleware(BodyLimit, served=served)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)

@@ -1,10 +1,12 @@
 """The serving engine: one worker thread owns the model (torch is never used by two threads at
-once) and decodes every queued request, whatever its adapter, in shared batches.
+once) and runs the continuous batch (`decoding.Batch`) for every request, whatever its adapter.
 
-It takes every queued request, up to `max_batch`, and decodes them together, each row with its
-own adapter id, so a hundred adapters cost one base model and one batch. Batching is per
-request: a batch runs until its last row ends; requests arriving meanwhile wait for the next
-one. Text reaches each request's asyncio queue as it is produced, for streaming.
+At every step the worker admits waiting rows up to `max_batch` (loading their adapters through
+the registry), reads a bounded share of new prompts, and decodes one token for every running
+row, each with its own adapter id, so a hundred adapters cost one base model and one batch. A
+short request that arrives while a long one runs starts at the next step and may finish first.
+Text reaches each request's asyncio queue as it is produced, for streaming. A fault of one row
+(its sampling, its scores, its adapter's file) fails that request alone.
 """
 
 from __future__ import annotations
@@ -13,126 +15,189 @@ import asyncio
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
-from ..decoding import Sampling, Sequence, decode
+from ..config import TiedLoraError
+from ..decoding import Batch, Sampling, Sequence
+from ..io import AdapterFile
+from .metrics import Metrics
 from .multi import MultiAdapterModel
+from .registry import Full, Registry
+
+
+class Row(Sequence):
+    """One choice of one request: its job, its place in the response and its adapter."""
+
+    def __init__(self, job: Job, index: int, prompt: list[int], sampling: Sampling):
+        super().__init__(prompt, sampling)
+        self.job, self.index = job, index
+        self.adapter_id = 0  # the model's id for job.adapter, set when the row is admitted
+        self.admitted = False
+        self.sent_logprobs = 0
+        self.counted = 0  # tokens already timed, for the latency metrics
+        self.last_token: float | None = None
 
 
 @dataclass
 class Job:
     """One request as the worker sees it; `push` is the only way results leave the worker.
-    Events: ("text", delta), then ("done", finish_reason, completion_tokens); or ("error",
-    status, message)."""
+    Events: ("text", index, delta, logprobs) for any choice, then ("done", index, delta,
+    logprobs, finish_reason, completion_tokens) once per choice; or one ("error", status,
+    message). `logprobs` are the (token, logprob, top alternatives) new since the last event."""
 
-    seq: Sequence
-    adapter: (
-        str | None
-    )  # None: the base model; resolved to an id when its batch starts, so an unload in between is caught
+    model: str  # the name requested: the base model's or an adapter's
+    adapter: str | None  # None: the base model
     loop: asyncio.AbstractEventLoop
+    rows: list[Row] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrived: float = field(default_factory=time.perf_counter)
     closed: bool = False  # its last event is sent
+    finished: int = 0
 
     @classmethod
-    def of(cls, ids: list[int], sampling: Sampling, adapter: str | None) -> Job:
-        """A job for the running event loop, whose handler awaits its events."""
-        return cls(Sequence(ids, sampling), adapter, asyncio.get_running_loop())
+    def of(cls, model: str, adapter: str | None, prompts: list[list[int]], sampling: Sampling, n: int = 1) -> Job:
+        """A job for the running event loop, whose handler awaits its events: `n` choices per
+        prompt, in OpenAI's order (all of the first prompt's, then the next's); a seeded request's
+        choices take seeds seed, seed + 1, ..., so they differ and repeat."""
+        job = cls(model, adapter, asyncio.get_running_loop())
+        for p, ids in enumerate(prompts):
+            for i in range(n):
+                seed = None if sampling.seed is None else (sampling.seed + i) % 2**63
+                job.rows.append(Row(job, p * n + i, ids, replace(sampling, seed=seed)))
+        return job
 
     def cancel(self) -> None:
-        """The client went away: the worker drops the row at its next step."""
-        self.seq.cancelled = True
+        """The client went away: the worker drops its rows at their next step."""
+        for row in self.rows:
+            row.cancelled = True
 
     def push(self, *event) -> None:
-        self.closed = event[0] != "text"
+        if self.closed:
+            return
+        self.closed = event[0] == "error" or self.finished == len(self.rows)
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancel()
 
+    def fail(self, status: int, message: str) -> None:
+        self.push("error", status, message)
+        self.cancel()
+
 
 class Engine:
-    """The model, its adapters and the worker thread that batches and decodes every request."""
+    """The model, its adapter registry and the worker thread that runs the batch."""
 
-    def __init__(self, multi: MultiAdapterModel, tokenizer, max_batch: int = 32, wait: float = 0.005):
+    def __init__(
+        self,
+        multi: MultiAdapterModel,
+        tokenizer,
+        max_batch: int = 32,
+        max_resident: int = 512,
+        prefill_tokens: int = 256,
+        metrics: Metrics | None = None,
+    ):
         self.multi, self.tokenizer = multi.eval(), tokenizer
-        self.max_batch, self.wait = max_batch, wait
-        self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.lock = threading.Lock()  # held by a batch, and by adapter loads: both change what the model computes
-        self.thread = threading.Thread(target=self._work, name="tiedlora-engine", daemon=True)
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.metrics = metrics or Metrics()
+        self.registry = Registry(multi, max_resident, self.metrics)
+        self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.waiting: deque[Row] = deque()
+        self.batch = Batch(multi, tokenizer, self.emit, self.adapter_ids, chunk=prefill_tokens)
+        self.lock = threading.Lock()  # held by each step, and by registry changes: both change what the model computes
+        self.thread = threading.Thread(target=self.work, name="tiedlora-engine", daemon=True)
         self.thread.start()
 
     @property
     def adapters(self) -> list[str]:
-        return [n for n in self.multi.names if n]
+        return self.registry.names
 
-    def add(self, name: str, folder: Path) -> None:
+    def add(self, name: str, folder: Path, adapter: AdapterFile | None = None, pin: bool = False) -> None:
         with self.lock:
-            self.multi.add(name, folder)
+            self.registry.register(name, folder, adapter, pin)
 
     def remove(self, name: str) -> None:
         with self.lock:
-            self.multi.remove(name)
+            self.registry.unregister(name)
 
     def submit(self, job: Job) -> None:
-        self.queue.put(job)
+        self.inbox.put(job)
 
     def close(self) -> None:
-        self.queue.put(None)
+        self.inbox.put(None)
         self.thread.join()
 
-    def _work(self) -> None:
-        while (job := self.queue.get()) is not None:
-            with self.lock:
-                batch = self._collect(job)
-                try:
-                    self._run(batch)
-                except Exception as e:  # noqa: BLE001 - whatever broke, only this batch fails and the worker goes on
-                    for j in batch:
-                        if not j.closed:
-                            j.push(
-                                "error",
-                                500,
-                                f"Generation failed in this batch ({type(e).__name__}: {e}); retry the request.",
-                            )
+    @staticmethod
+    def adapter_ids(rows: list) -> dict:
+        return {"adapter_ids": [row.adapter_id for row in rows]}
 
-    def _collect(self, first: Job) -> list[Job]:
-        """`first` and whatever else is queued, or arrives within `wait`, up to max_batch."""
-        batch = [first]
-        deadline = time.monotonic() + self.wait
-        while len(batch) < self.max_batch:
+    def work(self) -> None:
+        while True:
+            idle = not self.waiting and not len(self.batch)
+            arrived: list[Job | None] = []
             try:
-                job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                arrived.append(self.inbox.get(block=idle))
+                while True:
+                    arrived.append(self.inbox.get_nowait())
             except queue.Empty:
-                break
-            if job is None:
-                self.queue.put(None)  # close(): stop after this batch
-                break
-            batch.append(job)
-        return batch
+                pass
+            if None in arrived:
+                return
+            for job in cast(list[Job], arrived):
+                self.waiting.extend(job.rows)
+            with self.lock:
+                self.admit()
+                self.batch.prefill(self.prefill_tokens)
+                self.batch.step()
+            self.metrics.running.set(len(self.batch))
+            self.metrics.waiting.set(len(self.waiting))
 
-    def _run(self, batch: list[Job]) -> None:
-        """Decode the jobs whose adapter is still loaded; the others fail with 404 here."""
-        jobs = []
-        for job in batch:
-            if job.adapter is not None and job.adapter not in self.multi.names:
-                job.push(
-                    "error",
-                    404,
-                    f"Adapter {job.adapter!r} was unloaded before this request ran; loaded: {self.adapters}.",
-                )
+    def admit(self) -> None:
+        """Waiting rows join the batch, first come first, while there is room; a row whose adapter
+        has no room yet (every resident one busy or pinned) lets the ones behind it pass."""
+        for row in list(self.waiting):
+            if len(self.batch) >= self.max_batch:
+                break
+            if not row.cancelled:
+                try:
+                    row.adapter_id = 0 if row.job.adapter is None else self.registry.acquire(row.job.adapter)
+                except Full:
+                    continue
+                except TiedLoraError as e:
+                    row.job.fail(404, str(e))
+                    self.waiting.remove(row)
+                    continue
+                row.admitted = True
+                self.metrics.prompt_tokens.labels(row.job.model).inc(len(row.prompt))
+                self.batch.add(row)
+            self.waiting.remove(row)
+
+    def emit(self, seq: Sequence, text: str) -> None:
+        row = cast(Row, seq)
+        job, now = row.job, time.perf_counter()
+        new = len(row.tokens) - row.counted
+        if new:
+            if row.last_token is None:
+                self.metrics.time_to_first_token.observe(now - job.arrived)
             else:
-                jobs.append(job)
-        if not jobs:
+                for _ in range(new):
+                    self.metrics.inter_token_latency.observe((now - row.last_token) / new)
+            row.last_token, row.counted = now, len(row.tokens)
+        logprobs = row.logprobs[row.sent_logprobs :]
+        row.sent_logprobs = len(row.logprobs)
+        if row.finish is None:
+            job.push("text", row.index, text, logprobs)
             return
-        owner = {id(j.seq): j for j in jobs}
-
-        def emit(seq: Sequence, text: str) -> None:
-            job = owner[id(seq)]
-            if text:
-                job.push("text", text)
-            if seq.finish is not None:
-                job.push("done", seq.finish, len(seq.tokens))
-
-        ids = [0 if j.adapter is None else self.multi.id_of(j.adapter) for j in jobs]
-        decode(self.multi, self.tokenizer, [j.seq for j in jobs], emit, adapter_ids=ids)
+        if row.admitted and job.adapter is not None:
+            self.registry.release(job.adapter)
+        self.metrics.generation_tokens.labels(job.model).inc(len(row.tokens))
+        job.finished += 1
+        if row.finish == "error":
+            job.fail(500, f"Generation failed for this request: {row.error}.")
+        else:
+            job.push("done", row.index, text, logprobs, row.finish, len(row.tokens))
+        if job.finished == len(job.rows):
+            self.metrics.requests.labels(job.model, row.finish).inc()

@@ -132,10 +132,12 @@ class BankedLinear(nn.Module):
 class MultiAdapterModel(nn.Module):
     """A base model and any number of loaded adapters: `forward(..., adapter_ids=ids)` and
     `generate(..., adapter_ids=ids)` with one id per row (0: no adapter); `add` and `remove`
-    load and unload adapters at run time."""
+    load and unload adapters at run time. Ranks above `max_rank` are refused: the banks are
+    padded to the largest rank loaded, so one large adapter would slow every row."""
 
-    def __init__(self, model: nn.Module, targets=("qkv",), dtype=torch.float32):
+    def __init__(self, model: nn.Module, targets=("qkv",), dtype=torch.float32, max_rank: int = 64):
         super().__init__()
+        self.max_rank = max_rank
         self.model: Any = model.requires_grad_(False)  # a transformers model: its generate is used too
         self.dtype = dtype
         self.names: list[str | None] = []
@@ -174,10 +176,13 @@ class MultiAdapterModel(nn.Module):
 
     def add(self, name: str, folder) -> int:
         """Load the adapter saved in `folder` (by tiedlora.save) as `name`; returns its id."""
+        return self.put(name, read_adapter(folder))
+
+    def put(self, name: str, adapter: AdapterFile) -> int:
+        """`add` for an adapter already read (and checked) by `read_adapter`."""
         if not name or name in self.names:
             raise TiedLoraError(f"Adapter name {name!r} is empty or already loaded: choose another.")
-        adapter = read_adapter(folder)
-        check_base(adapter, self.identity)
+        self.check(adapter)
         entries = {g: self._entry(g, adapter) for g in adapter.config.groups}
         slot = self.names.index(None) if None in self.names else len(self.names)
         if slot == len(self.names):
@@ -189,6 +194,15 @@ class MultiAdapterModel(nn.Module):
             self.entries[g][slot] = entry
         self._stale = True
         return slot + 1
+
+    def check(self, adapter: AdapterFile) -> None:
+        """The adapter (its tensors read or not yet) fits this base model and its max_rank."""
+        check_base(adapter, self.identity)
+        if adapter.config.rank > self.max_rank:
+            raise TiedLoraError(
+                f"{adapter.folder} has rank {adapter.config.rank}, more than this model's max_rank of {self.max_rank} "
+                "(every row of a batch computes at the largest rank loaded); serve it with a larger max_rank."
+            )
 
     def remove(self, name: str) -> None:
         slot = self.id_of(name) - 1
