@@ -43,28 +43,71 @@ def rewrite(folder, meta=None, tensors=None):
     (folder / CONFIG).write_text(json.dumps(meta))
 
 
-def both_readers_refuse(folder, words):
-    """tiedlora.load and MultiAdapterModel.add (the server's path) give the same error."""
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A server over the tiny Llama whose adapters root holds every test's tmp_path."""
+    from fastapi.testclient import TestClient
+
+    from tiedlora.serve.app import Served, create_app
+    from tiedlora.serve.engine import Engine
+
+    root = tmp_path_factory.getbasetemp()
+    engine = Engine(MultiAdapterModel(tiny_model("llama")), tokenizer=None)
+    with TestClient(create_app(Served(engine, None, "tiny", root))) as client:
+        yield client, root
+    engine.close()
+
+
+def both_readers_refuse(folder, words, server):
+    """tiedlora.load, MultiAdapterModel.add and the server's POST /v1/adapters give the same error."""
     with pytest.raises(TiedLoraError, match=words) as by_load:
         tiedlora.load(tiny_model("llama"), folder)
     with pytest.raises(TiedLoraError, match=words) as by_add:
         MultiAdapterModel(tiny_model("llama")).add("x", folder)
     assert str(by_load.value) == str(by_add.value)
+    client, root = server
+    r = client.post("/v1/adapters", json={"name": "x", "path": str(folder.relative_to(root))})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": str(by_load.value),
+        "type": "invalid_request_error",
+        "param": "path",
+        "code": None,
+    }
 
 
-def test_deeply_nested_json_and_huge_integers_are_refused(saved):
+def test_deeply_nested_json_and_huge_integers_are_refused(saved, server):
     (saved / CONFIG).write_text("[" * 100_000 + "]" * 100_000)
-    both_readers_refuse(saved, "is not valid JSON \\(RecursionError")
+    both_readers_refuse(saved, "is not valid JSON \\(RecursionError", server)
     (saved / CONFIG).write_text('{"format": "tiedlora", "format_version": ' + "9" * 5000 + "}")
-    both_readers_refuse(saved, "is not valid JSON \\(ValueError: Exceeds the limit")
+    both_readers_refuse(saved, "is not valid JSON \\(ValueError: Exceeds the limit", server)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e38])
-def test_non_finite_or_absurd_tensors_are_refused_by_name(saved, value):
+def test_non_finite_or_absurd_tensors_are_refused_by_name(saved, value, server):
     tensors = load_file(saved / TENSORS)
     tensors["qkv.layers.1.v"][3] = value
     rewrite(saved, tensors=tensors)
-    both_readers_refuse(saved, "tensor qkv.layers.1.v holds NaN, infinite or absurd values")
+    both_readers_refuse(saved, "tensor qkv.layers.1.v holds NaN, infinite or absurd values", server)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda t: t.clear(), "holds tensors \\['qkv.A', 'qkv.B'"),  # empty: frozen values must not be regenerated
+        (lambda t: t.update(extra=torch.zeros(2)), "holds tensors \\['extra'\\] that do not match"),
+        (lambda t: t.update({"qkv.A": t["qkv.A"].long()}), "tensor qkv.A is torch.int64"),
+        (lambda t: t.update({"qkv.A": t["qkv.A"] > 0}), "tensor qkv.A is torch.bool"),
+        (
+            lambda t: t.update({"qkv.A": t["qkv.A"][:, :-1].contiguous()}),
+            "expected a float tensor of shape \\(4, 64\\)",
+        ),
+    ],
+)
+def test_tensor_files_that_do_not_match_their_config_are_refused(saved, change, words, server):
+    tensors = load_file(saved / TENSORS)
+    change(tensors)
+    rewrite(saved, tensors=tensors)
+    both_readers_refuse(saved, words, server)
 
 
 @pytest.mark.parametrize(
@@ -92,14 +135,14 @@ def test_non_finite_or_absurd_tensors_are_refused_by_name(saved, value):
         (lambda m: m["base_model"]["groups"]["qkv"].update(d_out=64), '"base_model.groups.qkv" must give'),
     ],
 )
-def test_configs_that_do_not_fit_their_base_are_refused(saved, change, words):
+def test_configs_that_do_not_fit_their_base_are_refused(saved, change, words, server):
     meta = json.loads((saved / CONFIG).read_text())
     change(meta)
     rewrite(saved, meta)
-    both_readers_refuse(saved, words)
+    both_readers_refuse(saved, words, server)
 
 
-def test_a_huge_tensor_file_is_refused_by_its_size_before_it_is_read(saved, monkeypatch):
+def test_a_huge_tensor_file_is_refused_by_its_size_before_it_is_read(saved, monkeypatch, server):
     with open(saved / TENSORS, "r+b") as f:
         f.truncate(6 << 30)  # 6 GB, sparse: nothing is written
     meta = json.loads((saved / CONFIG).read_text())
@@ -107,17 +150,17 @@ def test_a_huge_tensor_file_is_refused_by_its_size_before_it_is_read(saved, monk
     read = []
     real = type(saved).read_bytes
     monkeypatch.setattr(type(saved), "read_bytes", lambda self: read.append(self.name) or real(self))
-    both_readers_refuse(saved, "is 6,442,450,944 bytes, more than its config's tensors can take")
+    both_readers_refuse(saved, "is 6,442,450,944 bytes, more than its config's tensors can take", server)
     assert TENSORS not in read
 
 
 @pytest.mark.parametrize("name", [CONFIG, TENSORS])
-def test_files_that_are_links_are_refused(saved, tmp_path, name):
+def test_files_that_are_links_are_refused(saved, tmp_path, name, server):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (saved / name).rename(outside / name)
     (saved / name).symlink_to(outside / name)
-    both_readers_refuse(saved, f"{name} is a link; an adapter folder holds its own files")
+    both_readers_refuse(saved, f"{name} is a link; an adapter folder holds its own files", server)
 
 
 def test_an_adapter_folder_is_replaced_as_a_unit(saved, monkeypatch):

@@ -53,8 +53,9 @@ def build(
             refused[name] = str(e)
     for name in set(pin or []) - set(found):
         refused[name] = "--pin names an adapter that is not under --adapters."
-    for name, why in refused.items():
-        print(f"tiedlora serve: skipped {name}: {why}", file=sys.stderr)
+    for name, why in refused.items():  # a folder name may not be valid Unicode: escape it
+        line = f"tiedlora serve: skipped {name}: {why}"
+        print(line.encode("utf-8", "backslashreplace").decode(), file=sys.stderr)
     context = getattr(lm.config, "max_position_embeddings", None)
     served = Served(engine, tokenizer, model, root, context, max_prompt_tokens, max_tokens_limit, max_request_bytes)
     return engine, create_app(served)
