@@ -2,6 +2,7 @@
 the first request, a bounded resident set with LRU eviction and pinning, bad folders dropped
 alone, and a server without any adapters folder."""
 
+import contextlib
 import shutil
 import threading
 import time
@@ -51,9 +52,16 @@ class Reads:
         monkeypatch.setattr(registry, "read_adapter", spy)
 
 
-def serve(tiny_folder, root, **options):
+@contextlib.contextmanager
+def serving(tiny_folder, root, **options):
+    """(engine, client); the engine closes first, answering any request still waiting, so a
+    failing test never hangs on the client's exit."""
     engine, app = build(str(tiny_folder), root, max_tokens_limit=32, **options)
-    return engine, TestClient(app)
+    with TestClient(app) as client:
+        try:
+            yield engine, client
+        finally:
+            engine.close()
 
 
 def complete(client, model, **options):
@@ -68,8 +76,7 @@ def test_start_up_reads_configs_only_and_loads_on_the_first_request_evicting_the
     tiny_folder, adapter, tmp_path, monkeypatch
 ):
     reads = Reads(monkeypatch)
-    engine, client = serve(tiny_folder, many(tmp_path, adapter, 300), max_resident=2)
-    with client:
+    with serving(tiny_folder, many(tmp_path, adapter, 300), max_resident=2) as (engine, client):
         assert (reads.configs, reads.tensors) == (300, 0)
         assert len(client.get("/v1/models").json()["data"]) == 301
         want = complete(client, "a000").json()["choices"][0]["text"]
@@ -80,12 +87,10 @@ def test_start_up_reads_configs_only_and_loads_on_the_first_request_evicting_the
         metrics = client.get("/metrics").text
         assert "tiedlora_adapter_loads_total 3.0" in metrics and "tiedlora_adapter_evictions_total 1.0" in metrics
         assert "tiedlora_resident_adapters 2.0" in metrics and "tiedlora_registered_adapters 300.0" in metrics
-    engine.close()
 
 
 def test_pinned_adapters_are_never_evicted(tiny_folder, adapter, tmp_path):
-    engine, client = serve(tiny_folder, many(tmp_path, adapter, 4), max_resident=2, pin=["a003"])
-    with client:
+    with serving(tiny_folder, many(tmp_path, adapter, 4), max_resident=2, pin=["a003"]) as (engine, client):
         assert resident(engine) == ["a003"]
         for name in ("a000", "a001", "a002"):
             assert complete(client, name).status_code == 200
@@ -95,32 +100,31 @@ def test_pinned_adapters_are_never_evicted(tiny_folder, adapter, tmp_path):
         r = client.post("/v1/adapters", json={"name": "q", "path": "a000", "pin": True})
         assert r.status_code == 503 and "pinned or in use" in r.json()["error"]["message"]
         assert "q" not in engine.adapters
-    engine.close()
+        r = complete(client, "a000")  # every resident one pinned, nothing running: no room, ever
+        assert r.status_code == 503 and "Every resident adapter is pinned" in r.json()["error"]["message"]
 
 
 def test_rows_wait_for_room_when_every_resident_adapter_is_busy(tiny_folder, adapter, tmp_path, monkeypatch):
-    engine, client = serve(tiny_folder, many(tmp_path, adapter, 2), max_resident=1)
-    forward = engine.multi.forward
+    with serving(tiny_folder, many(tmp_path, adapter, 2), max_resident=1) as (engine, client):
+        forward = engine.multi.forward
 
-    def slow(*args, **kwargs):
-        time.sleep(0.01)
-        return forward(*args, **kwargs)
+        def slow(*args, **kwargs):
+            time.sleep(0.01)
+            return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.multi, "forward", slow)
-    with client:
+        monkeypatch.setattr(engine.multi, "forward", slow)
         results = {}
 
         def ask(name):
             results[name] = complete(client, name, max_tokens=20)
 
-        threads = [threading.Thread(target=ask, args=(n,)) for n in ("a000", "a001")]
+        threads = [threading.Thread(target=ask, args=(n,), daemon=True) for n in ("a000", "a001")]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=60)
         assert [r.status_code for r in results.values()] == [200, 200]
         assert [r.json()["usage"]["completion_tokens"] for r in results.values()] == [20, 20]
-    engine.close()
 
 
 def test_a_bad_folder_is_dropped_on_its_first_request_and_the_others_go_on(tiny_folder, adapter, tmp_path):
@@ -130,8 +134,7 @@ def test_a_bad_folder_is_dropped_on_its_first_request_and_the_others_go_on(tiny_
     (root / "bad-config" / "adapter_config.json").write_text("{")  # refused at start-up
     model = AutoModelForCausalLM.from_pretrained(tiny_folder)
     tiedlora.save(tiedlora.apply(model, TiedLoraConfig.preset("tl6", rank=8)), root / "rank" / "big")
-    engine, client = serve(tiny_folder, root, max_rank=6)  # the others are rank 4
-    with client:
+    with serving(tiny_folder, root, max_rank=6) as (engine, client):  # the others are rank 4
         assert [m["id"] for m in client.get("/v1/models").json()["data"]][1:] == ["a000", "a001"]  # not rank/big
         r = complete(client, "a001")
         assert r.status_code == 404 and "does not match the sha256" in r.json()["error"]["message"]
@@ -141,46 +144,40 @@ def test_a_bad_folder_is_dropped_on_its_first_request_and_the_others_go_on(tiny_
         assert complete(client, "a000").status_code == 200
         r = client.post("/v1/adapters", json={"name": "big", "path": "rank/big"})
         assert r.status_code == 400 and "more than this model's max_rank of 6" in r.json()["error"]["message"]
-    engine.close()
 
 
 def test_without_an_adapters_folder_the_base_model_is_served_and_adapters_come_later(
     tiny_folder, adapter, tmp_path, capsys
 ):
     root = tmp_path / "later"
-    engine, client = serve(tiny_folder, root)
-    assert "serving" in capsys.readouterr().err
-    with client:
+    with serving(tiny_folder, root) as (engine, client):
+        assert "serving" in capsys.readouterr().err
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [str(tiny_folder)]
         assert complete(client, str(tiny_folder)).status_code == 200
         shutil.copytree(adapter, root / "new")
         assert client.post("/v1/adapters", json={"name": "new", "path": "new"}).status_code == 200
         assert complete(client, "new").status_code == 200
-    engine.close()
 
 
 def test_a_folder_name_that_is_not_unicode_is_skipped(tiny_folder, adapter, tmp_path, capsys):
     root = many(tmp_path, adapter, 1)
     shutil.copytree(adapter, tmp_path / "bad-\udcff")  # the byte 0xff, as os.fsdecode gives it
-    engine, client = serve(tiny_folder, root)
-    assert "is not valid Unicode" in capsys.readouterr().err
-    with client:
+    with serving(tiny_folder, root) as (engine, client):
+        assert "is not valid Unicode" in capsys.readouterr().err
         assert [m["id"] for m in client.get("/v1/models").json()["data"]][1:] == ["a000"]
-    engine.close()
 
 
 def test_an_adapter_unloaded_while_a_request_uses_it_finishes_that_request(tiny_folder, adapter, tmp_path, monkeypatch):
-    engine, client = serve(tiny_folder, many(tmp_path, adapter, 1))
-    forward = engine.multi.forward
+    with serving(tiny_folder, many(tmp_path, adapter, 1)) as (engine, client):
+        forward = engine.multi.forward
 
-    def slow(*args, **kwargs):
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
+        def slow(*args, **kwargs):
+            time.sleep(0.02)
+            return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.multi, "forward", slow)
-    with client:
+        monkeypatch.setattr(engine.multi, "forward", slow)
         result = {}
-        thread = threading.Thread(target=lambda: result.update(r=complete(client, "a000", max_tokens=20)))
+        thread = threading.Thread(target=lambda: result.update(r=complete(client, "a000", max_tokens=20)), daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
         while not engine.batch.rows and time.monotonic() < deadline:
@@ -189,4 +186,3 @@ def test_an_adapter_unloaded_while_a_request_uses_it_finishes_that_request(tiny_
         thread.join(timeout=60)
         assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 20
         assert complete(client, "a000").status_code == 404 and resident(engine) == []
-    engine.close()

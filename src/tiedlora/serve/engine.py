@@ -145,6 +145,7 @@ class Engine:
             except queue.Empty:
                 pass
             if None in arrived:
+                self.shut(arrived)
                 return
             for job in cast(list[Job], arrived):
                 self.waiting.extend(job.rows)
@@ -154,6 +155,13 @@ class Engine:
                 self.batch.step()
             self.metrics.running.set(len(self.batch))
             self.metrics.waiting.set(len(self.waiting))
+
+    def shut(self, arrived: list[Job | None]) -> None:
+        """close(): every request still queued or running gets an answer, so no handler waits for ever."""
+        rows = [*self.waiting, *self.batch.pending, *self.batch.rows]
+        rows += [row for job in arrived if job is not None for row in job.rows]
+        for row in rows:
+            row.job.fail(503, "The server is shutting down; retry the request.")
 
     def admit(self) -> None:
         """Waiting rows join the batch, first come first, while there is room; a row whose adapter
@@ -165,6 +173,14 @@ class Engine:
                 try:
                     row.adapter_id = 0 if row.job.adapter is None else self.registry.acquire(row.job.adapter)
                 except Full:
+                    if len(self.batch):
+                        continue  # a running row will free an adapter
+                    row.job.fail(
+                        503,
+                        f"Every resident adapter is pinned (--max_resident {self.registry.max_resident}); "
+                        "serve with a larger --max_resident or fewer --pin.",
+                    )
+                    self.waiting.remove(row)
                     continue
                 except TiedLoraError as e:
                     row.job.fail(404, str(e))
