@@ -40,7 +40,7 @@ def build(
     lm, tokenizer = load_model(model)
     multi = MultiAdapterModel(lm, max_rank=max_rank)
     engine = Engine(multi, tokenizer, max_batch, max_resident, prefill_tokens)
-    found, refused = discover(root) if root.is_dir() else ({}, {})
+    found, refused = discover(root)
     if not root.is_dir():
         print(
             f"tiedlora serve: no folder {root}: serving {model} alone; adapters put there can be loaded at run time.",
