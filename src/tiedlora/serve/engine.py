@@ -158,7 +158,7 @@ class Engine:
 
     def shut(self, arrived: list[Job | None]) -> None:
         """close(): every request still queued or running gets an answer, so no handler waits for ever."""
-        rows = [*self.waiting, *self.batch.pending, *self.batch.rows]
+        rows = [*self.waiting, *cast(list[Row], [*self.batch.pending, *self.batch.rows])]
         rows += [row for job in arrived if job is not None for row in job.rows]
         for row in rows:
             row.job.fail(503, "The server is shutting down; retry the request.")
