@@ -87,7 +87,8 @@ class Steps:
 @pytest.fixture(scope="module")
 def server(root, tiny_folder):
     engine, app = build(str(tiny_folder), root, max_batch=16, max_prompt_tokens=64, max_tokens_limit=32)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    # idle connections stay open while a test computes its references, so a client never reuses one the server closed
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_keep_alive=600))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     wait_until(lambda: srv.started, what="the server's start")
