@@ -64,6 +64,17 @@ def serving(tiny_folder, root, **options):
             engine.close()
 
 
+def slow_steps(engine, monkeypatch, pause: float) -> None:
+    """Every forward of the engine's model sleeps `pause` first, so a test can act while rows run."""
+    forward = engine.multi.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(pause)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.multi, "forward", slow)
+
+
 def complete(client, model, **options):
     return client.post("/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 3, **options})
 
@@ -106,13 +117,7 @@ def test_pinned_adapters_are_never_evicted(tiny_folder, adapter, tmp_path):
 
 def test_rows_wait_for_room_when_every_resident_adapter_is_busy(tiny_folder, adapter, tmp_path, monkeypatch):
     with serving(tiny_folder, many(tmp_path, adapter, 2), max_resident=1) as (engine, client):
-        forward = engine.multi.forward
-
-        def slow(*args, **kwargs):
-            time.sleep(0.01)
-            return forward(*args, **kwargs)
-
-        monkeypatch.setattr(engine.multi, "forward", slow)
+        slow_steps(engine, monkeypatch, 0.01)
         results = {}
 
         def ask(name):
@@ -169,13 +174,7 @@ def test_a_folder_name_that_is_not_unicode_is_skipped(tiny_folder, adapter, tmp_
 
 def test_an_adapter_unloaded_while_a_request_uses_it_finishes_that_request(tiny_folder, adapter, tmp_path, monkeypatch):
     with serving(tiny_folder, many(tmp_path, adapter, 1)) as (engine, client):
-        forward = engine.multi.forward
-
-        def slow(*args, **kwargs):
-            time.sleep(0.02)
-            return forward(*args, **kwargs)
-
-        monkeypatch.setattr(engine.multi, "forward", slow)
+        slow_steps(engine, monkeypatch, 0.02)
         result = {}
         thread = threading.Thread(target=lambda: result.update(r=complete(client, "a000", max_tokens=20)), daemon=True)
         thread.start()
