@@ -54,9 +54,14 @@ def run_flags(tiny_folder, out):
     ]
 
 
+CHECKPOINT_FILES = {"adapter.safetensors", "adapter_config.json", "optimizer.safetensors", "state.json"}
+
+
 def assert_no_torn_files(folder):
     """Every file under its final name is whole: JSON parses, safetensors loads, and each
-    adapter's tensors match the hash in its config."""
+    adapter's tensors match the hash in its config; every checkpoint folder holds all its files."""
+    for step in folder.glob("checkpoint/step-*"):
+        assert {p.name for p in step.iterdir()} == CHECKPOINT_FILES, step
     for path in folder.rglob("*"):
         if not path.is_file() or path.name.startswith("."):
             continue
@@ -463,25 +468,32 @@ def test_a_base_model_with_pickled_weights_is_refused(tiny_folder, tmp_path):
     assert load_model(str(tiny_folder))[0] is not None  # safetensors still load
 
 
-# A training process that SIGKILLs itself at one write of step 4's checkpoint: no finally block,
-# no atexit handler, no flush runs, as when the machine loses power there.
+# A training process that SIGKILLs itself at one write of step 4's checkpoint, or half-way
+# through removing the first old checkpoint (one file gone): no finally block, no atexit
+# handler, no flush runs, as when the machine loses power there.
 DIE_AT_WRITE = """
-import os, signal, sys
+import os, shutil, signal, sys
 from tiedlora.cli import main
-target, real = sys.argv[1], os.replace
+target, real_replace, real_rmtree = sys.argv[1], os.replace, shutil.rmtree
 def replace(src, dst):
     if os.path.basename(dst) == target and "step-4" in str(dst) + open(src, "rb").read(64).decode("latin-1"):
         os.kill(os.getpid(), signal.SIGKILL)
-    real(src, dst)
-os.replace = replace
+    real_replace(src, dst)
+def rmtree(path, *args, **kwargs):
+    if target == "removal" and os.path.isfile(os.path.join(path, "state.json")):
+        os.unlink(os.path.join(path, "state.json"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rmtree(path, *args, **kwargs)
+os.replace, shutil.rmtree = replace, rmtree
 sys.exit(main(["train", *sys.argv[2:]]))
 """
 
 
-@pytest.mark.parametrize("target", ["adapter.safetensors", "optimizer.safetensors", "latest"])
+@pytest.mark.parametrize("target", ["adapter.safetensors", "optimizer.safetensors", "latest", "removal"])
 def test_death_inside_a_checkpoint_write_then_resume_is_exact(tiny_folder, tmp_path, monkeypatch, target):
-    """A real process dies in the middle of step 4's checkpoint, at each of its writes in turn;
-    the resumed run starts from step 2 and ends as the uninterrupted one."""
+    """A real process dies in the middle of step 4's checkpoint, at each of its writes in turn,
+    or while step 2's is removed after step 6's; the resumed run starts from the newest whole
+    checkpoint and ends as the uninterrupted one."""
     options = small_run(tiny_folder, tmp_path / "whole", dropout=0.1)
     train(TrainConfig(**options), quiet=True)
     flags = [f"--{k}={v}" for k, v in {**options, "out": tmp_path / "killed"}.items()]
@@ -493,11 +505,13 @@ def test_death_inside_a_checkpoint_write_then_resume_is_exact(tiny_folder, tmp_p
         timeout=300,
     )
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
-    assert latest_step(tmp_path / "killed") == 2
+    start = 6 if target == "removal" else 2
+    assert latest_step(tmp_path / "killed") == start
     assert_no_torn_files(tmp_path / "killed")
     steps = record_steps(monkeypatch)
     train(TrainConfig(**{**options, "out": str(tmp_path / "killed")}), resume=True, quiet=True)
-    assert steps == [2, 3, 4, 5]
+    assert steps == list(range(start, 6))
+    assert not list((tmp_path / "killed").rglob(".*.tmp"))  # what the kill left half-removed is gone
     for sub in ("best", "checkpoint/step-6"):
         a, b = (load_file(tmp_path / f / sub / "adapter.safetensors") for f in ("whole", "killed"))
         assert all(torch.equal(a[k], b[k]) for k in a), sub

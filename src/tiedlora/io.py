@@ -38,6 +38,20 @@ MAX_CONFIG_BYTES = 1 << 20
 def save(model: nn.Module, folder, *, include_frozen: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write the adapter to `folder`; frozen tensors too with include_frozen (for readers that
     cannot regenerate them); `dtype` (e.g. torch.bfloat16) halves the file."""
+    folder = Path(folder)
+    files = adapter_files(model, include_frozen=include_frozen, dtype=dtype)
+    if folder.is_dir() and {p.name for p in folder.iterdir()} - set(files):
+        for name, data in files.items():  # a folder that holds more (a Trainer's output): file by file, tensors first
+            write_atomic(folder / name, data)
+    else:
+        write_folder(folder, files)
+    return folder
+
+
+def adapter_files(
+    model: nn.Module, *, include_frozen: bool = False, dtype: torch.dtype | None = None
+) -> dict[str, bytes]:
+    """The adapter folder's files by name, for writers that add files of their own to it."""
     from safetensors.torch import save as to_bytes
 
     params = adapter_parameters(model)
@@ -59,14 +73,7 @@ def save(model: nn.Module, folder, *, include_frozen: bool = False, dtype: torch
             "stored": "all" if include_frozen else "trained",
         },
     }
-    folder = Path(folder)
-    files = {TENSORS: blob, CONFIG: (json.dumps(meta, indent=2) + "\n").encode()}
-    if folder.is_dir() and {p.name for p in folder.iterdir()} - set(files):
-        for name, data in files.items():  # a folder that holds more (a Trainer's output): file by file, tensors first
-            write_atomic(folder / name, data)
-    else:
-        write_folder(folder, files)
-    return folder
+    return {TENSORS: blob, CONFIG: (json.dumps(meta, indent=2) + "\n").encode()}
 
 
 def write_folder(folder: Path, files: dict[str, bytes]) -> None:
@@ -80,7 +87,7 @@ def write_folder(folder: Path, files: dict[str, bytes]) -> None:
     try:
         for name, data in files.items():
             write_atomic(tmp / name, data)
-        old = tmp.with_suffix(".old")
+        old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old.tmp")
         if folder.exists():
             os.rename(folder, old)
         os.rename(tmp, folder)
@@ -92,6 +99,18 @@ def write_folder(folder: Path, files: dict[str, bytes]) -> None:
                 f"Could not write {folder}: {e.strerror or e}; the folder there before is unchanged."
             ) from e
         raise
+
+
+def discard(folder: Path) -> None:
+    """Remove `folder` as a unit: it is renamed to a hidden `.tmp` name first, so a kill during
+    the removal leaves a leftover that `runs.clean_stale` removes, never a half-deleted folder
+    under its own name. Best effort: a folder that cannot be moved is removed where it is."""
+    try:
+        gone = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        os.rename(folder, gone)
+    except OSError:
+        gone = folder
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 class AdapterFile(NamedTuple):

@@ -21,7 +21,6 @@ import json
 import math
 import platform
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import nn
 
 from .config import TiedLoraConfig, TiedLoraError
 from .decoding import pad_id
-from .io import load, put, read_adapter, regular_file, save, write_atomic
+from .io import adapter_files, discard, load, put, read_adapter, regular_file, save, write_atomic, write_folder
 from .layout import find_layers
 from .loss import TokenLoss, answer_tokens, collate, encode_rows, mean_loss, pack
 from .model import adapter_parameters, apply, trainable_parameters
@@ -274,9 +273,10 @@ def shard_base(model: nn.Module) -> nn.Module:
 
 
 class Checkpoints:
-    """`checkpoint/step-N/` folders, each complete before `checkpoint/latest` (written atomically)
-    names it; all but it and the one before are deleted after. A kill at any moment leaves the
-    previous one whole, and a checkpoint damaged later is passed over for the one before."""
+    """`checkpoint/step-N/` folders, each written whole (built aside, then renamed into place)
+    before `checkpoint/latest` (written atomically) names it; all but it and the one before are
+    then removed, each as a unit. A kill at any moment leaves every step-N whole, and a
+    checkpoint damaged later is passed over for the one before."""
 
     STATE_KEYS = {"step", "best", "best_step", "bad_evals", "tokens", "elapsed_s", "stopped"}
 
@@ -308,9 +308,6 @@ class Checkpoints:
         path = self.folder / f"step-{state['step']}"
         pointer = self.folder / "latest"
         previous = self.folder / pointer.read_text().strip() if pointer.is_file() else None  # kept, to fall back to
-        if path.exists():
-            shutil.rmtree(path)
-        save(model, path)
         params = {id(p): k for k, p in adapter_parameters(model).items()}
         moments = {
             f"{params[id(p)]}/{name}": t.detach().cpu().contiguous()
@@ -318,12 +315,15 @@ class Checkpoints:
             for name, t in s.items()
             if torch.is_tensor(t)
         }
-        write_atomic(path / "optimizer.safetensors", to_bytes(moments))
-        write_json(path / "state.json", state)
+        files = adapter_files(model) | {
+            "optimizer.safetensors": to_bytes(moments),
+            "state.json": (json.dumps(state, indent=2) + "\n").encode(),
+        }
+        write_folder(path, files)
         write_atomic(self.folder / "latest", path.name.encode())
         for old in self.steps():
             if old not in (path, previous):
-                shutil.rmtree(old, ignore_errors=True)
+                discard(old)
         return path
 
     def read(self, path: Path, model, optimizer) -> dict:
