@@ -57,6 +57,17 @@ def test_an_adapter_on_a_quantized_base_computes_the_equation_and_trains(tokens,
         assert torch.equal(alone, quantize(tiny_model("llama"), bits)(tokens).logits)
 
 
+def test_validation_computes_as_training_does(tokens):
+    """A 4-bit base gives the same logits in eval mode without gradients (validation) as in
+    training mode, on every CPU (bitsandbytes would repack the weights on AVX512-BF16 ones)."""
+    model = quantize(tiny_model("llama"), "4bit")
+    with torch.no_grad():
+        training = model.train()(tokens).logits
+        validating = model.eval()(tokens).logits
+        assert torch.equal(validating, model.train()(tokens).logits)
+    assert torch.equal(training, validating)
+
+
 def test_merge_refuses_quantized_weights_and_changes_nothing():
     model = randomize(tiedlora.apply(quantize(tiny_model("llama"), "4bit"), TiedLoraConfig.preset("lora", rank=2)))
     before = {k: v.clone() for k, v in model.state_dict().items()}

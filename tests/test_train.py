@@ -147,7 +147,9 @@ def test_resume_after_kill_ends_with_the_same_adapter(tiny_folder, tmp_path, mon
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tiny_folder, tmp_path, engine):
     one, two = tmp_path / "one", tmp_path / "two"
-    options = dict(max_steps=3, batch_size=6, micro_batch_size=2, val_every=3, test_rows=1)
+    # fp32: under bf16 autocast (--precision auto on a CPU with native bf16) the two sums of
+    # gradients round apart by more than these tolerances
+    options = dict(max_steps=3, batch_size=6, micro_batch_size=2, val_every=3, test_rows=1, precision="fp32")
     assert main(["train", *flags(tiny_folder, one, **options), "--quiet"]) == 0
     options["fsdp"] = engine == "fsdp"
     # --standalone: torchrun picks a free port for its rendezvous itself, rather than a fixed 29500

@@ -51,6 +51,11 @@ def quantized(linear: nn.Linear, bits: int) -> nn.Module:
             linear.in_features, linear.out_features, bias=has_bias, compute_dtype=weight.dtype, quant_type="nf4"
         )
         q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at its first
+        # no-grad forward in eval mode, with bf16 scales: it fails on layers narrower than a block
+        # (64 inputs), and where it works, validation would compute with other numbers than
+        # training. One layout on every machine instead.
+        q.support_avx512bf16_for_cpu = False
     else:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
         q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
