@@ -98,16 +98,19 @@ def sweep(
     run_sweep(cells, out, model=model, budget=budget, shard=parse_shard(shard), quiet=quiet)
 
 
-def report(sweep: str, *, out: str) -> None:
-    """The paper's Table 2, Table 3, Figure 2 and Appendix A from a sweep's results.
+def report(sweep: str, *, out: str, source: str | None = None, intervals: bool = True) -> None:
+    """The paper's Table 2, Table 3, Figure 2 and Appendix A from a sweep's results, with
+    bootstrap intervals over test rows.
 
     Args:
         sweep: The sweep folder.
         out: The folder for tables, plots and summary.
+        source: Where the test rows are, if not where each run read them (the intervals rescore its predictions).
+        intervals: Bootstrap 95 % intervals from each run's predictions.jsonl and test rows.
     """
     from .report import report as write
 
-    written = write(sweep, out)
+    written = write(sweep, out, source, intervals)
     print(f"wrote {out}: table2, table3 (md, csv), {', '.join(Path(f).name for f in written['figures'])}, summary.md")
 
 

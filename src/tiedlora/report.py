@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
-from .config import PRESETS
+from .config import PRESETS, TiedLoraError
+from .intervals import Headlines, difference, headlines, interval, mean_of
 from .io import write_atomic
-from .runs import load_results
+from .runs import PREDICTIONS, load_runs
 
 # The paper's LLaMA-2 7B finding, for the summary: tl6 1.36 % below LoRA on average with 12.5 % of its parameters.
 PAPER = "The paper (LLaMA-2 7B): tl6 is 1.36 % below LoRA on average, with 12.5 % of LoRA's parameters or fewer."
@@ -52,8 +55,22 @@ def headline(run: dict) -> float:
     return next(iter(run["metrics"].values()))
 
 
-def table2(chosen: dict) -> tuple[list[dict], list[str]]:
-    """Rows per task and configuration: at LoRA's best rank, and at the configuration's own best rank."""
+Samples = Callable[[dict], "Headlines | None"]
+
+
+def no_samples(run: dict) -> Headlines | None:
+    return None
+
+
+def spread(values) -> tuple[float | None, float | None]:
+    return (None, None) if values is None else interval(values)
+
+
+def table2(chosen: dict, samples: Samples = no_samples) -> tuple[list[dict], list[str]]:
+    """Rows per task and configuration: at LoRA's best rank, and at the configuration's own best
+    rank, each with its bootstrap interval over test rows, and the gap to LoRA at LoRA's rank with
+    its paired bootstrap interval (where `samples` has the run's resampled headlines). Each row
+    also keeps the resampled gap ("gap_samples") for the averages over tasks."""
     tasks = sorted({k[0] for k in chosen})
     configs = [c for c in PRESETS if any(k[1] == c and k[3] is None for k in chosen)]
     rows = []
@@ -69,6 +86,8 @@ def table2(chosen: dict) -> tuple[list[dict], list[str]]:
                 continue
             top = best(runs)
             at_star = runs.get(star)
+            ours, top_ours = samples(at_star) if at_star else None, samples(runs[top])
+            gap = difference(ours, samples(lora[star]))
             rows.append(
                 {
                     "task": task,
@@ -81,6 +100,10 @@ def table2(chosen: dict) -> tuple[list[dict], list[str]]:
                     "metric_at_best_rank": headline(runs[top]),
                     "P%_at_best_rank": 100 * runs[top]["params"] / base,
                     "lr_at_best_rank": runs[top]["recipe"]["lr"],
+                    "gap_to_lora": headline(at_star) - headline(lora[star]) if at_star else None,
+                    "gap_samples": gap,
+                    "samples_at_lora_rank": None if ours is None else ours.values,
+                    "samples_at_best_rank": None if top_ours is None else top_ours.values,
                 }
             )
     averages = []
@@ -99,8 +122,16 @@ def table2(chosen: dict) -> tuple[list[dict], list[str]]:
                     "metric_at_best_rank": _mean(r["metric_at_best_rank"] for r in mine),
                     "P%_at_best_rank": _mean(r["P%_at_best_rank"] for r in mine),
                     "lr_at_best_rank": None,
+                    "gap_to_lora": _mean(r["gap_to_lora"] for r in mine),
+                    "gap_samples": mean_of([r["gap_samples"] for r in mine]),
+                    "samples_at_lora_rank": mean_of([r["samples_at_lora_rank"] for r in mine]),
+                    "samples_at_best_rank": mean_of([r["samples_at_best_rank"] for r in mine]),
                 }
             )
+    for row in rows + averages:
+        row["ci_low"], row["ci_high"] = spread(row["samples_at_lora_rank"])
+        row["ci_low_at_best_rank"], row["ci_high_at_best_rank"] = spread(row["samples_at_best_rank"])
+        row["gap_ci_low"], row["gap_ci_high"] = spread(row["gap_samples"])
     return rows + averages, tasks
 
 
@@ -145,6 +176,7 @@ def gaps(rows: list[dict]) -> dict:
         ]
         pairs = [(r["metric_at_lora_rank"], lora[r["task"]]) for r in ran]
         if pairs:
+            low, high = spread(mean_of([r.get("gap_samples") for r in ran]))
             out[config] = {
                 "points": sum(m - ref for m, ref in pairs) / len(pairs),
                 # the gap of the task average relative to LoRA's: a task near 0 (GSM8K on a small model)
@@ -154,6 +186,8 @@ def gaps(rows: list[dict]) -> dict:
                 else 0.0,
                 "P%": _mean(r["P%_at_lora_rank"] for r in ran),
                 "tasks": len(pairs),
+                "ci_low": low,
+                "ci_high": high,
             }
     return out
 
@@ -297,23 +331,85 @@ T2 = [
     "config",
     "lora_rank",
     "metric_at_lora_rank",
+    "ci_low",
+    "ci_high",
     "P%_at_lora_rank",
     "lr_at_lora_rank",
     "best_rank",
     "metric_at_best_rank",
+    "ci_low_at_best_rank",
+    "ci_high_at_best_rank",
     "P%_at_best_rank",
     "lr_at_best_rank",
+    "gap_to_lora",
+    "gap_ci_low",
+    "gap_ci_high",
 ]
 T3 = ["task", "rank", "adapter", "params", "metric"]
 
 
-def report(sweep, out) -> dict:
-    """Write table2.{md,csv,png}, table3.{md,csv}, figure2.png, appendix_a.png and summary.md."""
+class Resampler:
+    """Each run's headline on the bootstrap resamples of its test rows, from its
+    predictions.jsonl and the rows it was tested on, read again from its data source (or
+    `source`). None for a run without predictions (one written by hand, or on own data)."""
+
+    def __init__(self, folders: dict[int, Path], source: str | None):
+        self.folders, self.source = folders, source
+        self.tests: dict[tuple[str, str], list] = {}
+        self.done: dict[int, Headlines | None] = {}
+
+    def __call__(self, run: dict) -> Headlines | None:
+        if id(run) not in self.done:
+            self.done[id(run)] = self.resample(run)
+        return self.done[id(run)]
+
+    def resample(self, run: dict) -> Headlines | None:
+        from .tasks import TASKS
+
+        path = self.folders[id(run)] / PREDICTIONS
+        if not path.is_file() or run["task"] not in TASKS:
+            return None
+        task = TASKS[run["task"]]
+        try:
+            predictions = [json.loads(line)["prediction"] for line in path.read_text().splitlines() if line.strip()]
+            rows = run["data"]["test_rows_used"]
+            source = self.source or run["data"]["test"]["source"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise TiedLoraError(
+                f"{path} or its results.json is damaged ({e!r}): run the cell again, or report with --no_intervals."
+            ) from None
+        if (task.name, source) not in self.tests:
+            try:
+                self.tests[(task.name, source)] = task.load("test", source)
+            except TiedLoraError as e:
+                raise TiedLoraError(
+                    f"{path.parent}: its test rows cannot be read ({e}); pass --source with the data the sweep "
+                    "ran on, or report with --no_intervals."
+                ) from None
+        test = self.tests[(task.name, source)][:rows]
+        statistics = task.row_statistics(predictions, test) if len(predictions) == rows == len(test) else None
+        if (
+            statistics is None
+            or abs(task.of_statistics([sum(c) for c in zip(*statistics)], rows) - headline(run)) > 1e-6
+        ):
+            raise TiedLoraError(
+                f"{path}: its {len(predictions)} predictions do not give the {headline(run):.4f} its results.json "
+                f"records on the first {rows} test rows of {source}: pass --source with the data the sweep ran on."
+            )
+        return headlines(task, statistics)
+
+
+def report(sweep, out, source: str | None = None, intervals: bool = True) -> dict:
+    """Write table2.{md,csv,png}, table3.{md,csv}, figure2.png, appendix_a.png and summary.md;
+    with `intervals`, bootstrap intervals over test rows (`source`: where the test rows are, if
+    not where each run read them)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = load_results(sweep)
+    found = load_runs(sweep)
+    results = [run for _, run in found]
     chosen = select(results)
-    rows2, tasks = table2(chosen)
+    samples = Resampler({id(run): folder for folder, run in found}, source) if intervals else no_samples
+    rows2, tasks = table2(chosen, samples)
     rows3 = table3(chosen)
     gap = gaps(rows2)
     write_atomic(out / "table2.md", markdown(rows2, T2).encode())
@@ -322,20 +418,48 @@ def report(sweep, out) -> dict:
     write_atomic(out / "table3.csv", to_csv(rows3, T3).encode())
     figures = [p for p in (bars(rows2, out),) if p] + plots(chosen, out)
     diverged = [r["recipe"]["out"] for r in results if "diverged" in r]
+    write_atomic(out / "summary.md", summary(results, tasks, diverged, rows2, gap).encode())
+    return {"table2": rows2, "table3": rows3, "gaps": gap, "figures": [str(p) for p in figures]}
+
+
+def summary(results: list[dict], tasks: list[str], diverged: list[str], rows: list[dict], gap: dict) -> str:
     lines = [
         f"# Summary of {len(results)} runs over {len(tasks)} tasks",
         "",
         f"{len(diverged)} runs diverged (their learning rate was too high; the cell's other learning rates stand): "
         f"{', '.join(Path(d).name for d in diverged) or 'none'}.",
         "",
-        "Average gap to LoRA at LoRA's best rank (per task, chosen on validation), test metric:",
+        "Average gap to LoRA at LoRA's best rank (per task, chosen on validation), test metric, with its paired "
+        "bootstrap 95 % interval over test rows where the runs' predictions were there:",
         "",
     ]
     for config, g in gap.items():
+        within = "" if g["ci_low"] is None else f", 95 % interval [{g['ci_low']:+.2f}, {g['ci_high']:+.2f}]"
         lines.append(
-            f"- {config}: {g['points']:+.2f} points ({g['relative_%']:+.2f} % relative) with {g['P%']:.1f} % "
+            f"- {config}: {g['points']:+.2f} points{within} ({g['relative_%']:+.2f} % relative) with {g['P%']:.1f} % "
             f"of LoRA's parameters, over {g['tasks']} tasks"
         )
-    lines += ["", PAPER, ""]
-    write_atomic(out / "summary.md", "\n".join(lines).encode())
-    return {"table2": rows2, "table3": rows3, "gaps": gap, "figures": [str(p) for p in figures]}
+    paired = [r for r in rows if r["config"] != "lora" and r["task"] != "average" and r["gap_ci_low"] is not None]
+    if paired:
+        clear = [r for r in paired if r["gap_ci_low"] > 0 or r["gap_ci_high"] < 0]
+        lines += [
+            "",
+            "Per task, the difference to LoRA at LoRA's best rank and its paired bootstrap 95 % interval "
+            "(2,000 resamples of the test rows; **bold** where the interval excludes zero):",
+            "",
+            "| task | config | difference | 95 % interval |",
+            "|---|---|---|---|",
+        ]
+        for r in paired:
+            mark = "**" if r in clear else ""
+            lines.append(
+                f"| {r['task']} | {r['config']} | {mark}{r['gap_to_lora']:+.2f}{mark} | "
+                f"[{r['gap_ci_low']:+.2f}, {r['gap_ci_high']:+.2f}] |"
+            )
+        lines += [
+            "",
+            f"{len(clear)} of these {len(paired)} differences exclude zero: "
+            + (", ".join(f"{r['task']} {r['config']} ({r['gap_to_lora']:+.2f})" for r in clear) or "none")
+            + ". The others are within what another sample of test rows could change.",
+        ]
+    return "\n".join([*lines, "", PAPER, ""])

@@ -116,9 +116,9 @@ def discover(root: Path) -> tuple[dict[str, Path], dict[str, str]]:
     return found, refused
 
 
-def load_results(folder) -> list[dict]:
-    """Every results.json under a sweep folder."""
-    found = [read_json(p) for p in sorted(Path(folder).rglob(RESULTS))]
+def load_runs(folder) -> list[tuple[Path, dict]]:
+    """Every run folder under a sweep folder, with its results.json."""
+    found = [(p.parent, read_json(p)) for p in sorted(Path(folder).rglob(RESULTS))]
     if not found:
         raise TiedLoraError(f"{folder} holds no {RESULTS}: run `tiedlora sweep --out {folder}` first.")
     return found

@@ -19,7 +19,7 @@ import torch
 from .config import PRESETS, TiedLoraError
 from .models import load_model
 from .report import select
-from .runs import RESULTS, is_run, load_results, read_json, write_json
+from .runs import RESULTS, is_run, load_runs, read_json, write_json
 from .train import Diverged, TrainConfig, from_recipe, train
 
 CELL_FIELDS = ("task", "config", "rank", "lr", "layers", "model", "out")  # set per cell, not by the budget
@@ -83,7 +83,7 @@ def parse_lrs(text: str) -> list[float] | dict[str, list[float]]:
 def chosen_lrs(folder, rank: int) -> str:
     """The learning rate of each (configuration) chosen on validation at `rank` in a sweep folder
     of one task, as `--lrs` takes it: to sweep the other ranks at those alone."""
-    chosen = select(load_results(folder))
+    chosen = select([run for _, run in load_runs(folder)])
     picked = {
         config: run["recipe"]["lr"] for (_, config, r, layer), run in chosen.items() if r == rank and layer is None
     }

@@ -118,6 +118,12 @@ class Iwslt(Task):
     def metric(self, predictions, rows):
         return metrics.bleu(predictions, [r["en"] for r in rows])
 
+    def row_statistics(self, predictions, rows):
+        return metrics.bleu_statistics(predictions, [r["en"] for r in rows])
+
+    def of_statistics(self, sums, rows):
+        return metrics.bleu_of_statistics(sums)
+
     def from_hub(self, rows):
         return [r["translation"] for r in rows]
 

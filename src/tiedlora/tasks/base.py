@@ -159,6 +159,16 @@ class Task:
     def metric(self, predictions: list[str], rows: list[dict]) -> dict:
         raise NotImplementedError
 
+    def row_statistics(self, predictions: list[str], rows: list[dict]) -> list[list[float]]:
+        """Per row, numbers whose sum over any sample of rows gives that sample's headline
+        (`of_statistics`), so a bootstrap resamples rows without scoring them again. For
+        metrics that average over rows, a row's own headline."""
+        return [[next(iter(self.score([p], [r]).values()))] for p, r in zip(predictions, rows)]
+
+    def of_statistics(self, sums, rows: int) -> float:
+        """The headline of `rows` rows (counted with repeats) whose `row_statistics` sum to `sums`."""
+        return float(sums[0]) / rows
+
     def choices(self, row: dict) -> tuple[str, list[str], int]:
         """For multiple-choice tasks: the context, the continuations to compare and the right one."""
         raise DataError(f"{self.name} is not multiple choice: score it by generation, without --loglik.")
