@@ -54,6 +54,18 @@ def test_config_records_base_shapes_version_and_hash(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]  # no temporary files left
 
 
+def test_written_files_and_folders_get_the_modes_open_and_mkdir_give(tmp_path):
+    """Atomic writes go through temporary files (mode 0600) and folders (0700); what they leave
+    must be readable by whoever could read a file written plainly, a server running as another user."""
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "plain").mkdir()
+    file_mode, folder_mode = ((tmp_path / n).stat().st_mode & 0o777 for n in ("plain.txt", "plain"))
+    model = tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl5", rank=4))
+    tiedlora.save(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == folder_mode
+    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "adapter").iterdir()} == {file_mode}
+
+
 def test_tl5_on_llama2_7b_is_256_kib_in_bf16(tmp_path):
     """The paper's headline: tl5 at r = 8 on LLaMA-2 7B is 131,072 parameters; PEFT's LoRA ~8 MiB."""
     sizes = {}

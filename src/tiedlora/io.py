@@ -29,6 +29,8 @@ from .model import adapter_parameters, apply, has_adapter, is_merged, remove, ro
 from .version import __version__
 
 TENSORS = "adapter.safetensors"
+UMASK = os.umask(0o022)  # read once (it can only be read by setting it), and put back at once
+os.umask(UMASK)
 CONFIG = "adapter_config.json"
 FORMAT = "tiedlora"
 FORMAT_VERSION = 1
@@ -85,6 +87,8 @@ def write_folder(folder: Path, files: dict[str, bytes]) -> None:
     except OSError as e:
         raise TiedLoraError(f"Could not write {folder}: {e.strerror or e}; nothing was changed there.") from e
     try:
+        with contextlib.suppress(OSError):
+            tmp.chmod(0o777 & ~UMASK)  # as mkdir would make it, not mkdtemp's 0700
         for name, data in files.items():
             write_atomic(tmp / name, data)
         old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old.tmp")
@@ -370,6 +374,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as e:
         raise TiedLoraError(f"Could not write {path}: {e.strerror or e}; nothing was changed there.") from e
     try:
+        with contextlib.suppress(OSError):  # a file system without modes keeps its own
+            os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it; mkstemp's 0600 hides it from other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
