@@ -189,7 +189,7 @@ SWEEP = [
 ]
 
 
-def test_sweep_runs_skips_resumes_and_shards(tiny_folder, tmp_path):
+def test_sweep_runs_skips_resumes_and_shards(tiny_folder, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(out)]) == 0
     names = [c.name for c in grid(["squad", "gsm8k"], ["lora", "tl5"], [2], [1e-2], [0])]
@@ -212,7 +212,9 @@ def test_sweep_runs_skips_resumes_and_shards(tiny_folder, tmp_path):
     part = tmp_path / "shard"
     assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(part), "--shard", "2/3"]) == 0
     assert sorted(p.parent.relative_to(part).as_posix() for p in part.rglob("results.json")) == sorted(names[1::3])
+    capsys.readouterr()
     assert main(["sweep", *SWEEP, "--model", str(tiny_folder), "--out", str(part), "--max_steps", "3"]) == 2
+    assert "--max_steps 2 there, 3 now" in capsys.readouterr().err  # names what differs
     # a sweep written before a budget option existed goes on while that option stays unset
     manifest = json.loads((part / "sweep.json").read_text())
     del manifest["budget"]["precision"]

@@ -134,9 +134,15 @@ def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1),
     path = out / "sweep.json"
     if path.is_file():
         saved = read_json(path)
-        if saved["model"] != model or _set(saved["budget"]) != _set(budget):
+        before, now = _set(saved["budget"]), _set(budget)
+        changed = {k: (before.get(k), now.get(k)) for k in before.keys() | now.keys() if before.get(k) != now.get(k)}
+        if saved["model"] != model:
+            changed["model"] = (saved["model"], model)
+        if changed:
+            shown = "; ".join(f"--{k} {a!r} there, {b!r} now" for k, (a, b) in sorted(changed.items()))
             raise TiedLoraError(
-                f"{out} holds a sweep with another model or budget ({path}); use the same options or another --out."
+                f"{out} holds a sweep with another model or budget ({path}: {shown}; None is the task's recipe); "
+                "use the same options or another --out."
             )
         manifest["cells"] = sorted(set(saved["cells"]) | set(manifest["cells"]))
     out.mkdir(parents=True, exist_ok=True)
