@@ -141,6 +141,32 @@ def test_table_3_and_figures(sweep, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def test_other_seeds_are_reported_as_mean_and_spread_not_chosen(sweep, tmp_path):
+    """squad lora r = 8 again at seeds 1 and 2 (seed 1 at two learning rates): the tables keep
+    seed 0's run, however good the others' validation; seeds.csv has 50, 54 and 46."""
+    for seed, lr, val, metric in [(1, 1e-4, 0.5, 54.0), (1, 1e-2, 0.6, 99.0), (2, 1e-4, 0.5, 46.0)]:
+        folder = sweep / f"seed{seed}" / Cell("squad", "lora", 8, lr, None).name
+        folder.mkdir(parents=True)
+        run = {
+            "task": "squad",
+            "config": "lora",
+            "rank": 8,
+            "params": 1000,
+            "metrics": {"exact_match": metric},
+            "validation": {"on": "loss", "best": val},
+            "recipe": {"lr": lr, "layers": None, "seed": seed},
+        }
+        (folder / "results.json").write_text(json.dumps(run))
+    written = report(sweep, tmp_path / "out")
+    assert {(r["task"], r["config"]): r["metric_at_lora_rank"] for r in written["table2"]}[("squad", "lora")] == 50.0
+    (row,) = written["seeds"]
+    assert (row["task"], row["config"], row["rank"], row["seeds"]) == ("squad", "lora", 8, 3)
+    assert row["mean"] == pytest.approx(50.0) and row["std"] == pytest.approx(4.0)  # sqrt((16 + 16) / 2)
+    assert (row["min"], row["max"]) == (46.0, 54.0)
+    assert rows_of(tmp_path / "out" / "seeds.csv")[0]["by_seed"] == "0: 50.00 1: 54.00 2: 46.00"
+    assert "- squad lora r = 8: 50.00 ± 4.00 over 3 seeds" in (tmp_path / "out" / "summary.md").read_text()
+
+
 def test_report_on_an_empty_folder(tmp_path):
     with pytest.raises(TiedLoraError, match="holds no results.json"):
         report(tmp_path, tmp_path / "out")

@@ -1,8 +1,10 @@
-"""The paper's tables and figures from a sweep's results.json files alone.
+"""The paper's tables and figures from a sweep's results.json files (and, for the intervals, the
+predictions beside them).
 
 Every choice uses validation data: per (task, configuration, rank) the learning rate with the
 best validation value, per task the LoRA rank with the best validation value, per configuration
-its best rank likewise. The numbers reported are test metrics (each task's headline).
+its best rank likewise. The numbers reported are test metrics (each task's headline). The tables
+hold the first seed's runs; cells trained at more seeds get their mean and spread beside them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -38,11 +41,17 @@ def best(runs: dict):
     return top
 
 
+def seed_of(run: dict) -> int:
+    return run["recipe"].get("seed") or 0
+
+
 def select(results: list[dict]) -> dict:
-    """{(task, config, rank, layer): the run with the best validation over learning rates}."""
+    """{(task, config, rank, layer): the run with the best validation over learning rates}, among
+    the runs of the first seed; `seed_spread` reports the other seeds."""
     chosen: dict[tuple, dict] = {}
+    first = min((seed_of(r) for r in results), default=0)
     for r in results:
-        if "diverged" in r:  # its learning rate lost; another one's run stands for the cell
+        if "diverged" in r or seed_of(r) != first:  # a diverged run's learning rate lost; another one's stands
             continue
         layers = r["recipe"].get("layers")
         key = (r["task"], r["config"], r["rank"], layers[0] if layers else None)
@@ -158,6 +167,35 @@ def table3(chosen: dict) -> list[dict]:
                     "adapter": f"lora, layer {layer}" if layer is not None else "tl5, all layers",
                     "params": run["params"],
                     "metric": headline(run),
+                }
+            )
+    return rows
+
+
+def seed_spread(results: list[dict]) -> list[dict]:
+    """Per (task, configuration, rank) trained at more than one seed: each seed's test metric (its
+    run chosen on validation as `select` chooses), their mean and sample standard deviation."""
+    per_seed: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for seed in sorted({seed_of(r) for r in results}):
+        for (task, config, rank, layer), run in select([r for r in results if seed_of(r) == seed]).items():
+            if layer is None:
+                per_seed[(task, config, rank)][seed] = headline(run)
+    rows = []
+    for (task, config, rank), values in sorted(
+        per_seed.items(), key=lambda kv: (kv[0][0], list(PRESETS).index(kv[0][1]), kv[0][2])
+    ):
+        if len(values) > 1:
+            rows.append(
+                {
+                    "task": task,
+                    "config": config,
+                    "rank": rank,
+                    "seeds": len(values),
+                    "mean": statistics.mean(values.values()),
+                    "std": statistics.stdev(values.values()),
+                    "min": min(values.values()),
+                    "max": max(values.values()),
+                    "by_seed": " ".join(f"{seed}: {v:.2f}" for seed, v in sorted(values.items())),
                 }
             )
     return rows
@@ -346,6 +384,7 @@ T2 = [
     "gap_ci_high",
 ]
 T3 = ["task", "rank", "adapter", "params", "metric"]
+SEEDS = ["task", "config", "rank", "seeds", "mean", "std", "min", "max", "by_seed"]
 
 
 class Resampler:
@@ -416,13 +455,19 @@ def report(sweep, out, source: str | None = None, intervals: bool = True) -> dic
     write_atomic(out / "table2.csv", to_csv(rows2, T2).encode())
     write_atomic(out / "table3.md", markdown(rows3, T3).encode())
     write_atomic(out / "table3.csv", to_csv(rows3, T3).encode())
+    spread_rows = seed_spread(results)
+    if spread_rows:
+        write_atomic(out / "seeds.md", markdown(spread_rows, SEEDS).encode())
+        write_atomic(out / "seeds.csv", to_csv(spread_rows, SEEDS).encode())
     figures = [p for p in (bars(rows2, out),) if p] + plots(chosen, out)
     diverged = [r["recipe"]["out"] for r in results if "diverged" in r]
-    write_atomic(out / "summary.md", summary(results, tasks, diverged, rows2, gap).encode())
-    return {"table2": rows2, "table3": rows3, "gaps": gap, "figures": [str(p) for p in figures]}
+    write_atomic(out / "summary.md", summary(results, tasks, diverged, rows2, gap, spread_rows).encode())
+    return {"table2": rows2, "table3": rows3, "seeds": spread_rows, "gaps": gap, "figures": [str(p) for p in figures]}
 
 
-def summary(results: list[dict], tasks: list[str], diverged: list[str], rows: list[dict], gap: dict) -> str:
+def summary(
+    results: list[dict], tasks: list[str], diverged: list[str], rows: list[dict], gap: dict, seeds: list[dict]
+) -> str:
     lines = [
         f"# Summary of {len(results)} runs over {len(tasks)} tasks",
         "",
@@ -461,5 +506,17 @@ def summary(results: list[dict], tasks: list[str], diverged: list[str], rows: li
             f"{len(clear)} of these {len(paired)} differences exclude zero: "
             + (", ".join(f"{r['task']} {r['config']} ({r['gap_to_lora']:+.2f})" for r in clear) or "none")
             + ". The others are within what another sample of test rows could change.",
+        ]
+    if seeds:
+        lines += [
+            "",
+            f"Seeds (tables above: seed {min(seed_of(r) for r in results)} only): the test metric's mean ± sample "
+            "standard deviation over seeds (`seeds.csv`):",
+            "",
+        ]
+        lines += [
+            f"- {r['task']} {r['config']} r = {r['rank']}: {r['mean']:.2f} ± {r['std']:.2f} over {r['seeds']} seeds "
+            f"({r['by_seed']})"
+            for r in seeds
         ]
     return "\n".join([*lines, "", PAPER, ""])
