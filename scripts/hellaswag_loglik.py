@@ -16,8 +16,8 @@ from pathlib import Path
 
 import tiedlora
 from tiedlora.evaluate import choice_loglik, evaluate
-from tiedlora.io import write_atomic
 from tiedlora.models import SMOLLM2, load_model
+from tiedlora.runs import read_predictions, write_json
 from tiedlora.tasks import TASKS
 from tiedlora.tasks.metrics import choice
 
@@ -58,7 +58,7 @@ def main() -> None:
     for folder in sorted((args.results / "adapters" / "hellaswag").iterdir()):
         run = json.loads((folder / "results.json").read_text())
         cell = Path(run["recipe"]["out"]).name
-        (predictions,) = (args.results / "sweep").glob(f"hellaswag/**/{cell}/predictions.jsonl")
+        (predictions,) = (args.results / "sweep").glob(f"hellaswag/**/{cell}/predictions.jsonl")  # exactly one
         tiedlora.load(model, folder)
         scored[folder.name] = {
             "rank": run["rank"],
@@ -66,7 +66,7 @@ def main() -> None:
             "validation_loss": run["validation"]["best"],
             "generated": run["metrics"]["accuracy"],
             **choice_loglik(model, tokenizer, task, rows, args.batch_size),
-            "answers": answered([json.loads(line)["prediction"] for line in predictions.read_text().splitlines()]),
+            "answers": answered(read_predictions(predictions.parent)),
         }
         tiedlora.remove(model)
         print(folder.name, {k: v for k, v in scored[folder.name].items() if k != "answers"}, flush=True)
@@ -85,7 +85,7 @@ def main() -> None:
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"rows": len(rows), "source": args.source, "labels": labels, "models": scored}
-    write_atomic(args.out, (json.dumps(summary, indent=1) + "\n").encode())
+    write_json(args.out, summary)
     print(f"wrote {args.out}")
 
 

@@ -75,7 +75,12 @@ def adapter_files(
             "stored": "all" if include_frozen else "trained",
         },
     }
-    return {TENSORS: blob, CONFIG: (json.dumps(meta, indent=2) + "\n").encode()}
+    return {TENSORS: blob, CONFIG: json_bytes(meta)}
+
+
+def json_bytes(data) -> bytes:
+    """JSON as every file tiedlora writes it: indented, ending in a newline."""
+    return (json.dumps(data, indent=2) + "\n").encode()
 
 
 def write_folder(folder: Path, files: dict[str, bytes]) -> None:
@@ -351,7 +356,7 @@ def export_peft(model: nn.Module, folder) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "adapter_model.safetensors", to_bytes(tensors))
-    write_atomic(folder / "adapter_config.json", (json.dumps(peft_config, indent=2) + "\n").encode())
+    write_atomic(folder / "adapter_config.json", json_bytes(peft_config))
     return folder
 
 

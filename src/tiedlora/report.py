@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pathlib import Path
 from .config import PRESETS, TiedLoraError
 from .intervals import Headlines, difference, headlines, interval, mean_of
 from .io import write_atomic
-from .runs import PREDICTIONS, load_runs
+from .runs import PREDICTIONS, load_runs, read_predictions
 
 # The paper's LLaMA-2 7B finding, for the summary: tl6 1.36 % below LoRA on average with 12.5 % of its parameters.
 PAPER = "The paper (LLaMA-2 7B): tl6 is 1.36 % below LoRA on average, with 12.5 % of LoRA's parameters or fewer."
@@ -45,11 +44,16 @@ def seed_of(run: dict) -> int:
     return run["recipe"].get("seed") or 0
 
 
+def first_seed(results: list[dict]) -> int:
+    """The seed whose runs the tables hold."""
+    return min((seed_of(r) for r in results), default=0)
+
+
 def select(results: list[dict]) -> dict:
     """{(task, config, rank, layer): the run with the best validation over learning rates}, among
     the runs of the first seed; `seed_spread` reports the other seeds."""
     chosen: dict[tuple, dict] = {}
-    first = min((seed_of(r) for r in results), default=0)
+    first = first_seed(results)
     for r in results:
         if "diverged" in r or seed_of(r) != first:  # a diverged run's learning rate lost; another one's stands
             continue
@@ -410,7 +414,7 @@ class Resampler:
             return None
         task = TASKS[run["task"]]
         try:
-            predictions = [json.loads(line)["prediction"] for line in path.read_text().splitlines() if line.strip()]
+            predictions = read_predictions(path.parent)
             rows = run["data"]["test_rows_used"]
             source = self.source or run["data"]["test"]["source"]
         except (ValueError, KeyError, TypeError) as e:
@@ -510,7 +514,7 @@ def summary(
     if seeds:
         lines += [
             "",
-            f"Seeds (tables above: seed {min(seed_of(r) for r in results)} only): the test metric's mean ± sample "
+            f"Seeds (tables above: seed {first_seed(results)} only): the test metric's mean ± sample "
             "standard deviation over seeds (`seeds.csv`):",
             "",
         ]

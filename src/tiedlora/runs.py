@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from .config import TiedLoraError
-from .io import CONFIG, write_atomic
+from .io import CONFIG, json_bytes, write_atomic
 
 RUN = "run.json"
 RESULTS = "results.json"
@@ -68,7 +68,20 @@ def read_json(path: Path):
 
 
 def write_json(path: Path, data) -> None:
-    write_atomic(Path(path), (json.dumps(data, indent=2) + "\n").encode())
+    write_atomic(Path(path), json_bytes(data))
+
+
+def write_predictions(folder: Path, predictions: list[str]) -> None:
+    write_atomic(
+        Path(folder) / PREDICTIONS, "".join(json.dumps({"prediction": p}) + "\n" for p in predictions).encode()
+    )
+
+
+def read_predictions(folder: Path) -> list[str]:
+    """The test predictions a run wrote, in the order of its test rows; a damaged file raises
+    the ValueError, KeyError or TypeError of the first bad line."""
+    lines = (Path(folder) / PREDICTIONS).read_text().splitlines()
+    return [json.loads(line)["prediction"] for line in lines if line.strip()]
 
 
 def adapter_folder(root: Path, path: str) -> Path:

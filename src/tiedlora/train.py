@@ -32,7 +32,18 @@ from torch import nn
 
 from .config import TiedLoraConfig, TiedLoraError
 from .decoding import pad_id
-from .io import adapter_files, discard, load, put, read_adapter, regular_file, save, write_atomic, write_folder
+from .io import (
+    adapter_files,
+    discard,
+    json_bytes,
+    load,
+    put,
+    read_adapter,
+    regular_file,
+    save,
+    write_atomic,
+    write_folder,
+)
 from .layout import find_layers
 from .loss import TokenLoss, answer_tokens, collate, encode_rows, mean_loss, pack
 from .model import adapter_parameters, apply, trainable_parameters
@@ -42,7 +53,6 @@ from .runs import (
     BEST,
     CHECKPOINTS,
     LOG,
-    PREDICTIONS,
     RESULTS,
     RUN,
     SAMPLES,
@@ -50,6 +60,7 @@ from .runs import (
     read_json,
     run_options,
     write_json,
+    write_predictions,
 )
 from .version import __version__
 
@@ -317,7 +328,7 @@ class Checkpoints:
         }
         files = adapter_files(model) | {
             "optimizer.safetensors": to_bytes(moments),
-            "state.json": (json.dumps(state, indent=2) + "\n").encode(),
+            "state.json": json_bytes(state),
         }
         write_folder(path, files)
         write_atomic(self.folder / "latest", path.name.encode())
@@ -711,9 +722,7 @@ def test_and_record(run: Run, state: dict, started: float) -> dict:
     }
     if procs.main:
         if cfg.data is None:
-            write_atomic(
-                folder / PREDICTIONS, "".join(json.dumps({"prediction": p}) + "\n" for p in predictions).encode()
-            )
+            write_predictions(folder, predictions)
         else:
             write_samples(folder / SAMPLES, run.tokenizer, run.task, test_rows, predictions, cfg.chat)
         write_json(folder / RESULTS, results)
