@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import tiedlora
 from tiedlora import TiedLoraConfig, TiedLoraError
+from tiedlora.adapter_file import CONFIG, TENSORS, read_adapter
 from tiedlora.cli import main
-from tiedlora.io import CONFIG, TENSORS, read_adapter
 from tiedlora.serve.multi import MultiAdapterModel
 from tiedlora.tasks import DataError, get
 from tiedlora.train import Checkpoints, TrainConfig, train
@@ -117,7 +117,7 @@ def test_tensor_files_that_do_not_match_their_config_are_refused(saved, change, 
         (lambda m: m["config"]["u"].update(init=1e30), "init=1e\\+30 is not an initialisation"),
         (lambda m: m.update(format_version=999), "format_version 999; this tiedlora reads version 1: upgrade"),
         (lambda m: m.update(format_version=True), "format_version True"),
-        (lambda m: m["config"].update(layers=[99]), "layers=\\[99\\] but the base model has 3"),
+        (lambda m: m["config"].update(layers=[99]), "layers=\\[99\\] names layers \\[99\\], but the model has 3"),
         (lambda m: m["config"].update(rank=65), "rank 65 is larger than the 'qkv' projection \\(64 -> 128\\)"),
         (
             lambda m: m["config"].update(
@@ -165,20 +165,20 @@ def test_files_that_are_links_are_refused(saved, tmp_path, name, server):
 
 def test_an_adapter_folder_is_replaced_as_a_unit(saved, monkeypatch):
     """A save that dies between the two files leaves the old adapter whole, never new tensors with an old config."""
-    import tiedlora.io as io
+    import tiedlora.atomic as atomic
 
     before = read_adapter(saved)
     model = randomize(
         tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl6", rank=4)), seed=9, trainable_only=True
     )
-    real = io.write_atomic
+    real = atomic.write_atomic
 
     def dies_at_the_config(path, data):
         if path.name == CONFIG:
             raise SystemExit("killed")
         real(path, data)
 
-    monkeypatch.setattr(io, "write_atomic", dies_at_the_config)
+    monkeypatch.setattr(atomic, "write_atomic", dies_at_the_config)
     with pytest.raises(SystemExit):
         tiedlora.save(model, saved)
     monkeypatch.undo()

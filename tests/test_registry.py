@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import tiedlora
 from tiedlora import TiedLoraConfig
-from tiedlora.io import TENSORS
+from tiedlora.adapter_file import TENSORS
 from tiedlora.serve import registry
 from tiedlora.serve.server import build
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 import tiedlora
 from tiedlora import TiedLoraConfig, TiedLoraError
+from tiedlora.adapter_file import read_config
 from tiedlora.cli import main
-from tiedlora.io import read_config
 from tiedlora.train import TrainConfig, train
 
 from conftest import latest_step, randomize, record_steps, small_run, tiny_model

@@ -11,7 +11,16 @@ import pytest
 import tiedlora
 
 SOURCE = Path(tiedlora.__file__).parent
-CORE = {"tiedlora.config", "tiedlora.layer", "tiedlora.layout", "tiedlora.model", "tiedlora.io", "tiedlora.version"}
+CORE = {
+    "tiedlora.config",
+    "tiedlora.layer",
+    "tiedlora.layout",
+    "tiedlora.model",
+    "tiedlora.adapter_file",
+    "tiedlora.atomic",
+    "tiedlora.export",
+    "tiedlora.version",
+}
 HARNESS = ("tiedlora.train", "tiedlora.evaluate", "tiedlora.sweep", "tiedlora.report", "tiedlora.cli", "tiedlora.tasks")
 
 

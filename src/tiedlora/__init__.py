@@ -1,8 +1,9 @@
 """Tied-LoRA: low-rank adapters whose A and B may be shared by every layer, and whose A, B, u, v
 may each be trained or frozen (Renduchintala et al., 2023)."""
 
+from .adapter_file import load, save
 from .config import PRESETS, Part, TiedLoraConfig, TiedLoraError
-from .io import export_peft, load, save
+from .export import export_peft
 from .model import adapter_parameters, apply, disabled, merge, remove, trainable_parameters, unmerge
 from .serve.multi import MultiAdapterModel
 from .version import __version__

@@ -118,7 +118,7 @@ def open_adapter(adapter: str, model_name: str | None, base: bool = False, as_tr
     """(model, tokenizer, run options or None) for a run folder (its model and its best adapter)
     or an adapter folder; with `base`, the model without the adapter. `as_trained` quantizes
     the base as the run did (--quantize); without it the base stays in full precision."""
-    from .io import CONFIG, load
+    from .adapter_file import CONFIG, load
     from .models import load_model
     from .quantize import quantize
 
@@ -268,7 +268,7 @@ def export(*, adapter: str, out: str, format: str = "peft", model: str | None = 
         format: peft: PEFT's LoRA format, which vLLM and others load.
         model: The base model (default: the run's).
     """
-    from .io import export_peft
+    from .export import export_peft
 
     if format != "peft":
         raise TiedLoraError(f"--format {format!r}: the export format is peft (standard per-layer LoRA).")

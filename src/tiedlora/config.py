@@ -136,6 +136,23 @@ class TiedLoraConfig:
     def parts(self) -> dict[str, Part]:
         return {p: getattr(self, p) for p in PARTS}
 
+    def part_shapes(self, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+        """Each part's shape on a group reading d_in and writing d_out (summed over its members),
+        as the equation has them; the module, the file format and the banks all take them here."""
+        r = self.rank
+        return {"A": (r, d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        """The layers this adapter adapts in a stack of `n_layers`, checked against that count."""
+        if self.layers is None:
+            return list(range(n_layers))
+        bad = [i for i in self.layers if i >= n_layers]
+        if bad:
+            raise TiedLoraError(
+                f"layers={list(self.layers)} names layers {bad}, but the model has {n_layers} (0 to {n_layers - 1})."
+            )
+        return list(self.layers)
+
     @classmethod
     def preset(cls, name: str, rank: int = 8, *, init: dict | None = None, **options) -> TiedLoraConfig:
         """One of Table 1's configurations; `init={"A": "zeros"}` overrides a part's start,

@@ -28,7 +28,7 @@ from typing import Any
 
 from transformers import Trainer
 
-from .io import load, save
+from .adapter_file import load, save
 from .loss import TokenLoss
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import Part, TiedLoraConfig
-from .layout import is_conv1d
+from .layout import Group, is_conv1d
 
 
 def tensor_key(group: str, part: str, layer: int | None = None) -> str:
@@ -41,6 +41,19 @@ def initial_value(part: Part, shape: tuple[int, ...], seed: int, key: str) -> to
         return t
     value = 0.0 if part.init == "zeros" else 1.0 if part.init == "ones" else float(part.init)
     return torch.full(shape, value)
+
+
+def down_factor(u: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """diag(u) A, r x d_in: the one place the down-projection's product is formed, for the
+    module, the PEFT export and the multi-adapter banks (leading batch dimensions broadcast).
+    Scaling the matrix, not the activations, keeps u out of the per-token work."""
+    return u.unsqueeze(-1) * A
+
+
+def up_factor(v: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """(alpha/r) diag(v) B, d_out x r: the up-projection's product, formed here alone like
+    `down_factor`; `scale` is alpha/r (a tensor of one per leading index in the banks)."""
+    return (scale * v).unsqueeze(-1) * B
 
 
 def new_parameter(part: Part, shape, seed: int, key: str, device, dtype) -> nn.Parameter:
@@ -120,16 +133,25 @@ class GroupAdapter(nn.Module):
         return self.shared.get(x, self._down)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.part("u").unsqueeze(1) * self.part("A")  # scale the r x d matrix, not activations
-        return F.linear(x if self.dropout is None else self.dropout(x), a.to(x.dtype))
+        return F.linear(x if self.dropout is None else self.dropout(x), self.down_weight().to(x.dtype))
+
+    def down_weight(self) -> torch.Tensor:
+        """diag(u) A, shared by the group's members."""
+        return down_factor(self.part("u"), self.part("A"))
 
     def up_weight(self, rows: slice) -> torch.Tensor:
-        """(alpha/r) * diag(v) B for one member's rows: d_out x r, so v never touches activations."""
-        return (self.scale * self.part("v")[rows]).unsqueeze(1) * self.part("B")[rows]
+        """(alpha/r) diag(v) B for one member's rows."""
+        return up_factor(self.part("v")[rows], self.part("B")[rows], self.scale)
+
+    def factors(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(diag(u) A, (alpha/r) diag(v) B[rows]): this layer's update is their product, so the
+        export writes them as LoRA's A and B and the banks must hold exactly them."""
+        return self.down_weight(), self.up_weight(rows)
 
     def delta_weight(self, rows: slice) -> torch.Tensor:
         """The member's full update (alpha/r) diag(v) B diag(u) A, d_out x d_in, for merging."""
-        return self.up_weight(rows).float() @ (self.part("u").unsqueeze(1) * self.part("A")).float()
+        down, up = self.factors(rows)
+        return up.float() @ down.float()
 
 
 class AdaptedLinear(nn.Module):
@@ -171,20 +193,19 @@ class AdaptedLinear(nn.Module):
 
 
 class Site:
-    """Where one group of one layer is adapted: its adapter, its members with their paths, and
-    the hooks that scope the adapter's shared input to its owner's calls."""
+    """Where one group of one layer is adapted: the group (its members and shapes), its adapter,
+    the adapted members with their paths in the model, and the hooks that scope the adapter's
+    shared input to its owner's calls."""
 
     def __init__(
         self,
         layer: int,
-        group: str,
+        group: Group,
         adapter: GroupAdapter,
         owner: nn.Module,
-        names: tuple[str, ...],
         members: list[tuple[str, AdaptedLinear]],
         hooks: list[RemovableHandle],
     ):
         self.layer, self.group, self.adapter, self.members = layer, group, adapter, members
         self.owner = owner  # the module that holds the adapter: the members' common parent
-        self.names = names  # the members' names relative to their layer
         self.hooks = hooks

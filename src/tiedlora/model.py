@@ -31,7 +31,7 @@ def apply(model: nn.Module, config: TiedLoraConfig, *, device=None, dtype=torch.
     if has_adapter(model):
         raise TiedLoraError("This model already carries a Tied-LoRA adapter: call tiedlora.remove(model) first.")
     layers = find_layers(model)
-    indices = layer_indices(config, len(layers))
+    indices = config.layer_indices(len(layers))
     groups = find_groups(layers, indices, config.targets)
     for g in groups:
         if config.rank > min(g.d_in, sum(g.d_outs)):
@@ -45,12 +45,7 @@ def apply(model: nn.Module, config: TiedLoraConfig, *, device=None, dtype=torch.
     root = TiedParameters(config)
     prefix = path_of(model, layers)
     for g in groups:
-        shapes = {
-            "A": (config.rank, g.d_in),
-            "B": (sum(g.d_outs), config.rank),
-            "u": (config.rank,),
-            "v": (sum(g.d_outs),),
-        }
+        shapes = config.part_shapes(g.d_in, sum(g.d_outs))
         weight = layers[indices[0]].get_submodule(g.members[0]).weight
         place = dict(device=device if device is not None else weight.device, dtype=dtype)
 
@@ -69,7 +64,7 @@ def apply(model: nn.Module, config: TiedLoraConfig, *, device=None, dtype=torch.
                 member = AdaptedLinear(layers[i].get_submodule(name), adapter, rows)
                 replace_submodule(layers[i], name, member)
                 adapted.append((f"{prefix}.{i}.{name}", member))
-            root.sites.append(Site(i, g.name, adapter, owner, g.members, adapted, adapter.shared.attach(owner)))
+            root.sites.append(Site(i, g, adapter, owner, adapted, adapter.shared.attach(owner)))
     setattr(model, ATTRIBUTE, root)
     return model
 
@@ -94,7 +89,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     r = root(model)
     params = {tensor_key(group, name): p for group, tied in r.tensors().items() for name, p in tied.items()}
     for site in r.sites:
-        params.update({tensor_key(site.group, name, site.layer): p for name, p in site.adapter.named_parameters()})
+        params.update({tensor_key(site.group.name, name, site.layer): p for name, p in site.adapter.named_parameters()})
     return params
 
 
@@ -166,21 +161,9 @@ def remove(model: nn.Module, *, merge_weights: bool = False) -> nn.Module:
             replace_submodule(model, path, member.base)
         for hook in site.hooks:
             hook.remove()
-        delattr(site.owner, f"{ATTRIBUTE}_{site.group}")
+        delattr(site.owner, f"{ATTRIBUTE}_{site.group.name}")
     delattr(model, ATTRIBUTE)
     return model
-
-
-def layer_indices(config: TiedLoraConfig, n_layers: int) -> list[int]:
-    """The layers `config` adapts, checked against the model's count."""
-    if config.layers is None:
-        return list(range(n_layers))
-    bad = [i for i in config.layers if i >= n_layers]
-    if bad:
-        raise TiedLoraError(
-            f"layers={list(config.layers)} names layers {bad}, but the model has {n_layers} (0 to {n_layers - 1})."
-        )
-    return list(config.layers)
 
 
 def _members(model: nn.Module) -> list[AdaptedLinear]:

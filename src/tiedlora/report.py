@@ -16,9 +16,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from .atomic import write_atomic
 from .config import PRESETS, TiedLoraError
 from .intervals import Headlines, difference, headlines, interval, mean_of
-from .io import write_atomic
 from .runs import PREDICTIONS, load_runs, read_predictions
 
 # The paper's LLaMA-2 7B finding, for the summary: tl6 1.36 % below LoRA on average with 12.5 % of its parameters.

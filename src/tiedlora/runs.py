@@ -13,8 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
+from .adapter_file import CONFIG
+from .atomic import json_bytes, write_atomic
 from .config import TiedLoraError
-from .io import CONFIG, json_bytes, write_atomic
 
 RUN = "run.json"
 RESULTS = "results.json"

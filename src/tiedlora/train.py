@@ -30,20 +30,10 @@ import torch
 import yaml
 from torch import nn
 
+from .adapter_file import adapter_files, load, put, read_adapter, regular_file, save
+from .atomic import discard, json_bytes, write_atomic, write_folder
 from .config import TiedLoraConfig, TiedLoraError
 from .decoding import pad_id
-from .io import (
-    adapter_files,
-    discard,
-    json_bytes,
-    load,
-    put,
-    read_adapter,
-    regular_file,
-    save,
-    write_atomic,
-    write_folder,
-)
 from .layout import find_layers
 from .loss import TokenLoss, answer_tokens, collate, encode_rows, mean_loss, pack
 from .model import adapter_parameters, apply, trainable_parameters

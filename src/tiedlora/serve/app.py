@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
+from ..adapter_file import check_base, read_adapter
 from ..config import TiedLoraError
 from ..decoding import Sampling, chat_ids
-from ..io import check_base, read_adapter
 from ..runs import adapter_folder
 from .engine import Engine, Job
 from .registry import Full

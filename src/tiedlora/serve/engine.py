@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
+from ..adapter_file import AdapterFile
 from ..config import TiedLoraError
 from ..decoding import Batch, Sampling, Sequence
-from ..io import AdapterFile
 from .metrics import Metrics
 from .multi import MultiAdapterModel
 from .registry import Full, Registry

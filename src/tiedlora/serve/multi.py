@@ -2,12 +2,12 @@
 
 Serving adapters are frozen, so each is kept as stored, its tied tensors not expanded per layer:
 per group, a bank of A matrices (one per adapter when A is tied, one per layer when not), a bank
-of B matrices likewise, an index per (adapter, layer) into each bank, and u and v per adapter
-and layer (the scale folded into v). A row's adapter is an id: a call gathers its rows' u * A
-and v * B for every layer once (a generate call once for all its steps), and each layer does one
-batched matmul down, shared by q, k and v, and one up per projection for the whole batch, whatever
-the mix of configurations and ranks (ranks are zero-padded to the largest). Id 0 is the base
-model alone.
+of B matrices likewise, an index per (adapter, layer) into each bank, u and v per adapter and
+layer, and each adapter's alpha/r. A row's adapter is an id: a call gathers its rows' factors
+diag(u) A and (alpha/r) diag(v) B (`layer.down_factor`, `layer.up_factor`) for every layer once
+(a generate call once for all its steps), and each layer does one batched matmul down, shared by
+q, k and v, and one up per projection for the whole batch, whatever the mix of configurations
+and ranks (ranks are zero-padded to the largest). Id 0 is the base model alone.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..adapter_file import AdapterFile, base_identity, check_base, read_adapter
 from ..config import TiedLoraConfig, TiedLoraError
-from ..io import AdapterFile, base_identity, check_base, read_adapter
-from ..layer import SharedInput, initial_value, tensor_key
+from ..layer import SharedInput, down_factor, up_factor
 from ..layout import Group, find_groups, find_layers, replace_submodule
 
-# One adapter's share of a bank: (As, Bs, a_index, b_index, u, v); see Bank.rebuild.
-Entry = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# One adapter's share of a bank: (As, Bs, a_index, b_index, u, v, scale); see Bank.rebuild.
+Entry = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
 
 
 class Bank(nn.Module):
     """One group's adapters, stacked: A (n_A, r, d_in), B (n_B, d_out, r), u (ids, L, r),
-    v (ids, L, d_out), and a_index, b_index (ids, L) into A and B. Rebuilt after changes. They
+    v (ids, L, d_out), scale (ids,), and a_index, b_index (ids, L) into A and B. Rebuilt after changes. They
     are buffers, so `.to()` moves them with the model, but not persistent ones: adapters are
     saved in their own folders, never in a state dict."""
 
@@ -37,6 +37,7 @@ class Bank(nn.Module):
     B: torch.Tensor
     u: torch.Tensor
     v: torch.Tensor
+    scale: torch.Tensor
     a_index: torch.Tensor
     b_index: torch.Tensor
 
@@ -52,8 +53,8 @@ class Bank(nn.Module):
         if ids is None:
             self.rows_a = self.rows_b = None
             return
-        self.rows_a = self.A[self.a_index[ids]] * self.u[ids].unsqueeze(-1)  # rows x L x r x d_in
-        self.rows_b = self.B[self.b_index[ids]] * self.v[ids].unsqueeze(-1)  # rows x L x d_out x r
+        self.rows_a = down_factor(self.u[ids], self.A[self.a_index[ids]])  # rows x L x r x d_in
+        self.rows_b = up_factor(self.v[ids], self.B[self.b_index[ids]], self.scale[ids].view(-1, 1, 1))  # x d_out x r
 
     def rebuild(self, entries: list[Entry | None], device, dtype) -> None:
         """`entries[i]` is adapter i's share, or None for an empty slot."""
@@ -65,7 +66,7 @@ class Bank(nn.Module):
             return torch.cat([t, t.new_zeros(gap)], dim=dim)
 
         As, Bs = [torch.zeros(rank, self.d_in)], [torch.zeros(self.d_out, rank)]  # row 0: nothing
-        a_index, b_index, us, vs = [], [], [], []
+        a_index, b_index, us, vs, scales = [], [], [], [], []
         zero_layers = torch.zeros(self.n_layers, dtype=torch.long)
         for e in [None, *entries]:
             if e is None:
@@ -73,8 +74,9 @@ class Bank(nn.Module):
                 b_index.append(zero_layers)
                 us.append(torch.zeros(self.n_layers, rank))
                 vs.append(torch.zeros(self.n_layers, self.d_out))
+                scales.append(0.0)
                 continue
-            a_list, b_list, a_at, b_at, u, v = e
+            a_list, b_list, a_at, b_at, u, v, scale = e
             # local index k >= 1 is this adapter's k-th matrix, which lands at len(As) + k - 1
             a_index.append(torch.where(a_at > 0, a_at - 1 + len(As), 0))
             b_index.append(torch.where(b_at > 0, b_at - 1 + len(Bs), 0))
@@ -82,12 +84,14 @@ class Bank(nn.Module):
             Bs += [padded(b, 1) for b in b_list]
             us.append(padded(u, 1))
             vs.append(v)
+            scales.append(scale)
         place = dict(device=device, dtype=dtype)
         stacked = {
             "A": torch.stack(As).to(**place),
             "B": torch.stack(Bs).to(**place),
             "u": torch.stack(us).to(**place),
             "v": torch.stack(vs).to(**place),
+            "scale": torch.tensor(scales).to(**place),
             "a_index": torch.stack(a_index).to(device),
             "b_index": torch.stack(b_index).to(device),
         }
@@ -212,22 +216,16 @@ class MultiAdapterModel(nn.Module):
         self._stale = True
 
     def _entry(self, group: str, adapter: AdapterFile) -> Entry:
-        """One adapter's share of a group's bank: stored tensors where the file has them, frozen
-        ones regenerated from the seed exactly as `apply` made them."""
+        """One adapter's share of a group's bank: its parts as `AdapterFile.value` gives them, each
+        tied matrix once, unadapted layers pointing at the bank's zero row."""
         config: TiedLoraConfig = adapter.config
         g = self.groups[group]
         d_out, r, L = sum(g.d_outs), config.rank, len(self.layers)
-        sizes = {"A": (r, g.d_in), "B": (d_out, r), "u": (r,), "v": (d_out,)}
-        adapted = list(config.layers) if config.layers is not None else list(range(L))
+        sizes = config.part_shapes(g.d_in, d_out)
+        adapted = config.layer_indices(L)
 
         def value(part: str, layer: int) -> torch.Tensor:
-            key = tensor_key(group, part, None if config.parts[part].tied else layer)
-            stored = adapter.tensors.get(key)  # its shape checked by read_adapter, against this base by check_base
-            return (
-                stored.float()
-                if stored is not None
-                else initial_value(config.parts[part], sizes[part], config.seed, key)
-            )
+            return adapter.value(group, part, layer, sizes[part])
 
         mats, index = {}, {}
         for part in ("A", "B"):
@@ -238,10 +236,8 @@ class MultiAdapterModel(nn.Module):
                 [0 if layer not in adapted else 1 if tied else 1 + adapted.index(layer) for layer in range(L)]
             )
         u = torch.stack([value("u", layer) if layer in adapted else torch.zeros(r) for layer in range(L)])
-        v = torch.stack(
-            [config.scale * value("v", layer) if layer in adapted else torch.zeros(d_out) for layer in range(L)]
-        )
-        return mats["A"], mats["B"], index["A"], index["B"], u, v
+        v = torch.stack([value("v", layer) if layer in adapted else torch.zeros(d_out) for layer in range(L)])
+        return mats["A"], mats["B"], index["A"], index["B"], u, v, config.scale
 
     def forward(self, *args, adapter_ids=None, **kwargs):
         with self._rows(adapter_ids, args, kwargs):

@@ -2,7 +2,7 @@
 
 Registering reads and checks only an adapter's config (a few hundred bytes: its base model,
 rank and shapes), so ten thousand adapters are ready in seconds. Its tensors are read on its
-first request (by `io.read_adapter`, the same checks as `tiedlora.load`); at most
+first request (by `adapter_file.read_adapter`, the same checks as `tiedlora.load`); at most
 `max_resident` are loaded at once, and loading one more evicts the least recently used that no
 running row needs and that is not pinned. A folder that fails its checks is reported and
 dropped from the registry; the others go on.
@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+from ..adapter_file import AdapterFile, read_adapter
 from ..config import TiedLoraError
-from ..io import AdapterFile, read_adapter
 from .metrics import Metrics
 from .multi import MultiAdapterModel
 

@@ -1,20 +1,16 @@
-"""Adapter files: tiny, safe, checked.
+"""The adapter file format: tiny, safe, checked.
 
 A folder holds `adapter.safetensors` (the trained tensors only; frozen ones are regenerated from
 the seed) and `adapter_config.json` (the config, the base model's identity and shapes, the
 library version and the tensors file's sha256). Tensors are read with safetensors only: a
-stranger's file is data, never code. Every file is written to a temporary name and renamed.
+stranger's file is data, never code. The folder is written as a unit (`atomic`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -22,15 +18,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .atomic import json_bytes, write_atomic, write_folder
 from .config import MAX_MAGNITUDE, TiedLoraConfig, TiedLoraError
-from .layer import tensor_key
+from .layer import initial_value, tensor_key
 from .layout import Group, find_layers
 from .model import adapter_parameters, apply, has_adapter, is_merged, remove, root
 from .version import __version__
 
 TENSORS = "adapter.safetensors"
-UMASK = os.umask(0o022)  # read once (it can only be read by setting it), and put back at once
-os.umask(UMASK)
 CONFIG = "adapter_config.json"
 FORMAT = "tiedlora"
 FORMAT_VERSION = 1
@@ -78,50 +73,6 @@ def adapter_files(
     return {TENSORS: blob, CONFIG: json_bytes(meta)}
 
 
-def json_bytes(data) -> bytes:
-    """JSON as every file tiedlora writes it: indented, ending in a newline."""
-    return (json.dumps(data, indent=2) + "\n").encode()
-
-
-def write_folder(folder: Path, files: dict[str, bytes]) -> None:
-    """Write `files` as the whole of `folder`, as a unit: into a temporary folder beside it, then
-    renamed into place, so a reader finds the old folder or the new one, never a mix of the two."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    except OSError as e:
-        raise TiedLoraError(f"Could not write {folder}: {e.strerror or e}; nothing was changed there.") from e
-    try:
-        with contextlib.suppress(OSError):
-            tmp.chmod(0o777 & ~UMASK)  # as mkdir would make it, not mkdtemp's 0700
-        for name, data in files.items():
-            write_atomic(tmp / name, data)
-        old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old.tmp")
-        if folder.exists():
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise TiedLoraError(
-                f"Could not write {folder}: {e.strerror or e}; the folder there before is unchanged."
-            ) from e
-        raise
-
-
-def discard(folder: Path) -> None:
-    """Remove `folder` as a unit: it is renamed to a hidden `.tmp` name first, so a kill during
-    the removal leaves a leftover that `runs.clean_stale` removes, never a half-deleted folder
-    under its own name. Best effort: a folder that cannot be moved is removed where it is."""
-    try:
-        gone = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-        os.rename(folder, gone)
-    except OSError:
-        gone = folder
-    shutil.rmtree(gone, ignore_errors=True)
-
-
 class AdapterFile(NamedTuple):
     """An adapter folder as read from disk, checked as far as it can be without a model."""
 
@@ -129,6 +80,15 @@ class AdapterFile(NamedTuple):
     meta: dict
     config: TiedLoraConfig
     tensors: dict[str, torch.Tensor]
+
+    def value(self, group: str, part: str, layer: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Part `part` of `group` at `layer`, in fp32: the stored tensor where the file has it, else
+        regenerated from the seed exactly as `apply` made it (readers that keep adapters as
+        stored, like the multi-adapter banks, take every tensor through here)."""
+        spec = self.config.parts[part]
+        key = tensor_key(group, part, None if spec.tied else layer)
+        stored = self.tensors.get(key)  # its shape checked by read_adapter, against the base by check_base
+        return stored.float() if stored is not None else initial_value(spec, shape, self.config.seed, key)
 
 
 def read_adapter(folder, tensors: bool = True) -> AdapterFile:
@@ -153,9 +113,10 @@ def tensor_shapes(config: TiedLoraConfig, base: dict, stored: str, where: Path) 
         raise TiedLoraError(
             f'{where}: "base_model" must give "layers" (a positive count) and "groups"; the file is damaged.'
         )
-    indices = list(range(layers)) if config.layers is None else list(config.layers)
-    if any(i >= layers for i in indices):
-        raise TiedLoraError(f"{where}: layers={list(indices)} but the base model has {layers}; the file is damaged.")
+    try:
+        indices = config.layer_indices(layers)
+    except TiedLoraError as e:
+        raise TiedLoraError(f"{where}: {e} The file is damaged.") from None
     shapes = {}
     for group in config.groups:
         g = groups.get(group)
@@ -169,7 +130,7 @@ def tensor_shapes(config: TiedLoraConfig, base: dict, stored: str, where: Path) 
             raise TiedLoraError(
                 f"{where}: rank {config.rank} is larger than the {group!r} projection ({d_in} -> {d_out})."
             )
-        part_shapes = {"A": (config.rank, d_in), "B": (d_out, config.rank), "u": (config.rank,), "v": (d_out,)}
+        part_shapes = config.part_shapes(d_in, d_out)
         for part, spec in config.parts.items():
             if spec.trainable or stored == "all":
                 for layer in [None] if spec.tied else indices:
@@ -294,11 +255,7 @@ def base_identity(model: nn.Module, groups: Iterable[Group] | None = None) -> di
     """What an adapter must match: the model type, the layer count and each group's member
     names and shapes. `groups` are those adapted on `model` unless given."""
     if groups is None:
-        first: dict[str, Group] = {}
-        for site in root(model).sites:
-            rows = [m.rows.stop - m.rows.start for _, m in site.members]
-            first.setdefault(site.group, Group(site.group, site.names, site.adapter.part("A").shape[1], tuple(rows)))
-        groups = first.values()
+        groups = {site.group.name: site.group for site in root(model).sites}.values()
     config = getattr(model, "config", None)
     return {
         "name_or_path": getattr(config, "_name_or_path", None) or None,
@@ -321,76 +278,3 @@ def check_base(adapter: AdapterFile, found: dict) -> None:
             f"{adapter.folder} was made for another base model: expected {want}, found {have}; "
             f"load it on the model it was trained on ({saved.get('name_or_path')})."
         )
-
-
-def export_peft(model: nn.Module, folder) -> Path:
-    """Write a standard PEFT LoRA adapter (what PEFT, vLLM and other LoRA servers read):
-    per module A_l = diag(u_l) A and B_l = (alpha/r) diag(v_l) B[rows], with lora_alpha = r."""
-    from safetensors.torch import save as to_bytes
-
-    r = root(model)
-    rank = r.config.rank
-    tensors, paths = {}, []
-    with torch.no_grad():
-        for site in r.sites:
-            a = (site.adapter.part("u").unsqueeze(1) * site.adapter.part("A")).float().cpu().contiguous()
-            for path, member in site.members:
-                tensors[f"base_model.model.{path}.lora_A.weight"] = a.clone()
-                tensors[f"base_model.model.{path}.lora_B.weight"] = (
-                    site.adapter.up_weight(member.rows).float().cpu().contiguous()
-                )
-                paths.append(path)
-    config = getattr(model, "config", None)
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
-        "r": rank,
-        "lora_alpha": rank,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "target_modules": _target_names(model, paths),
-        "fan_in_fan_out": any(m.transposed for site in r.sites for _, m in site.members),
-        "inference_mode": True,
-    }
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "adapter_model.safetensors", to_bytes(tensors))
-    write_atomic(folder / "adapter_config.json", json_bytes(peft_config))
-    return folder
-
-
-def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
-    """Short names ("q_proj"), as LoRA servers expect, where they pick out exactly the adapted
-    modules; full paths where a short name would also catch others (a layer subset, say)."""
-    by_short: dict[str, set[str]] = {}
-    for name, _ in model.named_modules():
-        by_short.setdefault(name.rsplit(".", 1)[-1], set()).add(name)
-    adapted = set(paths)
-    return sorted({p.rsplit(".", 1)[-1] if by_short[p.rsplit(".", 1)[-1]] <= adapted else p for p in paths})
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename: a crash leaves
-    the old file or the new one, never half of one."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise TiedLoraError(f"Could not write {path}: {e.strerror or e}; nothing was changed there.") from e
-    try:
-        with contextlib.suppress(OSError):  # a file system without modes keeps its own
-            os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it; mkstemp's 0600 hides it from other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise TiedLoraError(
-                f"Could not write {path}: {e.strerror or e}; the file there before, if any, is unchanged."
-            ) from e
-        raise
