@@ -133,6 +133,20 @@ def test_tensor_files_that_do_not_match_their_config_are_refused(saved, change, 
         (lambda m: m["base_model"].update(layers="3"), '"base_model" must give "layers"'),
         (lambda m: m["config"].update(targets=["o"]), '"base_model.groups.o" must give "d_in"'),
         (lambda m: m["base_model"]["groups"]["qkv"].update(d_out=64), '"base_model.groups.qkv" must give'),
+        # numbers of any size are bounded before anything is built from them
+        (lambda m: m["config"]["u"].update(init=10**400), "init=1000000000.* is not an initialisation"),
+        (lambda m: m["config"].update(alpha=10**400), "alpha=1000000000.* must be a positive number"),
+        (lambda m: m["base_model"].update(layers=8_000_000), "a count from 1 to 10,000"),
+        (lambda m: m["base_model"]["groups"]["qkv"].update(d_in=10**12), "of positive sizes \\(at most 4,194,304\\)"),
+        # member names the model would never resolve, and members other than the ones recorded
+        (
+            lambda m: m["config"].update(targets={"qkv": ["self_attn.__class__", "..", "self_attn.v_proj"]}),
+            "without private parts such as '__class__'",
+        ),
+        (
+            lambda m: m["config"].update(targets={"qkv": ["self_attn.v_proj", "self_attn.k_proj", "self_attn.q_proj"]}),
+            "targets names the modules \\['self_attn.v_proj'",
+        ),
     ],
 )
 def test_configs_that_do_not_fit_their_base_are_refused(saved, change, words, server):

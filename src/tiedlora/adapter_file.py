@@ -30,6 +30,10 @@ CONFIG = "adapter_config.json"
 FORMAT = "tiedlora"
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20
+# Bounds on the base model a file records, far above any real model's (hundreds of layers,
+# widths of tens of thousands), so that what a config makes the reader build stays small.
+MAX_LAYERS = 10_000
+MAX_WIDTH = 1 << 22
 
 
 def save(model: nn.Module, folder, *, include_frozen: bool = False, dtype: torch.dtype | None = None) -> Path:
@@ -109,10 +113,13 @@ def tensor_shapes(config: TiedLoraConfig, base: dict, stored: str, where: Path) 
     """The name and shape of every tensor the file must hold, from the config and the recorded
     base model; the config must fit that base (its layers, its groups, a rank within them)."""
     layers, groups = base.get("layers"), base.get("groups")
-    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1 or not isinstance(groups, dict):
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= MAX_LAYERS:
         raise TiedLoraError(
-            f'{where}: "base_model" must give "layers" (a positive count) and "groups"; the file is damaged.'
+            f'{where}: "base_model" must give "layers" (a count from 1 to {MAX_LAYERS:,}) and "groups"; '
+            "the file is damaged."
         )
+    if not isinstance(groups, dict):
+        raise TiedLoraError(f'{where}: "base_model" must give "layers" and "groups" (an object); the file is damaged.')
     try:
         indices = config.layer_indices(layers)
     except TiedLoraError as e:
@@ -121,9 +128,17 @@ def tensor_shapes(config: TiedLoraConfig, base: dict, stored: str, where: Path) 
     for group in config.groups:
         g = groups.get(group)
         sizes = [g.get("d_in"), *g.get("d_out", [])] if isinstance(g, dict) and isinstance(g.get("d_out"), list) else []
-        if len(sizes) < 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in sizes):
+        if len(sizes) < 2 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_WIDTH for d in sizes
+        ):
             raise TiedLoraError(
-                f'{where}: "base_model.groups.{group}" must give "d_in" and a list "d_out" of positive sizes.'
+                f'{where}: "base_model.groups.{group}" must give "d_in" and a list "d_out" of positive sizes '
+                f"(at most {MAX_WIDTH:,})."
+            )
+        if isinstance(config.targets, dict) and g.get("members") != list(config.targets[group]):
+            raise TiedLoraError(
+                f"{where}: targets names the modules {list(config.targets[group])} for group {group!r}, but "
+                f'"base_model.groups.{group}.members" records {str(g.get("members"))[:200]}; the file is damaged.'
             )
         d_in, d_out = sizes[0], sum(sizes[1:])
         if config.rank > min(d_in, d_out):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 PARTS = ("A", "B", "u", "v")
@@ -18,6 +19,16 @@ MAX_MAGNITUDE = 1e6
 NAMED_INITS = ("kaiming", "zeros", "ones")
 # Target groups the library finds by itself; see `layout.GROUP_PATTERNS` for the module names.
 GROUP_ALIASES = ("qkv", "o", "mlp_in", "mlp_out")
+# A module's dotted name inside a layer: no empty part, no private or special attribute.
+MODULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*(\.[A-Za-z0-9][A-Za-z0-9_]*)*")
+
+
+def is_number(value, limit: float = MAX_MAGNITUDE) -> bool:
+    """A real number (not a bool) within ±limit. Integers are compared exactly: a 400-digit one
+    is refused here, where `math.isfinite` would raise OverflowError converting it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= limit if isinstance(value, int) else math.isfinite(value) and abs(value) <= limit
 
 
 class TiedLoraError(ValueError):
@@ -37,8 +48,7 @@ class Part:
         if not isinstance(self.tied, bool) or not isinstance(self.trainable, bool):
             raise TiedLoraError(f"Part(tied={self.tied!r}, trainable={self.trainable!r}): both must be True or False.")
         named = isinstance(self.init, str) and self.init in NAMED_INITS
-        number = isinstance(self.init, (int, float)) and not isinstance(self.init, bool) and math.isfinite(self.init)
-        if not (named or number and abs(self.init) <= MAX_MAGNITUDE):  # type: ignore[arg-type]
+        if not (named or is_number(self.init)):
             raise TiedLoraError(
                 f"init={self.init!r} is not an initialisation: use one of {NAMED_INITS} "
                 f"or a number from -{MAX_MAGNITUDE:g} to {MAX_MAGNITUDE:g}."
@@ -95,12 +105,7 @@ class TiedLoraConfig:
                 raise TiedLoraError(
                     f"{part}={getattr(self, part)!r} must be a tiedlora.Part(tied=..., trainable=..., init=...)."
                 )
-        if self.alpha is not None and (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not math.isfinite(self.alpha)
-            or not 0 < self.alpha <= MAX_MAGNITUDE
-        ):
+        if self.alpha is not None and not (is_number(self.alpha) and self.alpha > 0):
             raise TiedLoraError(
                 f"alpha={self.alpha!r} must be a positive number up to {MAX_MAGNITUDE:g} (or None for alpha = rank)."
             )
@@ -211,11 +216,12 @@ def _normalise_targets(targets) -> tuple[str, ...] | dict[str, tuple[str, ...]]:
             and k.isidentifier()
             and isinstance(v, (list, tuple))
             and v
-            and all(isinstance(m, str) for m in v)
+            and all(isinstance(m, str) and MODULE_NAME.fullmatch(m) for m in v)
             for k, v in targets.items()
         ):
             raise TiedLoraError(
-                f"targets={targets!r}: a mapping needs group names to non-empty lists of module names, e.g. "
+                f"targets={str(targets)[:200]}: a mapping needs group names to non-empty lists of module names "
+                "(dotted, without private parts such as '__class__' or '..'), e.g. "
                 f"{{'qkv': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj']}}."
             )
         return {k: tuple(v) for k, v in targets.items()}
