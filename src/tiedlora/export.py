@@ -15,7 +15,16 @@ from .model import root
 
 
 def export_peft(model: nn.Module, folder) -> Path:
-    """Write `model`'s adapter as a PEFT LoRA folder: per module lora_A = diag(u_l) A and
+    """Write `model`'s adapter as a PEFT LoRA folder (`peft_files`), file by file into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in peft_files(model).items():
+        write_atomic(folder / name, data)
+    return folder
+
+
+def peft_files(model: nn.Module) -> dict[str, bytes]:
+    """The PEFT LoRA folder's files by name: per module lora_A = diag(u_l) A and
     lora_B = (alpha/r) diag(v_l) B[rows], with lora_alpha = r so PEFT's own scale is 1."""
     from safetensors.torch import save as to_bytes
 
@@ -42,11 +51,7 @@ def export_peft(model: nn.Module, folder) -> Path:
         "fan_in_fan_out": any(m.transposed for site in r.sites for _, m in site.members),
         "inference_mode": True,
     }
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "adapter_model.safetensors", to_bytes(tensors))
-    write_atomic(folder / "adapter_config.json", json_bytes(peft_config))
-    return folder
+    return {"adapter_model.safetensors": to_bytes(tensors), "adapter_config.json": json_bytes(peft_config)}
 
 
 def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
