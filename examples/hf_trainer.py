@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from transformers.trainer_utils import get_last_checkpoint
 
 import tiedlora
-from tiedlora.data import OwnData
 from tiedlora.hf import TiedLoraTrainer
+from tiedlora.tasks import OwnData
 from tiedlora.train import native_bf16
 
 

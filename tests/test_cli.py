@@ -65,3 +65,23 @@ def test_bad_input_is_one_line_not_a_traceback(args, message):
     out = run(*args)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_lists_every_option_of_serve_config_with_its_help_and_default(capsys):
+    from dataclasses import fields
+
+    import docstring_parser
+
+    from tiedlora.serve.config import ServeConfig
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    helps = {
+        p.arg_name: " ".join((p.description or "").split())
+        for p in docstring_parser.parse_from_object(ServeConfig).params
+    }
+    for f in fields(ServeConfig):
+        default = "null" if f.default is None else f.default
+        assert f"--{f.name}" in out and helps[f.name] and f"{helps[f.name]} (type: " in out, f.name
+        assert f"default: {default})" in out, f.name

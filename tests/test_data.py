@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tiedlora.cli import main
-from tiedlora.data import OwnData, encode_messages
 from tiedlora.loss import TokenLoss, collate, pack
 from tiedlora.tasks import DataError
+from tiedlora.tasks.own import OwnData, encode_messages
 
 from conftest import small_run
 
@@ -234,3 +234,17 @@ def test_a_hub_data_set_by_name_with_its_split_and_columns(monkeypatch, tmp_path
     with pytest.raises(DataError, match="Hub org/my-data, split dev, row 31: field 'a' is a int, not a string"):
         own.all_rows()
     assert asked == [("org/my-data", "dev")]
+
+
+def test_eval_refuses_what_it_cannot_score_in_one_line(tiny_folder, tmp_path, capsys):
+    data = str(write_jsonl(tmp_path / "d.jsonl", prompt_rows(4)))
+    cases = [
+        (["--task=squad", f"--data={data}", "--base"], "eval needs one of --task (a paper task) or --data"),
+        (["--base"], "eval needs one of --task (a paper task) or --data"),
+        ([f"--data={data}"], "eval needs --adapter runs/x (or an adapter folder), or --base"),
+        ([f"--data={data}", "--base", f"--model={tiny_folder}", "--loglik"], "own data is not multiple choice"),
+    ]
+    for flags, words in cases:
+        assert main(["eval", *flags]) == 2, flags
+        err = capsys.readouterr().err  # after any "Loading weights" bar
+        assert err.splitlines()[-1].startswith(f"tiedlora eval: {words}") and "Traceback" not in err, err

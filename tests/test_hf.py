@@ -21,8 +21,8 @@ from transformers import (
 )
 
 import tiedlora
-from tiedlora.data import OwnData
 from tiedlora.hf import TiedLoraTrainer
+from tiedlora.tasks import OwnData
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

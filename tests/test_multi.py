@@ -75,10 +75,39 @@ def test_tied_tensors_are_stored_once_per_adapter(saved):
     multi = MultiAdapterModel(tiny_model("llama"))
     multi.add("tl6", saved / "tl6")
     multi.add("lora", saved / "lora")
-    multi(torch.zeros(1, 2, dtype=torch.long), adapter_ids=[1])  # the banks are stacked before the first forward
-    bank = multi.banks["qkv"]
-    assert bank.A.shape[0] == 1 + 1 + 1  # nothing, tl6's one tied A, lora's A for its one layer
-    assert bank.B.shape[0] == 3 and bank.A.shape[1] == 4  # ranks padded to the largest
+    bank = multi.bank("qkv")
+    assert bank.top == {"A": 1 + 1 + 1, "B": 3}  # nothing, tl6's one tied A, lora's A for its one layer
+    assert bank.A.shape[1] == 4  # ranks padded to the largest
+
+
+def test_loading_an_adapter_writes_its_own_rows_and_restacks_nothing(saved):
+    """A server with 1,000 adapters resident loads one more at the cost of one: the stacks are
+    reallocated only when they double (about log2(n) times in n loads), and no other adapter's
+    rows are rewritten."""
+    multi = MultiAdapterModel(tiny_model("llama"))
+    bank = multi.bank("qkv")
+    moves = 0
+    for i in range(200):
+        before = bank.A.data_ptr(), bank.u.data_ptr()
+        multi.add(f"a{i}", saved / ["tl6", "lora", "vera", "tl2"][i % 4])
+        moves += (bank.A.data_ptr(), bank.u.data_ptr()) != before
+    assert moves <= 2 * 9  # A and u double about log2(200) times each, never once per load
+    snapshot = {name: getattr(bank, name).clone() for name in ("A", "B", "u", "v", "a_index", "b_index")}
+    multi.remove("a7")
+    multi.add("new", saved / "tl6")  # into a7's freed slot and rows
+    others = [i for i in range(1, 201) if i != multi.id_of("new")]
+    for name in ("u", "v", "a_index", "b_index"):
+        assert torch.equal(getattr(bank, name)[others], snapshot[name][others]), name
+    for name, index in (("A", "a_index"), ("B", "b_index")):
+        rows = snapshot[index][others].unique()
+        assert torch.equal(getattr(bank, name)[rows], snapshot[name][rows]), name
+    tokens = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        mixed = multi(tokens, adapter_ids=[multi.id_of("new"), multi.id_of("a150")]).logits
+    torch.testing.assert_close(mixed[0], alone("tl6", saved, tokens)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        mixed[1], alone(["tl6", "lora", "vera", "tl2"][150 % 4], saved, tokens)[1], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bad_requests(saved, tmp_path):

@@ -185,3 +185,55 @@ def test_an_adapter_unloaded_while_a_request_uses_it_finishes_that_request(tiny_
         thread.join(timeout=60)
         assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 20
         assert complete(client, "a000").status_code == 404 and resident(engine) == []
+
+
+def test_readers_see_an_immutable_snapshot_and_every_change_is_made_by_the_worker(
+    tiny_folder, adapter, tmp_path, monkeypatch
+):
+    """The handlers read the registry through `view`, a snapshot that no later change alters and
+    that cannot be written; the changes themselves (HTTP's and vLLM's endpoints, and a folder
+    refused on its first request) are all made on the engine's worker thread."""
+    root = many(tmp_path, adapter, 2)
+    (root / "a001" / TENSORS).write_bytes(b"garbage")  # refused when first read
+    threads = []
+    for method in ("register", "unregister", "acquire"):
+        real = getattr(registry.Registry, method)
+
+        def spy(self, *args, _real=real, **kwargs):
+            threads.append(threading.current_thread().name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(registry.Registry, method, spy)
+    with serving(tiny_folder, root) as (engine, client):
+        before = engine.view
+        assert client.post("/v1/adapters", json={"name": "b", "path": "a000"}).status_code == 200
+        assert client.delete("/v1/adapters/a000").status_code == 200
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": "a000"}).status_code == 200
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "b"}).status_code == 200
+        assert complete(client, "a001").status_code == 404
+        assert list(before.folders) == ["a000", "a001"] and not before.refused  # as it was
+        after = engine.view
+        assert list(after.folders) == ["c"] and list(after.refused) == ["a001"]
+        with pytest.raises(TypeError):
+            after.folders["x"] = root  # type: ignore[index]
+        assert after is engine.view  # reading changes nothing
+    assert threads and set(threads) == {"tiedlora-engine"}, threads
+
+
+def test_one_serve_config_reaches_the_engine_the_model_and_the_app(tiny_folder, tmp_path):
+    import inspect
+
+    from tiedlora import TiedLoraError
+    from tiedlora.serve.config import ServeConfig
+
+    assert inspect.signature(tiedlora.MultiAdapterModel).parameters["max_rank"].default == ServeConfig().max_rank
+    with pytest.raises(TiedLoraError, match="--max_batch, .* and --max_rank must be at least 1"):
+        build(str(tiny_folder), tmp_path, max_batch=0)
+    options = dict(max_batch=3, max_rank=5, prefill_tokens=7, max_resident=9, max_request_bytes=999)
+    with serving(tiny_folder, tmp_path, **options) as (engine, client):
+        config = client.app.state.served.config
+        assert config is engine.config and {k: getattr(config, k) for k in options} == options
+        assert (engine.max_batch, engine.batch.chunk, engine.registry.max_resident) == (3, 7, 9)
+        assert engine.multi.max_rank == 5 and config.max_prompt_tokens == ServeConfig().max_prompt_tokens
+        r = client.post("/v1/completions", content=b" " * 1000, headers={"content-type": "application/json"})
+        assert r.status_code == 413

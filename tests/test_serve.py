@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from types import SimpleNamespace
 
 import httpx
@@ -65,20 +66,27 @@ def wait_until(condition, seconds: float = 60, what: str = "the condition"):
 class Steps:
     """Records the rows of every forward the engine's model runs (prefills: one row, many
     columns; decode steps: one column), and with `pause` sleeps in each decode step, so that a
-    test can act while rows are running."""
+    test can act while rows are running; `done` counts the decode steps finished, `seconds` times
+    each one."""
 
     def __init__(self, multi, monkeypatch, pause: float = 0.0):
         self.prefills: list[int] = []
         self.steps: list[int] = []
+        self.seconds: list[float] = []
+        self.done = 0
         forward = multi.forward
 
         def spy(*args, **kwargs):
             ids = kwargs["input_ids"]
             if ids.shape[1] == 1 and kwargs.get("past_key_values") is not None:
+                start = time.perf_counter()
                 self.steps.append(ids.shape[0])
                 time.sleep(pause)
-            else:
-                self.prefills.append(ids.shape[1])
+                out = forward(*args, **kwargs)
+                self.seconds.append(time.perf_counter() - start)
+                self.done += 1
+                return out
+            self.prefills.append(ids.shape[1])
             return forward(*args, **kwargs)
 
         monkeypatch.setattr(multi, "forward", spy)
@@ -363,6 +371,121 @@ def test_models_and_adapters_at_run_time(server, tiny_folder):
     assert server.client.get("/v1/models/v").status_code == 404
 
 
+def test_a_registration_waits_for_the_worker_without_holding_up_the_event_loop(server, monkeypatch):
+    """While the worker is held mid-step, a registration waits for it (it is the worker's to
+    make), and the event loop goes on answering meanwhile: no handler takes a lock or waits for
+    a step."""
+    import tiedlora.serve.app
+
+    read, done = tiedlora.serve.app.read_adapter, threading.Event()
+
+    def spy(*args, **kwargs):
+        try:
+            return read(*args, **kwargs)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(tiedlora.serve.app, "read_adapter", spy)
+    with ThreadPoolExecutor(1) as pool:
+        with server.engine.lock:  # the worker cannot finish its step, nor make any change
+            pending = pool.submit(server.client.post, "/v1/adapters", json={"name": "held", "path": "lora"})
+            assert done.wait(30), "the adapter was not read within 30 s"
+            for _ in range(3):  # answered at once, from the registry's snapshot, while the registration waits
+                r = server.client.get("/v1/models", timeout=10)
+                assert r.status_code == 200 and "held" not in [m["id"] for m in r.json()["data"]]
+            assert not pending.done()
+        assert pending.result(timeout=60).status_code == 200
+    assert "held" in server.engine.adapters
+    assert server.client.delete("/v1/adapters/held").status_code == 200
+
+
+def test_adapters_registered_and_unregistered_in_a_loop_while_16_clients_stream(server, tiny_folder, monkeypatch):
+    """One thread registers and unregisters adapters (OpenAI's and vLLM's endpoints by turns, now
+    and then asking one for a completion) while 16 clients stream completions over the base model
+    and three adapters: no error, every answer what its adapter gives alone, and no client's tokens
+    stall: between two chunks of a stream, at most one decode step more passes than the chunk
+    has tokens, plus one step of margin for a thread that the 2-core machine runs late.
+
+    The stall is counted in decode steps (finished ones, read by the client as each chunk
+    arrives), not seconds; each step sleeps 50 ms so the counting is exact unless a thread is
+    late by more than a step."""
+    targets = [None, "tl6", "lora", "more/vera"]
+    cases = [(targets[i % 4], PROMPTS[i // 4]) for i in range(16)]
+    want = {case: expected(tiny_folder, server.root, *case, 16) for case in cases}
+    paths = ["tl6", "lora", "more/vera"]
+    churn_want = {p: expected(tiny_folder, server.root, p, PROMPTS[3], 4) for p in paths}
+    steps = Steps(server.engine.multi, monkeypatch, pause=0.05)
+    finished = threading.Event()
+    churn = {"registered": 0, "asked": 0}
+
+    def stream(case) -> list[tuple[list, int]]:
+        """Each request's text, and the (steps done, tokens) of each of its chunks, and their arrival times."""
+        answers = []
+        for _ in range(3):
+            body = {"model": case[0] or server.model, "prompt": case[1], "max_tokens": 16, "logprobs": 0}
+            chunks, text = [], ""
+            with server.client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200, r.read()
+                for line in r.iter_lines():
+                    if not line or line == "data: [DONE]":
+                        continue
+                    arrived, done = time.perf_counter(), steps.done
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    choice = chunk["choices"][0]
+                    text += choice["text"]
+                    chunks.append((done, len(choice["logprobs"]["tokens"]), arrived))
+            answers.append((text, chunks))
+        return answers
+
+    def register_in_a_loop():
+        i = 0
+        while not finished.is_set() and i < 1000:
+            name, path, vllm = f"churn-{i}", paths[i % 3], i % 2 == 1
+            if vllm:
+                r = server.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+            else:
+                r = server.client.post("/v1/adapters", json={"name": name, "path": path})
+            assert r.status_code == 200, r.text
+            churn["registered"] += 1
+            assert name in [m["id"] for m in server.client.get("/v1/models").json()["data"]]
+            if i % 16 == 0:  # a new adapter in a freed slot is that adapter
+                assert complete(server, name, PROMPTS[3], max_tokens=4)["choices"][0]["text"] == churn_want[path]
+                churn["asked"] += 1
+            if vllm:
+                r = server.client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+            else:
+                r = server.client.delete(f"/v1/adapters/{name}")
+            assert r.status_code == 200, r.text
+            assert server.client.get(f"/v1/models/{name}").status_code == 404
+            i += 1
+
+    with ThreadPoolExecutor(17) as pool:
+        churning = pool.submit(register_in_a_loop)
+        wait_until(lambda: churn["registered"] or churning.done(), 60, "the first registration")
+        clients = [pool.submit(stream, case) for case in cases]
+        try:
+            answers = {case: c.result(timeout=300) for case, c in zip(cases, clients)}
+        finally:
+            finished.set()
+        churning.result(timeout=120)
+    stalls, gaps = [], []
+    for case, replies in answers.items():
+        for text, chunks in replies:
+            assert text == want[case], case
+            for (before, _, t0), (after, tokens, t1) in zip(chunks, chunks[1:]):
+                stalls.append(after - before - tokens)
+                gaps.append((t1 - t0) / max(tokens, 1))
+    step = statistics.median(steps.seconds)
+    print(
+        f"\nchurn: {churn['registered']} registrations ({churn['asked']} asked), {16 * 3} streams served, "
+        f"{len(steps.seconds)} decode steps, median step {1000 * step:.0f} ms; longest stall {max(stalls)} steps, "
+        f"longest gap between tokens {1000 * max(gaps):.0f} ms ({max(gaps) / step:.1f} steps)"
+    )
+    assert churn["registered"] >= 10  # the loop kept registering while the clients streamed
+    assert max(stalls) <= 2
+
+
 S = "\\ud800"  # a lone surrogate, as JSON writes it
 BAD = [  # (method, path, body, status, param, words the message must contain)
     ("POST", "/v1/completions", {"model": "nope", "prompt": "Hi"}, 404, "model", "'nope' is neither the base model"),
@@ -537,7 +660,8 @@ def test_a_prompt_past_the_models_context_is_refused(server, monkeypatch):
 
 
 def test_large_bodies_are_refused_before_they_are_read(server, monkeypatch):
-    monkeypatch.setattr(server.app.state.served, "max_request_bytes", 1000)  # read by the middleware at each request
+    served = server.app.state.served  # its config is read by the middleware at each request
+    monkeypatch.setattr(served, "config", replace(served.config, max_request_bytes=1000))
     big = json.dumps({"model": "lora", "prompt": "x" * (2 << 20)})
     r = server.client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "limit of" in r.json()["error"]["message"]

@@ -100,3 +100,18 @@ def test_the_core_needs_only_torch_and_safetensors():
 def test_serving_imports_nothing_from_the_training_harness():
     for name in (m for m in MODULES if m.startswith("tiedlora.serve")):
         assert not [t for t in internal(name) if t.startswith(HARNESS)], name
+
+
+def reachable(name: str) -> set[str]:
+    """Every module `name` imports, directly or through others."""
+    seen, todo = set(), [name]
+    while todo:
+        for target in internal(todo.pop()) - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["tiedlora.loss", "tiedlora.tokens", "tiedlora.generation"])
+def test_the_training_loss_and_evaluations_generation_import_nothing_from_serving(name):
+    assert not [m for m in reachable(name) if m.startswith("tiedlora.serve")], name

@@ -1,6 +1,7 @@
 """The five tasks: metrics against hand-computed values, loaders on the bundled samples, split
 rules, bad input, and the Hub path with a stand-in `datasets` module (no network)."""
 
+import inspect
 import json
 import math
 import os
@@ -133,6 +134,37 @@ def test_score_needs_one_prediction_per_row():
         task.score(["1", "2"], rows)
     with pytest.raises(DataError):
         task.score([], [])
+
+
+def protocol_members() -> dict:
+    """TaskLike's members: its methods' parameters after self, and None for its attributes."""
+    methods = {n: v for n, v in vars(tasks.TaskLike).items() if inspect.isfunction(v) and not n.startswith("_")}
+    members = {n: list(inspect.signature(f).parameters)[1:] for n, f in methods.items()}
+    return members | {n: None for n in tasks.TaskLike.__annotations__}
+
+
+@pytest.mark.parametrize("name", [*tasks.TASKS, "own"])
+def test_the_papers_tasks_and_own_data_satisfy_the_task_protocol(name, tmp_path):
+    """Training and evaluation take a `TaskLike`: every member there, with the same parameters."""
+    task = tasks.OwnData(str(tmp_path / "d.jsonl")) if name == "own" else tasks.get(name)
+    assert isinstance(task, tasks.TaskLike) and task.name == name
+    members = protocol_members()
+    assert {"name", "load", "encode", "prompt_ids", "score", "test", "predictions_file", "eval_rows"} <= set(members)
+    for member, parameters in members.items():
+        if parameters is None:
+            assert isinstance(getattr(task, member), str), member
+        else:
+            assert list(inspect.signature(getattr(task, member)).parameters) == parameters, member
+
+
+def test_task_for_makes_own_data_or_a_papers_task(tmp_path):
+    own = tasks.task_for("squad", str(tmp_path / "d.jsonl"), metric="f1", samples=2, prompt_field="q")
+    assert isinstance(own, tasks.OwnData) and (own.metric, own.samples, own.fields["prompt"]) == ("f1", 2, "q")
+    assert tasks.task_for("gsm8k") is tasks.get("gsm8k")
+    with pytest.raises(DataError, match="No task given"):
+        tasks.task_for(None)
+    with pytest.raises(DataError, match="No task 'nope'"):
+        tasks.task_for("nope")
 
 
 # Prompts and targets.

@@ -95,7 +95,7 @@ def test_train_eval_merge_export_cycle(tiny_folder, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tiedlora.cli import open_adapter
+    from tiedlora.runs import open_adapter
 
     adapted, _, _ = open_adapter(str(run), None)
     ids = torch.randint(0, 1000, (2, 10))
@@ -239,6 +239,64 @@ def test_run_folder_guards(tiny_folder, tmp_path, capsys):
 def test_config_errors_without_the_cli():
     with pytest.raises(TiedLoraError, match="--early_stop_on 'bleu'"):
         TrainConfig(early_stop_on="bleu")
+
+
+class Echo:
+    """A task of neither kind (not one of the paper's, not own data): repeat the last word."""
+
+    name = "echo"
+
+    def load(self, split, source="bundled"):
+        from tiedlora.tasks import Rows
+
+        rows = [{"q": f"Say {w}:", "a": f" {w}"} for w in ("red", "green", "blue", "black", "white", "grey") * 4]
+        return Rows(rows, {"task": "echo", "split": split, "rows": len(rows)})
+
+    def eval_rows(self, split, source="bundled"):
+        return self.load(split, source)
+
+    def encode(self, tokenizer, row, chat=False):
+        from tiedlora.tasks import encode
+
+        return encode(tokenizer, row["q"], row["a"], chat)
+
+    def prompt_ids(self, tokenizer, row, chat=False):
+        from tiedlora.tasks import prompt_ids
+
+        return prompt_ids(tokenizer, row["q"], chat)
+
+    def score(self, predictions, rows):
+        return {"said": 100 * sum(p == r["a"] for p, r in zip(predictions, rows)) / len(rows)}
+
+    def test(self, scorer, rows):
+        return {**scorer.scores(self, rows), "echo_loss": scorer.loss(self, rows)}
+
+    def predictions_file(self, tokenizer, rows, predictions, chat=False):
+        return "echo.jsonl", [{"said": p} for p in predictions]
+
+    def choices(self, row):
+        raise NotImplementedError
+
+
+def test_training_and_evaluation_take_any_task_of_the_protocol(tiny_folder, tmp_path, monkeypatch):
+    """Neither asks where a task's rows came from: a third kind of task is trained, recorded and
+    evaluated by its own name, test and predictions file."""
+    from tiedlora.evaluate import EvalConfig, evaluate_adapter
+    from tiedlora.tasks import TaskLike
+
+    assert isinstance(Echo(), TaskLike)
+    monkeypatch.setattr(TrainConfig, "task_data", lambda self: Echo())
+    monkeypatch.setattr(EvalConfig, "task_data", lambda self: Echo())
+    run = tmp_path / "run"
+    results = train(TrainConfig(**options(tiny_folder, run, max_steps=2, val_every=2)), quiet=True)
+    assert results["task"] == "echo" and list(results["metrics"]) == ["said", "echo_loss"]
+    assert results["data"]["test"] == {"task": "echo", "split": "test", "rows": 24}
+    assert json.loads((run / "results.json").read_text())["metrics"] == results["metrics"]
+    kept = [json.loads(line) for line in (run / "echo.jsonl").read_text().splitlines()]
+    assert len(kept) == 3 and set(kept[0]) == {"said"}
+    assert not (run / "predictions.jsonl").exists() and not (run / "samples.jsonl").exists()
+    scored = evaluate_adapter(EvalConfig(task="squad", adapter=str(run), limit=4, max_new_tokens=3))
+    assert (scored["task"], scored["rows"], list(scored["metrics"])) == ("echo", 4, ["said", "echo_loss"])
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -127,7 +127,9 @@ def tensor_shapes(config: TiedLoraConfig, base: dict, stored: str, where: Path) 
     shapes = {}
     for group in config.groups:
         g = groups.get(group)
-        sizes = [g.get("d_in"), *g.get("d_out", [])] if isinstance(g, dict) and isinstance(g.get("d_out"), list) else []
+        if not isinstance(g, dict):
+            g = {}
+        sizes = [g.get("d_in"), *g["d_out"]] if isinstance(g.get("d_out"), list) else []
         if len(sizes) < 2 or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_WIDTH for d in sizes
         ):

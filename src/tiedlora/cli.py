@@ -1,7 +1,8 @@
-"""The `tiedlora` command. Each subcommand is a function below (train and sweep also take every
-TrainConfig field); jsonargparse builds its flags from the signature and its help from the
-docstring, and YAML files can hold the same options. Bad input ends in one line naming it,
-never a traceback."""
+"""The `tiedlora` command: `COMMANDS`, a table of one short function per subcommand, each handing
+its options to the module that owns the work. jsonargparse builds the flags from each function's
+signature and its help from the docstring (train and sweep also take every TrainConfig field,
+eval EvalConfig's and serve ServeConfig's, documented there), and YAML files can hold the same
+options. Bad input ends in one line naming it, never a traceback."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from .config import TiedLoraError
 from .models import SMOLLM2, parameter_table
-from .runs import best_adapter, run_options, write_json
+from .runs import open_adapter
 
 
 def params(model: str = "llama2-7b", rank: int = 8, json: bool = False) -> None:
@@ -114,124 +115,12 @@ def report(sweep: str, *, out: str, source: str | None = None, intervals: bool =
     print(f"wrote {out}: table2, table3 (md, csv), {', '.join(Path(f).name for f in written['figures'])}, summary.md")
 
 
-def open_adapter(adapter: str, model_name: str | None, base: bool = False, as_trained: bool = True):
-    """(model, tokenizer, run options or None) for a run folder (its model and its best adapter)
-    or an adapter folder; with `base`, the model without the adapter. `as_trained` quantizes
-    the base as the run did (--quantize); without it the base stays in full precision."""
-    from .adapter_file import CONFIG, load
-    from .models import load_model
-    from .quantize import quantize
-
-    run = run_options(Path(adapter))
-    folder = best_adapter(Path(adapter))
-    if not (folder / CONFIG).is_file():
-        raise TiedLoraError(
-            f"--adapter {adapter}: no run folder (run.json) with a best/ adapter, nor an adapter folder ({CONFIG})."
-        )
-    model, tokenizer = load_model(model_name or (run or {}).get("model") or SMOLLM2)
-    bits = (run or {}).get("quantize")
-    if as_trained and bits:
-        quantize(model, bits)
-    if not base:
-        load(model, folder)
-    return model, tokenizer, run
-
-
-def evaluate(
-    *,
-    task: str | None = None,
-    data: str | None = None,
-    adapter: str | None = None,
-    split: str = "test",
-    limit: int | None = None,
-    model: str | None = None,
-    base: bool = False,
-    max_new_tokens: int = 500,
-    batch_size: int = 16,
-    loglik: bool = False,
-    source: str | None = None,
-    chat: bool = False,
-    metric: str | None = None,
-    prompt_field: str = "prompt",
-    completion_field: str = "completion",
-    messages_field: str = "messages",
-    max_length: int = 1024,
-    samples: int = 5,
-    out: str | None = None,
-) -> dict:
+def evaluate(**options: Any) -> dict:
     """Score an adapter (or the base model) on a task by greedy decoding, or on your own data by
-    loss, perplexity and, with --metric, generated answers.
+    loss, perplexity and, with --metric, generated answers."""
+    from .evaluate import EvalConfig, evaluate_adapter  # EvalConfig's fields are this command's options
 
-    Args:
-        task: The task (or --data).
-        data: Your own data, every row scored: a .jsonl, .csv or .parquet file, or a Hub data set name.
-        adapter: A run folder (runs/x) or an adapter folder.
-        split: train, validation or test (with --data and a Hub data set: its split).
-        limit: Score only the first N rows.
-        model: The base model (default: the run's, or smollm2-135m).
-        base: Score the base model without the adapter.
-        max_new_tokens: Greedy decoding stops at EOS or after this many tokens.
-        batch_size: Prompts per generation batch.
-        loglik: HellaSwag: score choices by log-likelihood instead.
-        source: Data source (default: the run's, or bundled).
-        chat: Use the chat template.
-        metric: With --data: exact_match, f1, rougeL or bleu on generated answers.
-        prompt_field: With --data: the column holding the prompt.
-        completion_field: With --data: the column holding the completion.
-        messages_field: With --data: the column holding a conversation.
-        max_length: With --data: longer examples lose the start of their prompt in the loss.
-        samples: With --data and no --metric: generate answers for this many rows.
-        out: Also write the scores to this JSON file.
-    """
-    from .data import OwnData
-    from .evaluate import choice_loglik, evaluate_own
-    from .evaluate import evaluate as score
-    from .models import load_model
-    from .tasks import get
-
-    if (task is None) == (data is None):
-        raise TiedLoraError("eval needs one of --task (a paper task) or --data (your own rows).")
-    if adapter is None and not base:
-        raise TiedLoraError("eval needs --adapter runs/x (or an adapter folder), or --base to score the model alone.")
-    if adapter is None:
-        lm, tokenizer = load_model(model or SMOLLM2)
-        run = None
-    else:
-        lm, tokenizer, run = open_adapter(adapter, model, base)
-    if data is not None:
-        own = OwnData(
-            data,
-            split="train" if split == "test" else split,
-            prompt_field=prompt_field,
-            completion_field=completion_field,
-            messages_field=messages_field,
-            metric=metric,
-        )
-        rows = own.all_rows()
-        picked = rows[:limit]
-        scores = evaluate_own(
-            lm, tokenizer, own, picked, max_new_tokens, batch_size, chat, samples, max_length=max_length
-        )
-    else:
-        assert task is not None
-        the_task = get(task)
-        rows = the_task.load(split, source if source else (run or {}).get("source", "bundled"))
-        picked = rows[:limit]
-        if loglik:
-            scores = choice_loglik(lm, tokenizer, the_task, picked)
-        else:
-            scores = score(lm, tokenizer, the_task, picked, max_new_tokens, batch_size, chat)
-    scores.pop("predictions", None)
-    result = {
-        "task": task or "own",
-        "split": split,
-        "rows": len(picked),
-        "adapter": None if base else adapter,
-        "data": rows.info,
-        "metrics": scores,
-    }
-    if out:
-        write_json(Path(out), result)
+    result = evaluate_adapter(EvalConfig(**options))
     print(jsonlib.dumps(result, indent=2))
     return result
 
@@ -289,61 +178,20 @@ def generate(
         max_new_tokens: Stop after this many tokens.
         chat: Use the chat template.
     """
-    from .decoding import generate as complete
+    from .generation import generate as complete
     from .models import load_model
 
     lm, tokenizer = load_model(model or SMOLLM2) if adapter is None else open_adapter(adapter, model)[:2]
     print(complete(lm, tokenizer, [prompt], max_new_tokens, 1, chat)[0])
 
 
-def serve(
-    model: str = SMOLLM2,
-    adapters: str = "runs",
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_batch: int = 32,
-    max_prompt_tokens: int = 2048,
-    max_tokens_limit: int = 1024,
-    max_resident: int = 512,
-    prefill_tokens: int = 256,
-    max_request_bytes: int = 1 << 20,
-    max_rank: int = 64,
-    pin: list[str] | None = None,
-) -> None:
+def serve(**options: Any) -> None:
     """An OpenAI-compatible HTTP server: one base model, every adapter under --adapters, requests
-    batched across adapters at every step.
-
-    Args:
-        model: The base model; requests name it to use no adapter.
-        adapters: Register every run folder (its best/) and adapter folder under it, named by relative path;
-            each is read on its first request. Without this folder the base model is served alone.
-        host: The address to listen on.
-        port: The port (0: any free one, printed at start).
-        max_batch: At most this many rows decoded together; the others wait for a place.
-        max_prompt_tokens: Longer prompts are refused.
-        max_tokens_limit: The largest max_tokens a request may ask for.
-        max_resident: At most this many adapters loaded at once; the least recently used idle one is evicted.
-        prefill_tokens: At most this many prompt tokens read between two decode steps (longer prompts in chunks).
-        max_request_bytes: Larger request bodies are refused (413).
-        max_rank: Adapters of a larger rank are refused (every row computes at the largest rank loaded).
-        pin: Adapters loaded at start and never evicted.
-    """
+    batched across adapters at every step."""
+    from .serve.config import ServeConfig  # its fields are this command's options, with their defaults and help
     from .serve.server import serve as run
 
-    run(
-        model,
-        adapters,
-        host,
-        port,
-        max_batch=max_batch,
-        max_prompt_tokens=max_prompt_tokens,
-        max_tokens_limit=max_tokens_limit,
-        max_resident=max_resident,
-        prefill_tokens=prefill_tokens,
-        max_request_bytes=max_request_bytes,
-        max_rank=max_rank,
-        pin=pin,
-    )
+    run(ServeConfig(**options))
 
 
 COMMANDS: dict[str, Callable[..., Any]] = {
@@ -389,6 +237,8 @@ def add_options(parser, source, skip=()) -> None:
 def parser():
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+    from .evaluate import EvalConfig
+    from .serve.config import ServeConfig
     from .sweep import CELL_FIELDS
     from .train import TrainConfig
 
@@ -406,6 +256,10 @@ def parser():
             add_options(p, TrainConfig)
         elif name == "sweep":
             add_options(p, TrainConfig, skip=CELL_FIELDS)
+        elif name == "eval":
+            add_options(p, EvalConfig)
+        elif name == "serve":
+            add_options(p, ServeConfig)
         commands.add_subcommand(name, p, help=doc.split("\n\n")[0].replace("\n", " "))
     return top
 

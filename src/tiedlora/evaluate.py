@@ -1,18 +1,58 @@
 """Scoring a model on a task as the paper does: greedy decoding of at most 500 new tokens, each
-answer ending at EOS (`generate`, from decoding.py); and HellaSwag's cheaper log-likelihood
-scorer. The model runs in eval mode and is given back in the mode it came in."""
+answer ending at EOS (`generate`, from generation.py); the loss on the answer tokens (own data);
+HellaSwag's cheaper log-likelihood scorer; and `tiedlora eval` (`EvalConfig`, `evaluate_adapter`).
+The model runs in eval mode and is given back in the mode it came in."""
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .decoding import generate, generate_ids, pad_batch, pad_id
-from .tasks import Task
+from .config import TiedLoraError
+from .generation import generate, generate_ids
+from .loss import TokenLoss, encode_rows, mean_loss
+from .models import SMOLLM2, load_model
+from .runs import open_adapter, write_json
+from .tasks import TaskLike, task_for
+from .tokens import pad_batch, pad_id
 
-__all__ = ["choice_loglik", "evaluate", "generate", "loglik"]
+__all__ = ["EvalConfig", "Scorer", "choice_loglik", "evaluate", "evaluate_adapter", "generate", "loglik"]
+
+
+@dataclass
+class Scorer:
+    """A model and the options it is scored with: greedy decoding (`scores`) and the loss on the
+    answer tokens (`loss`; examples longer than `max_length` are cut or dropped as in training).
+    Which of the two a task's test is, the task says (`TaskLike.test`)."""
+
+    model: Any
+    tokenizer: Any
+    max_new_tokens: int = 500
+    batch_size: int = 8  # prompts per generation batch, and examples per loss batch
+    chat: bool = False
+    progress: bool = True
+    max_length: int = 1024
+    too_long: str = "cut"
+
+    def scores(self, task: TaskLike, rows: list[dict]) -> dict:
+        """`task.score` of the answers generated for `rows`, headline first, then "predictions"."""
+        ids = [task.prompt_ids(self.tokenizer, r, self.chat) for r in rows]
+        predictions = generate_ids(self.model, self.tokenizer, ids, self.max_new_tokens, self.batch_size, self.progress)
+        return {**task.score(predictions, rows), "predictions": predictions}
+
+    def loss(self, task: TaskLike, rows: list[dict]) -> float:
+        """The mean loss per answer token of `rows` as `task` encodes them for training."""
+        examples, _ = encode_rows(task, rows, self.tokenizer, self.max_length, self.too_long, self.chat)
+        training = self.model.training
+        loss = mean_loss(
+            TokenLoss(self.model).eval(), examples, pad_id(self.tokenizer), self.batch_size, self.model.device
+        )
+        self.model.train(training)
+        return loss
 
 
 def evaluate(
@@ -27,9 +67,7 @@ def evaluate(
 ) -> dict:
     """The scores of `task` (one of the paper's, or own data) on `rows`, headline first, then
     "predictions": the generated answers."""
-    ids = [task.prompt_ids(tokenizer, r, chat) for r in rows]
-    predictions = generate_ids(model, tokenizer, ids, max_new_tokens, batch_size, progress)
-    return {**task.score(predictions, rows), "predictions": predictions}
+    return Scorer(model, tokenizer, max_new_tokens, batch_size, chat, progress).scores(task, rows)
 
 
 @torch.no_grad()
@@ -50,7 +88,7 @@ def loglik(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8) 
     return out
 
 
-def choice_loglik(model, tokenizer, task: Task, rows: list[dict], batch_size: int = 8) -> dict:
+def choice_loglik(model, tokenizer, task: TaskLike, rows: list[dict], batch_size: int = 8) -> dict:
     """Multiple choice by likelihood, as lm-evaluation-harness scores HellaSwag: "acc" picks the
     ending with the highest summed log-probability after the context, "acc_norm" the highest
     per character of the ending. Both on 0-100. `task` needs `choices(row)` (HellaSwag has it)."""
@@ -64,32 +102,97 @@ def choice_loglik(model, tokenizer, task: Task, rows: list[dict], batch_size: in
     return {"acc": 100 * acc / len(rows), "acc_norm": 100 * acc_norm / len(rows)}
 
 
-def evaluate_own(
-    model,
-    tokenizer,
-    task,
-    rows: list[dict],
-    max_new_tokens: int = 500,
-    batch_size: int = 8,
-    chat: bool = False,
-    samples: int = 5,
-    progress: bool = True,
-    max_length: int = 1024,
-    too_long: str = "cut",
-) -> dict:
-    """Own data: the loss per answer token and its perplexity on `rows` always; the metric the
-    data was given (`task.metric`) on answers generated for every row, or else generations for
-    the first `samples` rows only; then "predictions". Rows longer than `max_length` are cut
-    or dropped from the loss as in training."""
-    from .loss import TokenLoss, encode_rows, mean_loss
+@dataclass
+class EvalConfig:
+    """Every option of `tiedlora eval`."""
 
-    examples, _ = encode_rows(task, rows, tokenizer, max_length, too_long, chat)
-    training = model.training
-    loss_fn = TokenLoss(model).eval()
-    loss = mean_loss(loss_fn, examples, pad_id(tokenizer), batch_size, model.device)
-    model.train(training)
-    scored = evaluate(
-        model, tokenizer, task, rows if task.metric else rows[:samples], max_new_tokens, batch_size, chat, progress
-    )  # without a metric, the task scores nothing: the generations are samples
-    predictions = scored.pop("predictions")
-    return {**scored, "loss": loss, "perplexity": math.exp(loss), "predictions": predictions}
+    task: str | None = None
+    """The task (or --data)."""
+    data: str | None = None
+    """Your own data, every row scored: a .jsonl, .csv or .parquet file, or a Hub data set name."""
+    adapter: str | None = None
+    """A run folder (runs/x) or an adapter folder."""
+    split: str = "test"
+    """train, validation or test (with --data and a Hub data set: its split)."""
+    limit: int | None = None
+    """Score only the first N rows."""
+    model: str | None = None
+    """The base model (default: the run's, or smollm2-135m)."""
+    base: bool = False
+    """Score the base model without the adapter."""
+    max_new_tokens: int = 500
+    """Greedy decoding stops at EOS or after this many tokens."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+    loglik: bool = False
+    """HellaSwag: score choices by log-likelihood instead."""
+    source: str | None = None
+    """Data source (default: the run's, or bundled)."""
+    chat: bool = False
+    """Use the chat template."""
+    metric: str | None = None
+    """With --data: exact_match, f1, rougeL or bleu on generated answers."""
+    prompt_field: str = "prompt"
+    """With --data: the column holding the prompt."""
+    completion_field: str = "completion"
+    """With --data: the column holding the completion."""
+    messages_field: str = "messages"
+    """With --data: the column holding a conversation."""
+    max_length: int = 1024
+    """With --data: longer examples lose the start of their prompt in the loss."""
+    samples: int = 5
+    """With --data and no --metric: generate answers for this many rows."""
+    out: str | None = None
+    """Also write the scores to this JSON file."""
+
+    def __post_init__(self):
+        if (self.task is None) == (self.data is None):
+            raise TiedLoraError("eval needs one of --task (a paper task) or --data (your own rows).")
+        if self.adapter is None and not self.base:
+            raise TiedLoraError(
+                "eval needs --adapter runs/x (or an adapter folder), or --base to score the model alone."
+            )
+
+    def task_data(self) -> TaskLike:
+        """The task scored; with --data, --split names the Hub split read (test: its train split)."""
+        return task_for(
+            self.task,
+            self.data,
+            split="train" if self.split == "test" else self.split,
+            prompt_field=self.prompt_field,
+            completion_field=self.completion_field,
+            messages_field=self.messages_field,
+            metric=self.metric,
+            samples=self.samples,
+        )
+
+
+def evaluate_adapter(cfg: EvalConfig) -> dict:
+    """`tiedlora eval`: the adapter (a run folder's best/, or an adapter folder; or the base model
+    alone) scored by its task's test (`TaskLike.test`) or by log-likelihood, on the first `limit`
+    of the task's evaluation rows; written to `out` if given, and returned."""
+    if cfg.adapter is None:
+        model, tokenizer = load_model(cfg.model or SMOLLM2)
+        run = None
+    else:
+        model, tokenizer, run = open_adapter(cfg.adapter, cfg.model, cfg.base)
+    task = cfg.task_data()
+    rows = task.eval_rows(cfg.split, cfg.source if cfg.source else (run or {}).get("source", "bundled"))
+    picked = rows[: cfg.limit]
+    if cfg.loglik:
+        scores = choice_loglik(model, tokenizer, task, picked)
+    else:
+        scorer = Scorer(model, tokenizer, cfg.max_new_tokens, cfg.batch_size, cfg.chat, max_length=cfg.max_length)
+        scores = task.test(scorer, picked)
+    scores.pop("predictions", None)
+    result = {
+        "task": task.name,
+        "split": cfg.split,
+        "rows": len(picked),
+        "adapter": None if cfg.base else cfg.adapter,
+        "data": rows.info,
+        "metrics": scores,
+    }
+    if cfg.out:
+        write_json(Path(cfg.out), result)
+    return result

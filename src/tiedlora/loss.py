@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoding import pad_batch
+from .tokens import pad_batch
 
 
 def encode_rows(

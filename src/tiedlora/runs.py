@@ -36,6 +36,29 @@ def best_adapter(folder: Path) -> Path:
     return folder / BEST if is_run(folder) else folder
 
 
+def open_adapter(adapter: str, model_name: str | None, base: bool = False, as_trained: bool = True):
+    """(model, tokenizer, run options or None) for a run folder (its model and its best adapter)
+    or an adapter folder; with `base`, the model without the adapter. `as_trained` quantizes
+    the base as the run did (--quantize); without it the base stays in full precision."""
+    from .adapter_file import load
+    from .models import SMOLLM2, load_model
+    from .quantize import quantize
+
+    run = run_options(Path(adapter))
+    folder = best_adapter(Path(adapter))
+    if not (folder / CONFIG).is_file():
+        raise TiedLoraError(
+            f"--adapter {adapter}: no run folder (run.json) with a best/ adapter, nor an adapter folder ({CONFIG})."
+        )
+    model, tokenizer = load_model(model_name or (run or {}).get("model") or SMOLLM2)
+    bits = (run or {}).get("quantize")
+    if as_trained and bits:
+        quantize(model, bits)
+    if not base:
+        load(model, folder)
+    return model, tokenizer, run
+
+
 def run_options(folder: Path) -> dict | None:
     """The options a run folder was trained with, or None for a plain adapter folder."""
     if not is_run(folder):
@@ -72,15 +95,14 @@ def write_json(path: Path, data) -> None:
     write_atomic(Path(path), json_bytes(data))
 
 
-def write_predictions(folder: Path, predictions: list[str]) -> None:
-    write_atomic(
-        Path(folder) / PREDICTIONS, "".join(json.dumps({"prediction": p}) + "\n" for p in predictions).encode()
-    )
+def write_jsonl(path: Path, lines: list[dict]) -> None:
+    """A JSON Lines file of a run (predictions.jsonl, samples.jsonl), written atomically."""
+    write_atomic(Path(path), "".join(json.dumps(line) + "\n" for line in lines).encode())
 
 
 def read_predictions(folder: Path) -> list[str]:
-    """The test predictions a run wrote, in the order of its test rows; a damaged file raises
-    the ValueError, KeyError or TypeError of the first bad line."""
+    """The test predictions a run wrote (`Task.predictions_file`), in the order of its test rows;
+    a damaged file raises the ValueError, KeyError or TypeError of the first bad line."""
     lines = (Path(folder) / PREDICTIONS).read_text().splitlines()
     return [json.loads(line)["prediction"] for line in lines if line.strip()]
 

@@ -17,7 +17,6 @@ import copy
 import csv
 import dataclasses
 import io
-import json
 import math
 import platform
 import re
@@ -33,7 +32,6 @@ from torch import nn
 from .adapter_file import adapter_files, load, put, read_adapter, regular_file, save
 from .atomic import discard, json_bytes, write_atomic, write_folder
 from .config import TiedLoraConfig, TiedLoraError
-from .decoding import pad_id
 from .layout import find_layers
 from .loss import TokenLoss, answer_tokens, collate, encode_rows, mean_loss, pack
 from .model import adapter_parameters, apply, trainable_parameters
@@ -45,17 +43,18 @@ from .runs import (
     LOG,
     RESULTS,
     RUN,
-    SAMPLES,
     clean_stale,
     read_json,
     run_options,
     write_json,
-    write_predictions,
+    write_jsonl,
 )
+from .tokens import pad_id
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .tasks import Rows
+    from .evaluate import Scorer
+    from .tasks import Rows, TaskLike
 
 PRECISIONS = ("auto", "bf16", "fp32")
 RECIPES = Path(__file__).parent / "configs" / "paper"  # the paper's recipe per task, as YAML
@@ -189,14 +188,12 @@ class TrainConfig:
         self.task_data()
         self.adapter()
 
-    def task_data(self):
+    def task_data(self) -> TaskLike:
         """The data and its scoring: the user's own (--data) or one of the paper's tasks."""
-        from .data import OwnData
-        from .tasks import get
+        from .tasks import task_for
 
-        if self.data is None:
-            return get(self.task)
-        return OwnData(
+        return task_for(
+            self.task,
             self.data,
             validation=self.validation,
             split=self.split,
@@ -204,6 +201,7 @@ class TrainConfig:
             completion_field=self.completion_field,
             messages_field=self.messages_field,
             metric=self.metric,
+            samples=self.samples,
         )
 
     def adapter(self) -> TiedLoraConfig:
@@ -462,7 +460,7 @@ class Data:
     pad: int  # the token that pads a batch
 
 
-def load_data(task, tokenizer, cfg: TrainConfig) -> Data:
+def load_data(task: TaskLike, tokenizer, cfg: TrainConfig) -> Data:
     train_rows, val_rows = task.load("train", cfg.source), task.load("validation", cfg.source)
     limits = (cfg.max_length, cfg.too_long, cfg.chat)
     train_examples, long = encode_rows(task, train_rows[: cfg.train_rows], tokenizer, *limits)
@@ -524,27 +522,31 @@ class Run:
     cfg: TrainConfig
     model: nn.Module
     tokenizer: Any
-    task: Any
+    task: TaskLike
     data: Data
     procs: Processes
     folder: Path
     quiet: bool
 
-    def score(self, rows) -> dict:
-        """The task's scores on `rows` by greedy generation, with the run's decoding options."""
-        from .evaluate import evaluate
+    def scorer(self) -> Scorer:
+        """The model with the run's decoding options and its --max_length and --too_long."""
+        from .evaluate import Scorer
 
         cfg = self.cfg
-        return evaluate(
+        return Scorer(
             self.model,
             self.tokenizer,
-            self.task,
-            rows,
             cfg.max_new_tokens,
             cfg.eval_batch_size,
             cfg.chat,
             progress=not self.quiet,
+            max_length=cfg.max_length,
+            too_long=cfg.too_long,
         )
+
+    def score(self, rows) -> dict:
+        """The task's scores on `rows` by greedy generation, with the run's decoding options."""
+        return self.scorer().scores(self.task, rows)
 
 
 def resume_state(checkpoints: Checkpoints, resume: bool, model, optimizer, cfg: TrainConfig, main: bool) -> dict:
@@ -656,34 +658,17 @@ def validate(run: Run, loss_fn, state: dict) -> dict:
 
 
 def test_and_record(run: Run, state: dict, started: float) -> dict:
-    """Score the best adapter on the test split (own data: on the validation rows, by loss and
-    perplexity, the metric if one was chosen, and a few sample generations); write
-    predictions.jsonl (samples.jsonl for own data) and results.json."""
-    from .evaluate import evaluate_own
-
+    """Score the best adapter by its task's test (own data: on the validation rows, by loss and
+    perplexity, the metric if one was chosen, and a few sample generations); write the file the
+    task keeps its predictions in (predictions.jsonl; samples.jsonl for own data) and results.json."""
     cfg, data, procs, folder = run.cfg, run.data, run.procs, run.folder
     load(run.model, folder / BEST)
     test_all = run.task.load("test", cfg.source)
     test_rows = test_all[: cfg.test_rows]
-    if cfg.data is None:
-        scores = run.score(test_rows)
-    else:
-        scores = evaluate_own(
-            run.model,
-            run.tokenizer,
-            run.task,
-            test_rows,
-            cfg.max_new_tokens,
-            cfg.eval_batch_size,
-            cfg.chat,
-            cfg.samples,
-            progress=not run.quiet,
-            max_length=cfg.max_length,
-            too_long=cfg.too_long,
-        )
+    scores = run.task.test(run.scorer(), test_rows)
     predictions = scores.pop("predictions")
     results = {
-        "task": cfg.task if cfg.data is None else "own",
+        "task": run.task.name,
         "config": cfg.config,
         "rank": cfg.rank,
         "model": cfg.model,
@@ -711,25 +696,10 @@ def test_and_record(run: Run, state: dict, started: float) -> dict:
         "versions": versions(),
     }
     if procs.main:
-        if cfg.data is None:
-            write_predictions(folder, predictions)
-        else:
-            write_samples(folder / SAMPLES, run.tokenizer, run.task, test_rows, predictions, cfg.chat)
+        name, lines = run.task.predictions_file(run.tokenizer, test_rows, predictions, cfg.chat)
+        write_jsonl(folder / name, lines)
         write_json(folder / RESULTS, results)
     return results
-
-
-def write_samples(path: Path, tokenizer, task, rows: list, predictions: list[str], chat: bool) -> None:
-    """Own data: each generated answer beside what the model was asked and the reference."""
-    lines = [
-        {
-            "prompt": tokenizer.decode(task.prompt_ids(tokenizer, row, chat)),
-            "reference": task.reference(row),
-            "prediction": p,
-        }
-        for row, p in zip(rows, predictions)
-    ]
-    write_atomic(path, "".join(json.dumps(line) + "\n" for line in lines).encode())
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=None) -> dict:

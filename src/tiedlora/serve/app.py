@@ -2,7 +2,10 @@
 /v1/chat/completions, /v1/adapters (and vLLM's /v1/load_lora_adapter) to load and unload
 adapters at run time, and /metrics. Requests are checked here and become engine jobs; every
 refusal is OpenAI's error body naming the field. Prompts are tokenised on a thread of their
-own, never on the event loop, and request bodies are capped, so no request stalls the others."""
+own, never on the event loop, and request bodies are capped, so no request stalls the others.
+Handlers read the adapter registry only through its immutable snapshot (`Engine.view`), and send
+every registration to the engine's worker, awaiting its answer: nothing here takes a lock or
+waits for a decode step."""
 
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ from starlette.exceptions import HTTPException
 
 from ..adapter_file import check_base, read_adapter
 from ..config import TiedLoraError
-from ..decoding import Sampling, chat_ids
 from ..runs import adapter_folder
-from .engine import Engine, Job
-from .registry import Full
+from ..tokens import chat_ids
+from .batch import Sampling
+from .config import ServeConfig
+from .engine import Done, Engine, Event, Failed, Job
+from .registry import Full, Taken
 from .schemas import (
     AdapterBody,
     ApiError,
@@ -52,9 +57,7 @@ class Served:
     model_name: str
     root: Path
     context: int | None = None  # the base model's max_position_embeddings
-    max_prompt_tokens: int = 2048
-    max_tokens_limit: int = 1024
-    max_request_bytes: int = 1 << 20
+    config: ServeConfig = field(default_factory=ServeConfig)  # the limits: max_prompt_tokens, ...
     started: int = field(default_factory=lambda: int(time.time()))
     tokenizing: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tiedlora-tokenize")
@@ -83,8 +86,9 @@ def check_options(s: Served, body: Options, prompts: list[list[int]], max_tokens
             "leave it out or at its neutral value.",
             name,
         )
-    if body.model != s.model_name and body.model not in s.engine.registry.folders:
-        why = s.engine.registry.refused.get(body.model)
+    view = s.engine.view
+    if body.model != s.model_name and body.model not in view.folders:
+        why = view.refused.get(body.model)
         raise ApiError(
             404,
             f"Adapter {body.model!r} was refused: {why}"
@@ -94,17 +98,19 @@ def check_options(s: Served, body: Options, prompts: list[list[int]], max_tokens
             "model",
         )
     max_tokens = 16 if max_tokens is None else max_tokens
-    if not 1 <= max_tokens <= s.max_tokens_limit:
-        raise ApiError(400, f"max_tokens is {max_tokens}; it must be between 1 and {s.max_tokens_limit}.", "max_tokens")
+    limit = s.config.max_tokens_limit
+    if not 1 <= max_tokens <= limit:
+        raise ApiError(400, f"max_tokens is {max_tokens}; it must be between 1 and {limit}.", "max_tokens")
     if not 1 <= body.n or body.n * len(prompts) > MAX_CHOICES:
         raise ApiError(400, f"n is {body.n}; n times the prompts ({len(prompts)}) must be 1 to {MAX_CHOICES}.", "n")
     for ids in prompts:
         if not ids:
             raise ApiError(400, "The prompt is empty; send some text.", "prompt")
-        if len(ids) > s.max_prompt_tokens:
+        if len(ids) > s.config.max_prompt_tokens:
             raise ApiError(
                 400,
-                f"The prompt is {len(ids)} tokens, more than this server's limit of {s.max_prompt_tokens}; shorten it.",
+                f"The prompt is {len(ids)} tokens, more than this server's limit of {s.config.max_prompt_tokens}; "
+                "shorten it.",
                 "prompt",
             )
         if s.context is not None and len(ids) + max_tokens > s.context:
@@ -136,65 +142,78 @@ def adapter_of(s: Served, body: Options) -> str | None:
     return None if body.model == s.model_name else body.model
 
 
+class Answer:
+    """The choices of one request as their events arrive, for the streamed reply and the whole one
+    alike: each choice's text (its echoed prompt first), logprobs and finish reason, and the
+    tokens generated."""
+
+    def __init__(self, choices: int, echo: list[str]):
+        self.prefix = dict(enumerate(echo))  # what goes before each choice's text: its prompt, with echo
+        self.texts = [""] * choices
+        self.logprobs: list[list] = [[] for _ in range(choices)]
+        self.finishes: dict[int, str] = {}
+        self.tokens = 0
+
+    def add(self, event: Event) -> str:
+        """Take one event; the text it adds to its choice. A failure is raised as its ApiError."""
+        if isinstance(event, Failed):
+            raise ApiError(event.status, event.message)
+        text = self.prefix.pop(event.index, "") + event.delta
+        self.texts[event.index] += text
+        self.logprobs[event.index].extend(event.logprobs)
+        if isinstance(event, Done):
+            self.finishes[event.index], self.tokens = event.finish, self.tokens + event.tokens
+        return text
+
+    @property
+    def complete(self) -> bool:
+        return len(self.finishes) == len(self.texts)
+
+
 async def respond(s: Served, request: Request, job: Job, body: Options, reply: Reply, echo: list[str]):
     """The completion as JSON, or as server-sent events; a worker error before the first token
     is still an error response. Decoding stops as soon as the client goes away, streamed or not."""
     s.engine.submit(job)
+    answer = Answer(len(job.rows), echo)
     try:
         event = await job.events.get()
-        if event[0] == "error":
-            raise ApiError(event[1], event[2])
+        if isinstance(event, Failed):
+            raise ApiError(event.status, event.message)
     except BaseException:
         job.cancel()
         raise
-    prefix = dict(enumerate(echo))  # what goes before each choice's text: its prompt, with echo
 
-    def text_of(index: int, delta: str) -> str:
-        return prefix.pop(index, "") + delta
-
-    async def stream(event):
-        total, left = 0, len(job.rows)
+    async def stream(event: Event):
         try:
-            while event[0] != "error":
-                kind, index, delta, logprobs = event[:4]
-                finish = event[4] if kind == "done" else None
-                yield reply.chunk([reply.choice(index, text_of(index, delta), finish, logprobs, True)])
-                if kind == "done":
-                    total, left = total + event[5], left - 1
-                    if not left:
-                        break
+            while not isinstance(event, Failed):
+                text = answer.add(event)
+                finish = event.finish if isinstance(event, Done) else None
+                yield reply.chunk([reply.choice(event.index, text, finish, event.logprobs, True)])
+                if answer.complete:
+                    break
                 event = await job.events.get()
-            if event[0] == "error":
-                yield sse(error_body(event[1], event[2]))
+            if isinstance(event, Failed):
+                yield sse(error_body(event.status, event.message))
             elif body.stream_options is not None and body.stream_options.include_usage:
-                yield reply.chunk([], total)
+                yield reply.chunk([], answer.tokens)
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
 
     if body.stream:
         return StreamingResponse(stream(event), media_type="text/event-stream")
-    texts: dict[int, str] = {}
-    logprobs: dict[int, list] = {}
-    finishes: dict[int, tuple[str, int]] = {}
     watcher = asyncio.create_task(cancel_when_gone(request, job))
     try:
-        while True:
-            if event[0] == "error":
-                raise ApiError(event[1], event[2])
-            index = event[1]
-            texts[index] = texts.get(index, "") + event[2]
-            logprobs.setdefault(index, []).extend(event[3])
-            if event[0] == "done":
-                finishes[index] = (event[4], event[5])
-                if len(finishes) == len(job.rows):
-                    break
-            event = await job.events.get()
+        answer.add(event)
+        while not answer.complete:
+            answer.add(await job.events.get())
     finally:
         watcher.cancel()
         job.cancel()
-    choices = [reply.choice(i, text_of(i, texts[i]), finishes[i][0], logprobs[i], False) for i in range(len(job.rows))]
-    return reply.whole(choices, sum(tokens for _, tokens in finishes.values()))
+    choices = [
+        reply.choice(i, answer.texts[i], answer.finishes[i], answer.logprobs[i], False) for i in range(len(job.rows))
+    ]
+    return reply.whole(choices, answer.tokens)
 
 
 async def cancel_when_gone(request: Request, job: Job) -> None:
@@ -214,7 +233,7 @@ def models(s: ServedBy):
 def model(name: str, s: ServedBy):
     if name == s.model_name:
         return model_card(name, s.started)
-    if name in s.engine.registry.folders:
+    if name in s.engine.view.folders:
         return model_card(name, s.started, s.model_name)
     raise ApiError(404, f"The model {name!r} does not exist; GET /v1/models lists them.", "model")
 
@@ -281,17 +300,26 @@ async def chat_completions(body: ChatBody, request: Request, s: ServedBy):
     return await respond(s, request, job, body, Reply(body.model, True, len(ids), s.tokenizer, body.logprobs), [])
 
 
+async def on_worker(s: Served, change):
+    """Run `change()` on the engine's worker between two steps, awaiting it without blocking the loop."""
+    return await asyncio.wrap_future(s.engine.change(change))
+
+
+def taken(name: str) -> ApiError:
+    return ApiError(
+        409,
+        f"The name {name!r} is taken (the base model or a registered adapter); "
+        f"DELETE /v1/adapters/{name} first or pick another name.",
+        "name",
+    )
+
+
 async def register(s: Served, name: str, path: str, pin: bool) -> None:
-    """Check the adapter now (off the event loop) and register it, loaded; or refuse it."""
+    """Check the adapter now (off the event loop) and have the worker register it, loaded; or refuse it."""
     if not name.strip():
         raise ApiError(400, "The adapter name is empty; name it.", "name")
-    if name == s.model_name or name in s.engine.registry.folders:
-        raise ApiError(
-            409,
-            f"The name {name!r} is taken (the base model or a registered adapter); "
-            f"DELETE /v1/adapters/{name} first or pick another name.",
-            "name",
-        )
+    if name == s.model_name or name in s.engine.view.folders:
+        raise taken(name)
 
     def read():
         folder = adapter_folder(s.root, path)
@@ -301,7 +329,9 @@ async def register(s: Served, name: str, path: str, pin: bool) -> None:
 
     try:
         folder, adapter = await s.off_loop(read)
-        s.engine.add(name, folder, adapter, pin)
+        await on_worker(s, lambda: s.engine.registry.register(name, folder, adapter, pin))
+    except Taken:  # registered meanwhile, by another request
+        raise taken(name) from None
     except TiedLoraError as e:
         raise ApiError(400, str(e), "path") from None
     except Full:
@@ -316,16 +346,16 @@ async def load_adapter(body: AdapterBody, s: ServedBy):
     return model_card(body.name, int(time.time()), s.model_name)
 
 
-def unregister(s: Served, name: str) -> None:
+async def unregister(s: Served, name: str) -> None:
     try:
-        s.engine.remove(name)
+        await on_worker(s, lambda: s.engine.registry.unregister(name))
     except TiedLoraError as e:
         raise ApiError(404, str(e), "name") from None
 
 
 @router.delete("/v1/adapters/{name:path}")
-def unload_adapter(name: str, s: ServedBy):
-    unregister(s, name)
+async def unload_adapter(name: str, s: ServedBy):
+    await unregister(s, name)
     return {"id": name, "object": "model", "deleted": True}
 
 
@@ -339,8 +369,8 @@ async def load_lora_adapter(body: LoraBody, s: ServedBy):
 
 
 @router.post("/v1/unload_lora_adapter")
-def unload_lora_adapter(body: LoraBody, s: ServedBy):
-    unregister(s, body.lora_name)
+async def unload_lora_adapter(body: LoraBody, s: ServedBy):
+    await unregister(s, body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
@@ -364,7 +394,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.served.max_request_bytes
+        limit = self.served.config.max_request_bytes
         message = f"The request body is larger than this server's limit of {limit:,} bytes; send less."
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

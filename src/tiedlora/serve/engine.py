@@ -1,12 +1,18 @@
 """The serving engine: one worker thread owns the model (torch is never used by two threads at
-once) and runs the continuous batch (`decoding.Batch`) for every request, whatever its adapter.
+once) and runs the continuous batch (`batch.Batch`) for every request, whatever its adapter.
 
 At every step the worker admits waiting rows up to `max_batch` (loading their adapters through
 the registry), reads a bounded share of new prompts, and decodes one token for every running
 row, each with its own adapter id, so a hundred adapters cost one base model and one batch. A
 short request that arrives while a long one runs starts at the next step and may finish first.
-Text reaches each request's asyncio queue as it is produced, for streaming. A fault of one row
-(its sampling, its scores, its adapter's file) fails that request alone.
+Text reaches each request's asyncio queue as it is produced, for streaming, as typed events
+(`Text`, `Done`, `Failed`). A fault of one row (its sampling, its scores, its adapter's file)
+fails that request alone.
+
+The worker is the only thread that changes the model or the registry: requests and adapter
+registrations alike reach it through its inbox, and a registration's caller awaits a future
+the worker resolves between two steps, so no other thread, the event loop least of all, ever
+waits for a step to end. Other threads read `Engine.view`, the registry's immutable snapshot.
 """
 
 from __future__ import annotations
@@ -16,16 +22,19 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from ..adapter_file import AdapterFile
 from ..config import TiedLoraError
-from ..decoding import Batch, Sampling, Sequence
+from .batch import Batch, Logprobs, Sampling, Sequence
+from .config import ServeConfig
 from .metrics import Metrics
 from .multi import MultiAdapterModel
-from .registry import Full, Registry
+from .registry import Full, Registry, View
 
 
 class Row(Sequence):
@@ -41,12 +50,47 @@ class Row(Sequence):
         self.last_token: float | None = None
 
 
+@dataclass(frozen=True)
+class Text:
+    """New text of choice `index`, and the logprobs of the tokens new since its last event."""
+
+    index: int
+    delta: str
+    logprobs: Logprobs
+
+
+@dataclass(frozen=True)
+class Done(Text):
+    """The last text of choice `index`: why it finished and how many tokens it generated."""
+
+    finish: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request failed: its HTTP status and OpenAI's error message. Always its last event."""
+
+    status: int
+    message: str
+
+
+Event = Text | Done | Failed
+
+
+@dataclass
+class Change:
+    """A change the worker makes between two steps (an adapter registered or removed): `apply()`
+    runs on the worker, its result or exception resolves `future`."""
+
+    apply: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
 @dataclass
 class Job:
     """One request as the worker sees it; `push` is the only way results leave the worker.
-    Events: ("text", index, delta, logprobs) for any choice, then ("done", index, delta,
-    logprobs, finish_reason, completion_tokens) once per choice; or one ("error", status,
-    message). `logprobs` are the (token, logprob, top alternatives) new since the last event."""
+    Events: `Text` for any choice, then one `Done` per choice; or one `Failed`."""
 
     model: str  # the name requested: the base model's or an adapter's
     adapter: str | None  # None: the base model
@@ -74,17 +118,17 @@ class Job:
         for row in self.rows:
             row.cancelled = True
 
-    def push(self, *event) -> None:
+    def push(self, event: Event) -> None:
         if self.closed:
             return
-        self.closed = event[0] == "error" or self.finished == len(self.rows)
+        self.closed = isinstance(event, Failed) or self.finished == len(self.rows)
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancel()
 
     def fail(self, status: int, message: str) -> None:
-        self.push("error", status, message)
+        self.push(Failed(status, message))
         self.cancel()
 
 
@@ -92,43 +136,71 @@ class Engine:
     """The model, its adapter registry and the worker thread that runs the batch."""
 
     def __init__(
-        self,
-        multi: MultiAdapterModel,
-        tokenizer,
-        max_batch: int = 32,
-        max_resident: int = 512,
-        prefill_tokens: int = 256,
-        metrics: Metrics | None = None,
+        self, multi: MultiAdapterModel, tokenizer, config: ServeConfig | None = None, metrics: Metrics | None = None
     ):
+        self.config = config = config or ServeConfig()
         self.multi, self.tokenizer = multi.eval(), tokenizer
-        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.max_batch, self.prefill_tokens = config.max_batch, config.prefill_tokens
         self.metrics = metrics or Metrics()
-        self.registry = Registry(multi, max_resident, self.metrics)
-        self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.registry = Registry(multi, config.max_resident, self.metrics)
+        self.inbox: queue.SimpleQueue[Job | Change | None] = queue.SimpleQueue()
         self.waiting: deque[Row] = deque()
-        self.batch = Batch(multi, tokenizer, self.emit, self.adapter_ids, chunk=prefill_tokens)
-        self.lock = threading.Lock()  # held by each step, and by registry changes: both change what the model computes
+        self.batch = Batch(multi, tokenizer, self.emit, self.adapter_ids, chunk=config.prefill_tokens)
+        self.lock = threading.Lock()  # held by the worker through each step and change (a test may hold it to pause it)
+        self.closed = False
         self.thread = threading.Thread(target=self.work, name="tiedlora-engine", daemon=True)
         self.thread.start()
 
     @property
+    def view(self) -> View:
+        """The registry as it was after its latest change: read-only, safe to read from any thread."""
+        return self.registry.view
+
+    @property
     def adapters(self) -> list[str]:
-        return self.registry.names
+        return self.view.names
+
+    def change(self, apply: Callable[[], Any]) -> Future:
+        """Have the worker run `apply()` between two steps; the future holds its result or its
+        exception. An event loop awaits it with `asyncio.wrap_future`, never blocking."""
+        change = Change(apply)
+        self.send(change)
+        return change.future
 
     def add(self, name: str, folder: Path, adapter: AdapterFile | None = None, pin: bool = False) -> None:
-        with self.lock:
-            self.registry.register(name, folder, adapter, pin)
+        """Register an adapter and wait until it is (not from the event loop: await `change`)."""
+        self.change(lambda: self.registry.register(name, folder, adapter, pin)).result()
+
+    def add_all(self, folders: Mapping[str, Path], pin: list[str]) -> dict[str, str]:
+        """Register many adapters in one change; why each refused one was refused."""
+        return self.change(lambda: self.registry.register_all(folders, pin)).result()
 
     def remove(self, name: str) -> None:
-        with self.lock:
-            self.registry.unregister(name)
+        """Unregister an adapter and wait until it is (not from the event loop: await `change`)."""
+        self.change(lambda: self.registry.unregister(name)).result()
 
     def submit(self, job: Job) -> None:
-        self.inbox.put(job)
+        self.send(job)
+
+    def send(self, item: Job | Change) -> None:
+        """Into the worker's inbox; once it has stopped, answered at once (a 503, or an error)."""
+        self.inbox.put(item)
+        if self.closed and not self.thread.is_alive():
+            self.shut(self.drain())
 
     def close(self) -> None:
+        self.closed = True
         self.inbox.put(None)
         self.thread.join()
+        self.shut(self.drain())  # anything sent while the worker was stopping
+
+    def drain(self) -> list[Job | Change | None]:
+        arrived: list[Job | Change | None] = []
+        try:
+            while True:
+                arrived.append(self.inbox.get_nowait())
+        except queue.Empty:
+            return arrived
 
     @staticmethod
     def adapter_ids(rows: list) -> dict:
@@ -137,31 +209,45 @@ class Engine:
     def work(self) -> None:
         while True:
             idle = not self.waiting and not len(self.batch)
-            arrived: list[Job | None] = []
-            try:
-                arrived.append(self.inbox.get(block=idle))
-                while True:
-                    arrived.append(self.inbox.get_nowait())
-            except queue.Empty:
-                pass
+            arrived = [self.inbox.get()] if idle else []
+            arrived += self.drain()
             if None in arrived:
                 self.shut(arrived)
                 return
-            for job in cast(list[Job], arrived):
-                self.waiting.extend(job.rows)
+            for job in arrived:
+                if isinstance(job, Job):
+                    self.waiting.extend(job.rows)
             with self.lock:
+                for change in arrived:
+                    if isinstance(change, Change):
+                        self.apply(change)
                 self.admit()
                 self.batch.prefill(self.prefill_tokens)
                 self.batch.step()
             self.metrics.running.set(len(self.batch))
             self.metrics.waiting.set(len(self.waiting))
 
-    def shut(self, arrived: list[Job | None]) -> None:
-        """close(): every request still queued or running gets an answer, so no handler waits for ever."""
+    @staticmethod
+    def apply(change: Change) -> None:
+        """Make one change (on the worker) and resolve its future."""
+        if not change.future.set_running_or_notify_cancel():
+            return
+        try:
+            change.future.set_result(change.apply())
+        except Exception as e:  # noqa: BLE001 - the caller gets it, the worker goes on
+            change.future.set_exception(e)
+
+    def shut(self, arrived: list[Job | Change | None]) -> None:
+        """close(): every request and change still queued or running gets an answer, so no
+        handler waits for ever."""
         rows = [*self.waiting, *cast(list[Row], [*self.batch.pending, *self.batch.rows])]
-        rows += [row for job in arrived if job is not None for row in job.rows]
+        rows += [row for job in arrived if isinstance(job, Job) for row in job.rows]
+        self.waiting.clear()
         for row in rows:
             row.job.fail(503, "The server is shutting down; retry the request.")
+        for change in arrived:
+            if isinstance(change, Change) and change.future.set_running_or_notify_cancel():
+                change.future.set_exception(TiedLoraError("The server is shutting down."))
 
     def admit(self) -> None:
         """Waiting rows join the batch, first come first, while there is room; a row whose adapter
@@ -205,7 +291,7 @@ class Engine:
         logprobs = row.logprobs[row.sent_logprobs :]
         row.sent_logprobs = len(row.logprobs)
         if row.finish is None:
-            job.push("text", row.index, text, logprobs)
+            job.push(Text(row.index, text, logprobs))
             return
         if row.admitted and job.adapter is not None:
             self.registry.release(job.adapter)
@@ -214,6 +300,6 @@ class Engine:
         if row.finish == "error":
             job.fail(500, f"Generation failed for this request: {row.error}.")
         else:
-            job.push("done", row.index, text, logprobs, row.finish, len(row.tokens))
+            job.push(Done(row.index, text, logprobs, row.finish, len(row.tokens)))
         if job.finished == len(job.rows):
             self.metrics.requests.labels(job.model, row.finish).inc()

@@ -22,16 +22,20 @@ from ..adapter_file import AdapterFile, base_identity, check_base, read_adapter
 from ..config import TiedLoraConfig, TiedLoraError
 from ..layer import SharedInput, down_factor, up_factor
 from ..layout import Group, find_groups, find_layers, replace_submodule
+from .config import ServeConfig
 
-# One adapter's share of a bank: (As, Bs, a_index, b_index, u, v, scale); see Bank.rebuild.
+# One adapter's share of a bank: (As, Bs, a_index, b_index, u, v, scale); see Bank.put.
 Entry = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
 
 
 class Bank(nn.Module):
     """One group's adapters, stacked: A (n_A, r, d_in), B (n_B, d_out, r), u (ids, L, r),
-    v (ids, L, d_out), scale (ids,), and a_index, b_index (ids, L) into A and B. Rebuilt after changes. They
-    are buffers, so `.to()` moves them with the model, but not persistent ones: adapters are
-    saved in their own folders, never in a state dict."""
+    v (ids, L, d_out), scale (ids,), and a_index, b_index (ids, L) into A and B; row 0 of each is
+    nothing (id 0, and layers an adapter leaves alone). An adapter is written into free rows in
+    place, the stacks doubling when full, so loading one costs the same with 10 adapters
+    resident or 1,000; only a rank above every one loaded so far pads the stacks again (they
+    stay at that rank). They are buffers, so `.to()` moves them with the model, but not
+    persistent ones: adapters are saved in their own folders, never in a state dict."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -41,9 +45,23 @@ class Bank(nn.Module):
     a_index: torch.Tensor
     b_index: torch.Tensor
 
-    def __init__(self, n_layers: int, d_in: int, d_out: int):
+    def __init__(self, n_layers: int, d_in: int, d_out: int, device=None, dtype=torch.float32):
         super().__init__()
-        self.n_layers, self.d_in, self.d_out = n_layers, d_in, d_out
+        self.n_layers, self.d_in, self.d_out, self.rank = n_layers, d_in, d_out, 1
+        place = dict(device=device, dtype=dtype)
+        for name, t in {
+            "A": torch.zeros(1, 1, d_in, **place),
+            "B": torch.zeros(1, d_out, 1, **place),
+            "u": torch.zeros(1, n_layers, 1, **place),
+            "v": torch.zeros(1, n_layers, d_out, **place),
+            "scale": torch.zeros(1, **place),
+            "a_index": torch.zeros(1, n_layers, dtype=torch.long, device=device),
+            "b_index": torch.zeros(1, n_layers, dtype=torch.long, device=device),
+        }.items():
+            self.register_buffer(name, t, persistent=False)
+        self.top = {"A": 1, "B": 1}  # rows below are taken or in `free`
+        self.free: dict[str, list[int]] = {"A": [], "B": []}
+        self.held: dict[int, tuple[list[int], list[int]]] = {}  # adapter id -> its rows of A and of B
         self.rows_a: torch.Tensor | None = None  # the call in progress's per-row matrices, all layers
         self.rows_b: torch.Tensor | None = None
 
@@ -56,47 +74,65 @@ class Bank(nn.Module):
         self.rows_a = down_factor(self.u[ids], self.A[self.a_index[ids]])  # rows x L x r x d_in
         self.rows_b = up_factor(self.v[ids], self.B[self.b_index[ids]], self.scale[ids].view(-1, 1, 1))  # x d_out x r
 
-    def rebuild(self, entries: list[Entry | None], device, dtype) -> None:
-        """`entries[i]` is adapter i's share, or None for an empty slot."""
-        rank = max([1] + [e[0][0].shape[0] for e in entries if e is not None])
+    @torch.no_grad()
+    def put(self, adapter_id: int, entry: Entry) -> None:
+        """Write one adapter's share as id `adapter_id`, touching no other adapter's rows."""
+        a_list, b_list, a_at, b_at, u, v, scale = entry
+        rank = a_list[0].shape[0]
+        if rank > self.rank:
+            self.pad_rank(rank)
+        self.clear(adapter_id)
+        a_rows, b_rows = [self.take("A") for _ in a_list], [self.take("B") for _ in b_list]
+        self.held[adapter_id] = (a_rows, b_rows)
+        for row, a in zip(a_rows, a_list):
+            self.A[row, :rank] = a.to(self.A)
+        for row, b in zip(b_rows, b_list):
+            self.B[row, :, :rank] = b.to(self.B)
+        # a_at: per layer 0 (not adapted) or the 1-based position of its matrix in a_list
+        for at, rows, index in ((a_at, a_rows, self.a_index), (b_at, b_rows, self.b_index)):
+            where = torch.tensor([0, *rows])[at]
+            index[adapter_id] = where.to(index.device)
+        self.u[adapter_id, :, :rank] = u.to(self.u)
+        self.v[adapter_id] = v.to(self.v)
+        self.scale[adapter_id] = scale
 
-        def padded(t, dim):
-            gap = list(t.shape)
-            gap[dim] = rank - t.shape[dim]
-            return torch.cat([t, t.new_zeros(gap)], dim=dim)
+    @torch.no_grad()
+    def clear(self, adapter_id: int) -> None:
+        """Id `adapter_id` computes nothing again, and its rows are free for the next adapter."""
+        self.grow_ids(adapter_id + 1)
+        a_rows, b_rows = self.held.pop(adapter_id, ([], []))
+        for part, rows in (("A", a_rows), ("B", b_rows)):
+            getattr(self, part)[rows] = 0
+            self.free[part] += rows
+        for t in (self.u, self.v, self.scale, self.a_index, self.b_index):
+            t[adapter_id] = 0
 
-        As, Bs = [torch.zeros(rank, self.d_in)], [torch.zeros(self.d_out, rank)]  # row 0: nothing
-        a_index, b_index, us, vs, scales = [], [], [], [], []
-        zero_layers = torch.zeros(self.n_layers, dtype=torch.long)
-        for e in [None, *entries]:
-            if e is None:
-                a_index.append(zero_layers)
-                b_index.append(zero_layers)
-                us.append(torch.zeros(self.n_layers, rank))
-                vs.append(torch.zeros(self.n_layers, self.d_out))
-                scales.append(0.0)
-                continue
-            a_list, b_list, a_at, b_at, u, v, scale = e
-            # local index k >= 1 is this adapter's k-th matrix, which lands at len(As) + k - 1
-            a_index.append(torch.where(a_at > 0, a_at - 1 + len(As), 0))
-            b_index.append(torch.where(b_at > 0, b_at - 1 + len(Bs), 0))
-            As += [padded(a, 0) for a in a_list]
-            Bs += [padded(b, 1) for b in b_list]
-            us.append(padded(u, 1))
-            vs.append(v)
-            scales.append(scale)
-        place = dict(device=device, dtype=dtype)
-        stacked = {
-            "A": torch.stack(As).to(**place),
-            "B": torch.stack(Bs).to(**place),
-            "u": torch.stack(us).to(**place),
-            "v": torch.stack(vs).to(**place),
-            "scale": torch.tensor(scales).to(**place),
-            "a_index": torch.stack(a_index).to(device),
-            "b_index": torch.stack(b_index).to(device),
-        }
-        for name, t in stacked.items():
-            self.register_buffer(name, t, persistent=False)
+    def take(self, part: str) -> int:
+        """A free row of A or B, the stack doubled when none is left."""
+        if self.free[part]:
+            return self.free[part].pop()
+        stack = getattr(self, part)
+        if self.top[part] == stack.shape[0]:
+            setattr(self, part, torch.cat([stack, torch.zeros_like(stack)]))
+        self.top[part] += 1
+        return self.top[part] - 1
+
+    def grow_ids(self, count: int) -> None:
+        """Room for ids below `count`, doubling."""
+        have = self.u.shape[0]
+        if count > have:
+            more = max(count, 2 * have) - have
+            for name in ("u", "v", "scale", "a_index", "b_index"):
+                t = getattr(self, name)
+                setattr(self, name, torch.cat([t, t.new_zeros(more, *t.shape[1:])]))
+
+    def pad_rank(self, rank: int) -> None:
+        """Zero-pad every stored matrix to `rank`: zeros add nothing to any product."""
+        gap = rank - self.rank
+        self.A = torch.cat([self.A, self.A.new_zeros(self.A.shape[0], gap, self.d_in)], dim=1)
+        self.B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], self.d_out, gap)], dim=2)
+        self.u = torch.cat([self.u, self.u.new_zeros(self.u.shape[0], self.n_layers, gap)], dim=2)
+        self.rank = rank
 
 
 class LayerDown:
@@ -139,7 +175,7 @@ class MultiAdapterModel(nn.Module):
     load and unload adapters at run time. Ranks above `max_rank` are refused: the banks are
     padded to the largest rank loaded, so one large adapter would slow every row."""
 
-    def __init__(self, model: nn.Module, targets=("qkv",), dtype=torch.float32, max_rank: int = 64):
+    def __init__(self, model: nn.Module, targets=("qkv",), dtype=torch.float32, max_rank: int = ServeConfig.max_rank):
         super().__init__()
         self.max_rank = max_rank
         self.model: Any = model.requires_grad_(False)  # a transformers model: its generate is used too
@@ -150,8 +186,9 @@ class MultiAdapterModel(nn.Module):
         self.groups: dict[str, Group] = {g.name: g for g in find_groups(self.layers, indices, targets)}
         self.identity = base_identity(model, self.groups.values())
         self.banks = nn.ModuleDict()
+        device = next(model.parameters()).device
         for g in self.groups.values():
-            self.banks[g.name] = bank = Bank(len(self.layers), g.d_in, sum(g.d_outs))
+            self.banks[g.name] = bank = Bank(len(self.layers), g.d_in, sum(g.d_outs), device, dtype)
             for i in indices:
                 down = LayerDown(bank, i)
                 down.shared.attach(self.layers[i].get_submodule(g.owner))
@@ -159,16 +196,6 @@ class MultiAdapterModel(nn.Module):
                     replace_submodule(
                         self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), down, rows)
                     )
-        self.entries: dict[str, list[Entry | None]] = {g: [] for g in self.groups}
-        self._rebuild()
-
-    def _rebuild(self) -> None:
-        """Stack the banks again on the base model's device; done before the next forward, not
-        at every add or remove, so loading a thousand adapters stacks them once."""
-        device = next(self.model.parameters()).device
-        for group in self.groups:
-            self.bank(group).rebuild(self.entries[group], device, self.dtype)
-        self._stale = False
 
     def bank(self, group: str) -> Bank:
         return cast(Bank, self.banks[group])
@@ -191,12 +218,12 @@ class MultiAdapterModel(nn.Module):
         slot = self.names.index(None) if None in self.names else len(self.names)
         if slot == len(self.names):
             self.names.append(None)
-            for g in self.entries:
-                self.entries[g].append(None)
         self.names[slot] = name
-        for g, entry in entries.items():
-            self.entries[g][slot] = entry
-        self._stale = True
+        for g in self.groups:
+            if g in entries:
+                self.bank(g).put(slot + 1, entries[g])
+            else:
+                self.bank(g).clear(slot + 1)
         return slot + 1
 
     def check(self, adapter: AdapterFile) -> None:
@@ -209,11 +236,10 @@ class MultiAdapterModel(nn.Module):
             )
 
     def remove(self, name: str) -> None:
-        slot = self.id_of(name) - 1
-        self.names[slot] = None
-        for g in self.entries:
-            self.entries[g][slot] = None
-        self._stale = True
+        adapter_id = self.id_of(name)
+        self.names[adapter_id - 1] = None
+        for g in self.groups:
+            self.bank(g).clear(adapter_id)
 
     def _entry(self, group: str, adapter: AdapterFile) -> Entry:
         """One adapter's share of a group's bank: its parts as `AdapterFile.value` gives them, each
@@ -264,8 +290,6 @@ class MultiAdapterModel(nn.Module):
             raise TiedLoraError(
                 f"adapter_ids {adapter_ids!r}: need one id per row ({batch}), each 0 (none) or a loaded adapter's id."
             )
-        if ids is not None and self._stale:
-            self._rebuild()
         for group in self.groups:
             self.bank(group).select(ids)
         try:

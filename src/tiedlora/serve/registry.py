@@ -7,13 +7,19 @@ first request (by `adapter_file.read_adapter`, the same checks as `tiedlora.load
 running row needs and that is not pinned. A folder that fails its checks is reported and
 dropped from the registry; the others go on.
 
-Only the engine's worker, or a caller holding the engine's lock, touches a registry.
+Only the engine's worker changes a registry or reads its working state: every change reaches it
+through the engine's inbox. Any other thread (the event loop's handlers) reads `view`, an
+immutable snapshot of the names, their folders and the refused ones, replaced whole after every
+change, so a reader sees one consistent state and never a dict that changes under it.
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from ..adapter_file import AdapterFile, read_adapter
 from ..config import TiedLoraError
@@ -23,6 +29,23 @@ from .multi import MultiAdapterModel
 
 class Full(Exception):
     """Every resident adapter is pinned or in use: the request waits for a row to finish."""
+
+
+class Taken(TiedLoraError):
+    """The name is already registered."""
+
+
+@dataclass(frozen=True)
+class View:
+    """The registry as readers on other threads see it: the registered adapters' folders, in
+    registration order, and why refused names were dropped, both read-only."""
+
+    folders: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
+    refused: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.folders)
 
 
 class Registry:
@@ -35,17 +58,44 @@ class Registry:
         self.refused: dict[str, str] = {}  # name -> why its folder was dropped
         self.users: Counter[str] = Counter()  # rows in flight per adapter
         self.recent: OrderedDict[str, None] = OrderedDict()  # resident adapters, least recently used first
+        self.view = View()
+
+    def publish(self) -> None:
+        """Replace `view` with a snapshot of the state now (one reference assignment: a reader
+        has the old snapshot or the new one, each whole)."""
+        self.view = View(MappingProxyType(dict(self.folders)), MappingProxyType(dict(self.refused)))
+        self.metrics.registered.set(len(self.folders))
 
     @property
     def names(self) -> list[str]:
-        return list(self.folders)
+        return self.view.names
 
     def register(self, name: str, folder: Path, adapter: AdapterFile | None = None, pin: bool = False) -> None:
         """Know `name` from now on, its config checked; with `adapter` (already read) or `pin` it
         is loaded now."""
+        try:
+            self._add(name, folder, adapter, pin)
+        finally:
+            self.publish()
+
+    def register_all(self, folders: Mapping[str, Path], pin: list[str]) -> dict[str, str]:
+        """Register many at once (start-up), published once; why each refused one was refused."""
+        refused = {}
+        try:
+            for name, folder in folders.items():
+                try:
+                    self._add(name, folder, pin=name in pin)
+                except TiedLoraError as e:
+                    refused[name] = str(e)
+        finally:
+            self.publish()
+        return refused
+
+    def _add(self, name: str, folder: Path, adapter: AdapterFile | None = None, pin: bool = False) -> None:
+        """`register` without publishing."""
         check_name(name)
         if name in self.folders:
-            raise TiedLoraError(f"Adapter name {name!r} is taken; unload it first or pick another name.")
+            raise Taken(f"Adapter name {name!r} is taken; unload it first or pick another name.")
         self.multi.check(adapter if adapter is not None else read_adapter(folder, tensors=False))
         self.folders[name] = Path(folder)
         self.refused.pop(name, None)
@@ -58,7 +108,6 @@ class Registry:
                 self.folders.pop(name)
                 self.pinned.discard(name)
                 raise
-        self.metrics.registered.set(len(self.folders))
 
     def unregister(self, name: str) -> None:
         """Forget `name`; if rows still use it, it is unloaded when the last one finishes."""
@@ -68,7 +117,7 @@ class Registry:
         self.pinned.discard(name)
         if not self.users[name]:
             self.evict(name)
-        self.metrics.registered.set(len(self.folders))
+        self.publish()
 
     def acquire(self, name: str) -> int:
         """The model's id for `name`, loading it first if it is not resident; one more user."""
@@ -84,7 +133,7 @@ class Registry:
                 self.refused[name] = str(e)
                 del self.folders[name]
                 self.pinned.discard(name)
-                self.metrics.registered.set(len(self.folders))
+                self.publish()
                 raise
         self.recent.move_to_end(name)
         self.users[name] += 1

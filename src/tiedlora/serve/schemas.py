@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
+from .batch import Logprobs
+
 
 def valid_unicode(text: str) -> str:
     """JSON can carry lone surrogates ("\\ud800"), which no tokenizer or file system takes."""
@@ -144,10 +146,6 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 
 def model_card(name: str, created: int, parent: str | None = None) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "tiedlora", "parent": parent}
-
-
-# A choice's logprobs as the worker gives them: (token, logprob, [(alternative, logprob), ...]) per token.
-Logprobs = list[tuple[int, float, list[tuple[int, float]]]]
 
 
 class Reply:

@@ -72,7 +72,7 @@ class ExportCache:
             if not target.is_dir():
                 self.export(base_model, source, target)
             with self.lock:
-                self.used[key] = self.used.pop(key, None) or folder_bytes(target)
+                self.used[key] = self.used.pop(key) if key in self.used else folder_bytes(target)
                 self.evict(keep=key)
         return target
 
@@ -140,9 +140,10 @@ def register() -> None:
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-    cache = cache_from_environment()
-    if cache is None:
+    found = cache_from_environment()
+    if found is None:
         return
+    cache = found  # bound once: the resolver below closes over it
 
     class TiedLoraResolver(LoRAResolver):
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:

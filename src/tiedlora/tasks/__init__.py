@@ -1,17 +1,35 @@
 """The paper's five tasks (section 4.2): `get("gsm8k")` gives a task with `load(split, source)`,
 `prompt(row)`, `target(row)` and `score(predictions, rows)`. Sources and split rules are in
-base.py, templates in prompts.py, metrics in metrics.py; docs/tasks.md describes them all."""
+base.py, templates in prompts.py, metrics in metrics.py; docs/tasks.md describes them all.
+The user's own rows are a task too (`OwnData`, own.py); both satisfy `TaskLike`, what training
+and evaluation use, and `task_for` makes either from a run's or an evaluation's options."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from ..decoding import prompt_ids
+from ..tokens import prompt_ids
 from . import metrics
-from .base import SPLITS, DataError, Rows, Task, not_text
+from .base import SPLITS, DataError, Rows, Scorer, Task, TaskLike, not_text
+from .own import OwnData
 from .prompts import CHOICE_CONTEXT, TEMPLATES, encode
 
-__all__ = ["SPLITS", "TASKS", "TEMPLATES", "DataError", "Rows", "Task", "encode", "get", "prompt_ids"]
+__all__ = [
+    "SPLITS",
+    "TASKS",
+    "TEMPLATES",
+    "DataError",
+    "OwnData",
+    "Rows",
+    "Scorer",
+    "Task",
+    "TaskLike",
+    "encode",
+    "get",
+    "prompt_ids",
+    "task_for",
+]
 
 
 class Squad(Task):
@@ -158,3 +176,14 @@ def get(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise DataError(f"No task {name!r}; the tasks are {', '.join(TASKS)}.") from None
+
+
+def task_for(task: str | None, data: str | None = None, **own: Any) -> TaskLike:
+    """The one place a task is made from options, for `tiedlora train` and `tiedlora eval` alike:
+    the user's own rows when `data` is given (read with `own`, OwnData's options), else the paper's
+    task named `task`."""
+    if data is not None:
+        return OwnData(data, **own)
+    if task is None:
+        raise DataError(f"No task given; the tasks are {', '.join(TASKS)}, or your own data (--data).")
+    return get(task)

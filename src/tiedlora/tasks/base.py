@@ -13,9 +13,11 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from ..config import TiedLoraError
-from ..decoding import prompt_ids
+from ..runs import PREDICTIONS
+from ..tokens import prompt_ids
 from .prompts import TEMPLATES, encode
 
 SPLITS = ("train", "validation", "test")
@@ -125,6 +127,62 @@ def read_jsonl(path: Path, fields: tuple[str, ...], problem=None) -> list[dict]:
     return check(json_lines(path, _expected(fields)), fields, str(path), "line", problem)
 
 
+class Scorer(Protocol):
+    """What a task's `test` asks of the model being scored (`evaluate.Scorer`: a model with its
+    decoding and loss options)."""
+
+    def scores(self, task: TaskLike, rows: list[dict]) -> dict:
+        """`task.score` of answers generated greedily for `rows`, then "predictions": those answers."""
+        ...
+
+    def loss(self, task: TaskLike, rows: list[dict]) -> float:
+        """The mean loss per answer token of `task.encode`'s examples of `rows`."""
+        ...
+
+
+@runtime_checkable
+class TaskLike(Protocol):
+    """What training and evaluation use of a task, and all they use: the paper's tasks (`Task`)
+    and the user's own rows (`OwnData`, tasks/own.py) both satisfy it, so neither asks where a
+    task's rows came from."""
+
+    name: str  # recorded as the "task" of results.json and of `tiedlora eval`'s scores
+
+    def load(self, split: str, source: str | Path = "bundled") -> Rows:
+        """The rows a run trains on ("train"), validates on ("validation") and tests on ("test")."""
+        ...
+
+    def eval_rows(self, split: str, source: str | Path = "bundled") -> Rows:
+        """The rows `tiedlora eval --split` scores."""
+        ...
+
+    def encode(self, tokenizer, row: dict, chat: bool = False) -> dict[str, list[int]]:
+        """input_ids and labels of a training example (labels -100 except on the answer)."""
+        ...
+
+    def prompt_ids(self, tokenizer, row: dict, chat: bool = False) -> list[int]:
+        """The tokens the model is asked, to generate its answer."""
+        ...
+
+    def score(self, predictions: list[str], rows: list[dict]) -> dict:
+        """Scores of generated answers on 0-100, the headline first."""
+        ...
+
+    def test(self, scorer: Scorer, rows: list[dict]) -> dict:
+        """The test scores of `rows` that a run records and `tiedlora eval` prints, then "predictions"."""
+        ...
+
+    def predictions_file(
+        self, tokenizer, rows: list[dict], predictions: list[str], chat: bool = False
+    ) -> tuple[str, list[dict]]:
+        """The run folder's file that keeps `test`'s predictions, and its lines."""
+        ...
+
+    def choices(self, row: dict) -> tuple[str, list[str], int]:
+        """For `tiedlora eval --loglik`: the context, the continuations to compare and the right one."""
+        ...
+
+
 class Task:
     """One of the paper's tasks. A subclass names its data and fields and defines `target`
     and `metric`; the prompt is its template in prompts.py."""
@@ -173,6 +231,17 @@ class Task:
         """For multiple-choice tasks: the context, the continuations to compare and the right one."""
         raise DataError(f"{self.name} is not multiple choice: score it by generation, without --loglik.")
 
+    def test(self, scorer: Scorer, rows: list[dict]) -> dict:
+        """The headline metric (and the others) of answers generated for every row, then "predictions"."""
+        return scorer.scores(self, rows)
+
+    def predictions_file(
+        self, tokenizer, rows: list[dict], predictions: list[str], chat: bool = False
+    ) -> tuple[str, list[dict]]:
+        """predictions.jsonl: each test row's answer, in the order of the rows (`tiedlora report`
+        rescores them for its intervals)."""
+        return PREDICTIONS, [{"prediction": p} for p in predictions]
+
     def from_hub(self, rows: list[dict]) -> list[dict]:
         """The Hub copy in the layout of the official files, which the local sources keep."""
         return rows
@@ -184,6 +253,10 @@ class Task:
                 f"{self.name}: {len(predictions)} predictions for {len(rows)} rows; need one per row, at least one."
             )
         return self.metric(predictions, rows)
+
+    def eval_rows(self, split: str, source: str | Path = "bundled") -> Rows:
+        """The split `tiedlora eval --split` scores."""
+        return self.load(split, source)
 
     def load(self, split: str, source: str | Path = "bundled") -> Rows:
         if split not in SPLITS:

@@ -8,7 +8,7 @@ turn. Either way the answer ends with EOS, where greedy decoding stops, as in th
 
 from __future__ import annotations
 
-from ..decoding import prompt_ids
+from ..tokens import prompt_ids
 
 TEMPLATES = {
     "squad": "Answer the question with a short span copied from the context.\n\nContext: "

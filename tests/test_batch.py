@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tiedlora.decoding import Batch, Sampling, Sequence, StopMatch, pick
+from tiedlora.serve.batch import Batch, Sampling, Sequence, StopMatch, pick
 
 
 def naive(text: str, stops: list[str]) -> tuple[int | None, int]:

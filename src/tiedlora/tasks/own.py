@@ -1,6 +1,7 @@
-"""Your own data: a file (JSON Lines, CSV or Parquet) or a Hub data set of prompt/completion rows
-or chat conversations, checked row by row, split, tokenised with the loss on the answers only,
-and scored.
+"""Your own data as a task: a file (JSON Lines, CSV or Parquet) or a Hub data set of
+prompt/completion rows or chat conversations, checked row by row, split, tokenised with the loss
+on the answers only, and scored. `OwnData` satisfies the same `TaskLike` protocol as the paper's
+tasks, so training and evaluation take either alike.
 
 Rows are `{"prompt": ..., "completion": ...}` (the completion follows the prompt as it is, then
 EOS, as TRL reads that format) or `{"messages": [{"role": ..., "content": ...}, ...]}` (OpenAI's
@@ -15,11 +16,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
-from .decoding import chat_ids, prompt_ids
-from .tasks import metrics
-from .tasks.base import DataError, Rows, json_lines, share
+from ..runs import SAMPLES
+from ..tokens import chat_ids, prompt_ids
+from . import metrics
+from .base import DataError, Rows, Scorer, json_lines, share
 
 ROLES = ("system", "user", "assistant")
 METRICS = ("exact_match", "f1", "rougeL", "bleu")
@@ -31,8 +34,10 @@ FORMS = (
 
 
 class OwnData:
-    """A data set of the user's own, with the interface training and evaluation use for the
-    paper's tasks: `load(split)`, `encode`, `prompt_ids`, `reference` and `score`."""
+    """A data set of the user's own as a task (`TaskLike`): split into train and validation
+    (`load`), tokenised with the loss on the answers (`encode`), tested on the validation rows by
+    loss and perplexity, the chosen metric on generated answers, and `samples` generations kept
+    beside the results (`test`, `predictions_file`)."""
 
     name = "own"
 
@@ -46,23 +51,31 @@ class OwnData:
         completion_field: str = "completion",
         messages_field: str = "messages",
         metric: str | None = None,
+        samples: int = 5,
     ):
         if metric is not None and metric not in METRICS:
             raise DataError(
                 f"--metric {metric!r}: choose one of {', '.join(METRICS)} (or none: loss and perplexity only)."
             )
         self.source, self.validation, self.split, self.metric = source, validation, split, metric
+        self.samples = samples  # without a metric, answers are generated for this many rows only
         self.fields = {"prompt": prompt_field, "completion": completion_field, "messages": messages_field}
         self._rows: dict[str, Rows] = {}
 
-    def load(self, split: str, source=None) -> Rows:
-        """ "train" or "validation" ("test" is the validation rows: own data has no third split)."""
+    def load(self, split: str, source: str | Path | None = None) -> Rows:
+        """ "train" or "validation" ("test" is the validation rows: own data has no third split);
+        `source` is the paper's tasks' option and unused: the rows come from the file or Hub data set."""
         split = "validation" if split == "test" else split
         if split not in ("train", "validation"):
             raise DataError(f"own data has the splits train and validation, not {split!r}.")
         if not self._rows:
             self._rows = self._splits()
         return self._rows[split]
+
+    def eval_rows(self, split: str, source: str | Path | None = None) -> Rows:
+        """What `tiedlora eval --data` scores: every row, unsplit (the Hub split read is the one given
+        when made)."""
+        return self.all_rows()
 
     def all_rows(self) -> Rows:
         """Every row of the source, unsplit (what `tiedlora eval --data` scores)."""
@@ -149,6 +162,33 @@ class OwnData:
         if self.metric == "bleu":
             return metrics.bleu(predictions, references)
         return {}
+
+    def test(self, scorer: Scorer, rows: list[dict]) -> dict:
+        """The loss per answer token and its perplexity on `rows` always; the metric on answers
+        generated for every row, or without one generations for the first `samples` rows only;
+        then "predictions". Rows longer than the scorer's `max_length` are cut or dropped from the
+        loss as in training."""
+        loss = scorer.loss(self, rows)
+        # without a metric, `score` gives nothing: the generations are samples
+        scored = scorer.scores(self, rows if self.metric else rows[: self.samples])
+        predictions = scored.pop("predictions")
+        return {**scored, "loss": loss, "perplexity": math.exp(loss), "predictions": predictions}
+
+    def predictions_file(
+        self, tokenizer, rows: list[dict], predictions: list[str], chat: bool = False
+    ) -> tuple[str, list[dict]]:
+        """samples.jsonl: each generated answer beside what the model was asked and the reference."""
+        return SAMPLES, [
+            {
+                "prompt": tokenizer.decode(self.prompt_ids(tokenizer, row, chat)),
+                "reference": self.reference(row),
+                "prediction": p,
+            }
+            for row, p in zip(rows, predictions)
+        ]
+
+    def choices(self, row: dict) -> tuple[str, list[str], int]:
+        raise DataError("own data is not multiple choice: score it by generation, without --loglik.")
 
 
 def encode_messages(tokenizer, messages: list[dict]) -> dict[str, list[int]]:

@@ -1,10 +1,7 @@
-"""Decoding, in one place: how a prompt becomes tokens, batches of greedy completions for
-evaluation (transformers' generate does that), and the continuous batch the server runs, where
-rows join and leave at every step, each with its own sampling options, seed, stop strings and
-cache, and its text streams out as it grows.
-
-Batches are left-padded, so every row's next token sits in the last column; positions count
-from each row's first real token, so padding changes nothing.
+"""The server's continuous batch: rows join and leave at every step, each with its own sampling
+options, seed, stop strings and KV cache, and its text streams out as it grows. The batch is
+left-padded, so every row's next token sits in the last column; positions count from each row's
+first real token, so padding changes nothing.
 """
 
 from __future__ import annotations
@@ -16,83 +13,7 @@ from typing import Any
 
 import torch
 
-from .config import TiedLoraError
-
-
-def pad_id(tokenizer) -> int:
-    """The tokenizer's pad token, or EOS where it has none (GPT-2, Llama)."""
-    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-
-
-def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """The tokens of a conversation in the tokenizer's chat template, by default ready for the
-    assistant's next turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise TiedLoraError(
-            f"Chat prompts need a chat template, and the tokenizer {type(tokenizer).__name__} has no chat template; "
-            "use chat=False (plain prompts, or prompt/completion rows)."
-        )
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> list[int]:
-    """The tokens before the answer: the prompt, or with `chat` the prompt as the user turn.
-    Training and generation both call this, so the model is asked exactly as it was taught."""
-    return chat_ids(tokenizer, [{"role": "user", "content": prompt}]) if chat else tokenizer(prompt)["input_ids"]
-
-
-def pad_batch(seqs: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask of token lists padded to one length."""
-    width = max(map(len, seqs))
-    ids = [[pad] * (width - len(s)) + s if left else s + [pad] * (width - len(s)) for s in seqs]
-    mask = [[0] * (width - len(s)) + [1] * len(s) if left else [1] * len(s) + [0] * (width - len(s)) for s in seqs]
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int = 500,
-    batch_size: int = 8,
-    chat: bool = False,
-    progress: bool = True,
-) -> list[str]:
-    """Greedy completions of `prompts`, in their order (see `generate_ids`)."""
-    ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
-    return generate_ids(model, tokenizer, ids, max_new_tokens, batch_size, progress)
-
-
-@torch.no_grad()
-def generate_ids(
-    model, tokenizer, ids: list[list[int]], max_new_tokens: int = 500, batch_size: int = 8, progress: bool = True
-) -> list[str]:
-    """Greedy completions of tokenised prompts, in their order, by transformers' generate.
-    Batches are filled longest prompt first so they waste little on padding. Decoding stops at
-    EOS or `max_new_tokens`; no other stop string is assumed. The model runs in eval mode and is
-    given back in the mode it came in."""
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
-
-    pad = pad_id(tokenizer)
-    greedy = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad
-    )
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    answers = [""] * len(ids)
-    training = model.training
-    model.eval()
-    with tqdm(total=len(ids), desc="generate", unit="row", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            input_ids, mask = pad_batch([ids[i] for i in rows], pad, True, model.device)
-            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=greedy)
-            for i, new in zip(rows, out[:, input_ids.shape[1] :]):
-                answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
-            bar.update(len(rows))
-    model.train(training)
-    return answers
+Logprobs = list[tuple[int, float, list[tuple[int, float]]]]  # per token: it, its logprob, the top alternatives
 
 
 @dataclass
@@ -162,7 +83,7 @@ class Sequence:
     def __init__(self, prompt: list[int], sampling: Sampling):
         self.prompt, self.sampling = prompt, sampling
         self.tokens: list[int] = []
-        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # token, its logprob, top ones
+        self.logprobs: Logprobs = []
         self.text = ""
         self.finish: str | None = None
         self.error: str | None = None
@@ -401,11 +322,3 @@ def left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[time_dim] = gap
     return torch.cat([t.new_zeros(shape), t], dim=time_dim)
-
-
-def decode(model, tokenizer, seqs: list[Sequence], emit: Emit, row_kwargs: Callable[[list], dict] | None = None):
-    """Decode `seqs` together until every one has finished."""
-    batch = Batch(model, tokenizer, emit, row_kwargs)
-    for seq in seqs:
-        batch.add(seq)
-    batch.run()

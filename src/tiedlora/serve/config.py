@@ -1,0 +1,46 @@
+"""Every option of `tiedlora serve`, its default and its help, in one place: the command line
+lists them from here, and `build`, the engine and the app read them from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import TiedLoraError
+from ..models import SMOLLM2
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The options of `tiedlora serve`."""
+
+    model: str = SMOLLM2
+    """The base model; requests name it to use no adapter."""
+    adapters: str = "runs"
+    """Register every run folder (its best/) and adapter folder under it, named by relative path; each is
+    read on its first request. Without this folder the base model is served alone."""
+    host: str = "127.0.0.1"
+    """The address to listen on."""
+    port: int = 8000
+    """The port (0: any free one, printed at start)."""
+    max_batch: int = 32
+    """At most this many rows decoded together; the others wait for a place."""
+    max_prompt_tokens: int = 2048
+    """Longer prompts are refused."""
+    max_tokens_limit: int = 1024
+    """The largest max_tokens a request may ask for."""
+    max_resident: int = 512
+    """At most this many adapters loaded at once; the least recently used idle one is evicted."""
+    prefill_tokens: int = 256
+    """At most this many prompt tokens read between two decode steps (longer prompts in chunks)."""
+    max_request_bytes: int = 1 << 20
+    """Larger request bodies are refused (413)."""
+    max_rank: int = 64
+    """Adapters of a larger rank are refused (every row computes at the largest rank loaded)."""
+    pin: list[str] | None = None
+    """Adapters loaded at start and never evicted."""
+
+    def __post_init__(self) -> None:
+        limits = ["max_batch", "max_prompt_tokens", "max_tokens_limit", "max_resident", "prefill_tokens"]
+        limits.append("max_request_bytes")
+        if min(getattr(self, name) for name in (*limits, "max_rank")) < 1:
+            raise TiedLoraError(f"--{', --'.join(limits)} and --max_rank must be at least 1.")
