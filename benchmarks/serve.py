@@ -26,7 +26,7 @@ from timing import timed  # benchmarks/timing.py, beside this script
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import tiedlora
-from tiedlora.serve.multi import MultiAdapterModel
+from tiedlora.multi import MultiAdapterModel
 
 SHAPES = {
     "cpu": dict(

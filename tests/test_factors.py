@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import tiedlora
 from tiedlora import PRESETS, TiedLoraConfig
 from tiedlora.model import root
-from tiedlora.serve.multi import MultiAdapterModel
+from tiedlora.multi import MultiAdapterModel
 
 from conftest import randomize, tiny_model
 

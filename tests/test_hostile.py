@@ -16,7 +16,7 @@ import tiedlora
 from tiedlora import TiedLoraConfig, TiedLoraError
 from tiedlora.adapter_file import CONFIG, TENSORS, read_adapter
 from tiedlora.cli import main
-from tiedlora.serve.multi import MultiAdapterModel
+from tiedlora.multi import MultiAdapterModel
 from tiedlora.serve.vllm_plugin import ExportCache
 from tiedlora.tasks import DataError, get
 from tiedlora.train import Checkpoints, TrainConfig, train

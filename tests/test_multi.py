@@ -5,7 +5,7 @@ import torch
 
 import tiedlora
 from tiedlora import TiedLoraConfig, TiedLoraError
-from tiedlora.serve.multi import MultiAdapterModel
+from tiedlora.multi import MultiAdapterModel
 
 from conftest import randomize, tiny_model
 

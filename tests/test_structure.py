@@ -19,6 +19,7 @@ CORE = {
     "tiedlora.adapter_file",
     "tiedlora.atomic",
     "tiedlora.export",
+    "tiedlora.multi",
     "tiedlora.version",
 }
 HARNESS = ("tiedlora.train", "tiedlora.evaluate", "tiedlora.sweep", "tiedlora.report", "tiedlora.cli", "tiedlora.tasks")
@@ -57,7 +58,7 @@ def internal(name: str) -> set[str]:
 
 
 def test_every_module_is_seen():
-    assert {"tiedlora.model", "tiedlora.serve.multi", "tiedlora.tasks.base", "tiedlora.runs"} <= set(MODULES)
+    assert {"tiedlora.model", "tiedlora.multi", "tiedlora.tasks.base", "tiedlora.runs"} <= set(MODULES)
 
 
 def test_no_import_circle():
@@ -102,16 +103,40 @@ def test_serving_imports_nothing_from_the_training_harness():
         assert not [t for t in internal(name) if t.startswith(HARNESS)], name
 
 
+def with_packages(name: str) -> set[str]:
+    """`name` and the packages above it, whose __init__ runs first when it is imported."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & set(MODULES)
+
+
 def reachable(name: str) -> set[str]:
-    """Every module `name` imports, directly or through others."""
+    """Every module importing `name` runs: its packages and what they all import, directly or not."""
     seen, todo = set(), [name]
     while todo:
-        for target in internal(todo.pop()) - seen:
+        for target in set().union(*(with_packages(m) for m in internal(todo.pop()) | {name})) - seen:
             seen.add(target)
             todo.append(target)
     return seen
 
 
-@pytest.mark.parametrize("name", ["tiedlora.loss", "tiedlora.tokens", "tiedlora.generation"])
-def test_the_training_loss_and_evaluations_generation_import_nothing_from_serving(name):
+def test_only_serving_and_the_cli_import_from_serving():
+    outside = [m for m in MODULES if not m.startswith("tiedlora.serve") and m != "tiedlora.cli"]
+    assert not {
+        m: sorted(t for t in internal(m) if t.startswith("tiedlora.serve"))
+        for m in outside
+        if any(t.startswith("tiedlora.serve") for t in internal(m))
+    }
+
+
+@pytest.mark.parametrize("name", ["tiedlora.train", "tiedlora.loss", "tiedlora.tokens", "tiedlora.generation"])
+def test_training_and_evaluations_generation_import_nothing_from_serving(name):
     assert not [m for m in reachable(name) if m.startswith("tiedlora.serve")], name
+
+
+def test_importing_training_loads_no_serving_module():
+    """The same, as Python sees it: what `import tiedlora.train` leaves in sys.modules."""
+    import subprocess
+
+    code = "import sys, tiedlora.train; print(sorted(m for m in sys.modules if m.startswith('tiedlora.serve')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

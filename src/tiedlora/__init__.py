@@ -5,7 +5,7 @@ from .adapter_file import load, save
 from .config import PRESETS, Part, TiedLoraConfig, TiedLoraError
 from .export import export_peft
 from .model import adapter_parameters, apply, disabled, merge, remove, trainable_parameters, unmerge
-from .serve.multi import MultiAdapterModel
+from .multi import MultiAdapterModel
 from .version import __version__
 
 __all__ = [

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..config import TiedLoraError
 from ..models import SMOLLM2
+from ..multi import MAX_RANK
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ServeConfig:
     """At most this many prompt tokens read between two decode steps (longer prompts in chunks)."""
     max_request_bytes: int = 1 << 20
     """Larger request bodies are refused (413)."""
-    max_rank: int = 64
+    max_rank: int = MAX_RANK
     """Adapters of a larger rank are refused (every row computes at the largest rank loaded)."""
     pin: list[str] | None = None
     """Adapters loaded at start and never evicted."""

@@ -30,10 +30,10 @@ from typing import Any, cast
 
 from ..adapter_file import AdapterFile
 from ..config import TiedLoraError
+from ..multi import MultiAdapterModel
 from .batch import Batch, Logprobs, Sampling, Sequence
 from .config import ServeConfig
 from .metrics import Metrics
-from .multi import MultiAdapterModel
 from .registry import Full, Registry, View
 
 

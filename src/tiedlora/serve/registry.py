@@ -23,8 +23,8 @@ from types import MappingProxyType
 
 from ..adapter_file import AdapterFile, read_adapter
 from ..config import TiedLoraError
+from ..multi import MultiAdapterModel
 from .metrics import Metrics
-from .multi import MultiAdapterModel
 
 
 class Full(Exception):

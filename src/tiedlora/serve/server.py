@@ -10,10 +10,10 @@ from typing import Any
 
 from ..config import TiedLoraError
 from ..models import load_model
+from ..multi import MultiAdapterModel
 from ..runs import discover
 from .config import ServeConfig
 from .engine import Engine
-from .multi import MultiAdapterModel
 
 
 def build(model: str, adapters: str | Path, **options: Any) -> tuple[Engine, Any]:

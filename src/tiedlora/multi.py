@@ -18,11 +18,13 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..adapter_file import AdapterFile, base_identity, check_base, read_adapter
-from ..config import TiedLoraConfig, TiedLoraError
-from ..layer import SharedInput, down_factor, up_factor
-from ..layout import Group, find_groups, find_layers, replace_submodule
-from .config import ServeConfig
+from .adapter_file import AdapterFile, base_identity, check_base, read_adapter
+from .config import TiedLoraConfig, TiedLoraError
+from .layer import SharedInput, down_factor, up_factor
+from .layout import Group, find_groups, find_layers, replace_submodule
+
+# Ranks above this are refused by default: every row of a batch computes at the largest rank loaded.
+MAX_RANK = 64
 
 # One adapter's share of a bank: (As, Bs, a_index, b_index, u, v, scale); see Bank.put.
 Entry = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
@@ -175,7 +177,7 @@ class MultiAdapterModel(nn.Module):
     load and unload adapters at run time. Ranks above `max_rank` are refused: the banks are
     padded to the largest rank loaded, so one large adapter would slow every row."""
 
-    def __init__(self, model: nn.Module, targets=("qkv",), dtype=torch.float32, max_rank: int = ServeConfig.max_rank):
+    def __init__(self, model: nn.Module, targets=("qkv",), dtype=torch.float32, max_rank: int = MAX_RANK):
         super().__init__()
         self.max_rank = max_rank
         self.model: Any = model.requires_grad_(False)  # a transformers model: its generate is used too
