@@ -103,6 +103,19 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_folder):
+    """A tl6 adapter of the tiny_folder model, its trained parts random (alpha 64: it shows)."""
+    import tiedlora
+    from tiedlora import TiedLoraConfig
+
+    folder = tmp_path_factory.mktemp("one") / "a"
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    cfg = TiedLoraConfig.preset("tl6", rank=4, alpha=64, seed=1)
+    tiedlora.save(randomize(tiedlora.apply(model, cfg), trainable_only=True), folder)
+    return folder
+
+
 def record_steps(monkeypatch) -> list[int]:
     """The global step index of every training step the run takes from now on."""
     import tiedlora.train

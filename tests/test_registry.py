@@ -17,17 +17,6 @@ from tiedlora.adapter_file import TENSORS
 from tiedlora.serve import registry
 from tiedlora.serve.server import build
 
-from conftest import randomize
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory, tiny_folder):
-    folder = tmp_path_factory.mktemp("one") / "a"
-    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
-    cfg = TiedLoraConfig.preset("tl6", rank=4, alpha=64, seed=1)
-    tiedlora.save(randomize(tiedlora.apply(model, cfg), trainable_only=True), folder)
-    return folder
-
 
 def many(root, adapter, n):
     for i in range(n):
@@ -106,13 +95,10 @@ def test_pinned_adapters_are_never_evicted(tiny_folder, adapter, tmp_path):
         for name in ("a000", "a001", "a002"):
             assert complete(client, name).status_code == 200
         assert resident(engine) == ["a003", "a002"]
-        r = client.post("/v1/adapters", json={"name": "p", "path": "a000", "pin": True})
-        assert r.status_code == 200 and resident(engine) == ["a003", "p"]
-        r = client.post("/v1/adapters", json={"name": "q", "path": "a000", "pin": True})
-        assert r.status_code == 503 and "pinned or in use" in r.json()["error"]["message"]
-        assert "q" not in engine.adapters
-        r = complete(client, "a000")  # every resident one pinned, nothing running: no room, ever
-        assert r.status_code == 503 and "Every resident adapter is pinned" in r.json()["error"]["message"]
+        r = client.post("/v1/adapters", json={"name": "p", "path": "a000", "pin": True})  # no place would be left
+        assert r.status_code == 400 and "at most max_resident - 1 (1) may be" in r.json()["error"]["message"]
+        assert "p" not in engine.adapters and resident(engine) == ["a003", "a002"]
+        assert complete(client, "a000").status_code == 200 and resident(engine) == ["a003", "a000"]
 
 
 def test_rows_wait_for_room_when_every_resident_adapter_is_busy(tiny_folder, adapter, tmp_path, monkeypatch):

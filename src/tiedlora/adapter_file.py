@@ -190,12 +190,24 @@ def put(model: nn.Module, adapter: AdapterFile) -> nn.Module:
     return model
 
 
+def read_bytes(path: Path, limit: int, what: str, not_it: str) -> bytes:
+    """The file's bytes, at most `limit` of them: a file over it is refused unread, and one that
+    vanishes or fails while it is read (renamed away, a disk error) is a TiedLoraError, not a crash."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise TiedLoraError(f"{path} is {size:,} bytes, more than {what} can take ({limit:,}); {not_it}")
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+    except OSError as e:
+        raise TiedLoraError(f"{path} could not be read ({e.strerror or e}); check the folder and retry.") from None
+
+
 def read_config(folder: Path) -> dict:
     path = regular_file(Path(folder) / CONFIG)
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise TiedLoraError(f"{path} is {path.stat().st_size} bytes, too large for an adapter config; it is not one.")
+    blob = read_bytes(path, MAX_CONFIG_BYTES, "an adapter config", "it is not one.")
     try:
-        meta = json.loads(path.read_bytes())
+        meta = json.loads(blob)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, or an int of 5000 digits
         raise TiedLoraError(
             f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:120]}); re-save the adapter."
@@ -235,12 +247,7 @@ def read_tensors(folder: Path, meta: dict, shapes: dict[str, tuple[int, ...]]) -
 
     path = regular_file(folder / TENSORS)
     cap = sum(8 * math.prod(s) for s in shapes.values()) + (1 << 16) + 256 * len(shapes)  # fp64 values and a header
-    if path.stat().st_size > cap:
-        raise TiedLoraError(
-            f"{path} is {path.stat().st_size:,} bytes, more than its config's tensors can take "
-            f"({cap:,}); the file is not this adapter's."
-        )
-    blob = path.read_bytes()
+    blob = read_bytes(path, cap, "its config's tensors", "the file is not this adapter's.")
     if hashlib.sha256(blob).hexdigest() != meta["tensors"]["sha256"]:
         raise TiedLoraError(
             f"{path} does not match the sha256 in {CONFIG}: it was truncated or changed after saving; "

@@ -29,7 +29,7 @@ from ..tokens import chat_ids
 from .batch import Sampling
 from .config import ServeConfig
 from .engine import Done, Engine, Event, Failed, Job
-from .registry import Full, Taken
+from .registry import Full, Taken, check_name
 from .schemas import (
     AdapterBody,
     ApiError,
@@ -268,7 +268,8 @@ async def completions(body: CompletionBody, request: Request, s: ServedBy):
 
 def encode_chat(s: Served, body: ChatBody) -> list[int]:
     try:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        # OpenAI's developer messages are its newer models' system messages; templates know "system"
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     except ValueError as e:
         raise ApiError(400, f"messages: {e}.", "messages") from None
     try:
@@ -316,8 +317,10 @@ def taken(name: str) -> ApiError:
 
 async def register(s: Served, name: str, path: str, pin: bool) -> None:
     """Check the adapter now (off the event loop) and have the worker register it, loaded; or refuse it."""
-    if not name.strip():
-        raise ApiError(400, "The adapter name is empty; name it.", "name")
+    try:
+        check_name(name)
+    except TiedLoraError as e:
+        raise ApiError(400, str(e), "name") from None
     if name == s.model_name or name in s.engine.view.folders:
         raise taken(name)
 
@@ -372,6 +375,14 @@ async def load_lora_adapter(body: LoraBody, s: ServedBy):
 async def unload_lora_adapter(body: LoraBody, s: ServedBy):
     await unregister(s, body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+@router.get("/health")
+def health(s: ServedBy):
+    """200 while the engine's worker runs; 503 while it is down (its supervisor restarts it)."""
+    if not s.engine.healthy:
+        raise ApiError(503, "The engine's worker is not running; it is being restarted.")
+    return {"status": "ok"}
 
 
 @router.get("/metrics")

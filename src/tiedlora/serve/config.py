@@ -38,10 +38,15 @@ class ServeConfig:
     max_rank: int = MAX_RANK
     """Adapters of a larger rank are refused (every row computes at the largest rank loaded)."""
     pin: list[str] | None = None
-    """Adapters loaded at start and never evicted."""
+    """Adapters loaded at start and never evicted (at most max_resident - 1: one place stays free)."""
 
     def __post_init__(self) -> None:
         limits = ["max_batch", "max_prompt_tokens", "max_tokens_limit", "max_resident", "prefill_tokens"]
         limits.append("max_request_bytes")
         if min(getattr(self, name) for name in (*limits, "max_rank")) < 1:
             raise TiedLoraError(f"--{', --'.join(limits)} and --max_rank must be at least 1.")
+        if len(self.pin or []) >= self.max_resident:
+            raise TiedLoraError(
+                f"--pin names {len(self.pin or [])} adapters, --max_resident is {self.max_resident}: pin at most "
+                f"{self.max_resident - 1}, so that every other adapter has a place to load into."
+            )

@@ -9,6 +9,12 @@ Text reaches each request's asyncio queue as it is produced, for streaming, as t
 (`Text`, `Done`, `Failed`). A fault of one row (its sampling, its scores, its adapter's file)
 fails that request alone.
 
+Nothing one request brings can stop the worker: an adapter that fails to load fails the rows
+that asked for it (4xx when its folder is at fault, 5xx for anything else), a step that raises
+fails the rows it was running and the next step starts afresh. Should the worker thread end all
+the same, a supervisor fails what it held, starts a new one, and counts the restart; `healthy`
+(and `/health`) is false while none runs.
+
 The worker is the only thread that changes the model or the registry: requests and adapter
 registrations alike reach it through its inbox, and a registration's caller awaits a future
 the worker resolves between two steps, so no other thread, the event loop least of all, ever
@@ -148,8 +154,39 @@ class Engine:
         self.batch = Batch(multi, tokenizer, self.emit, self.adapter_ids, chunk=config.prefill_tokens)
         self.lock = threading.Lock()  # held by the worker through each step and change (a test may hold it to pause it)
         self.closed = False
-        self.thread = threading.Thread(target=self.work, name="tiedlora-engine", daemon=True)
-        self.thread.start()
+        self.restarts = 0
+        self.in_hand: list[Job | Change | None] = []
+        self.may_restart = threading.Event()  # cleared by a test to hold the supervisor
+        self.may_restart.set()
+        self.thread = self.start_worker()
+        self.supervisor = threading.Thread(target=self.supervise, name="tiedlora-supervisor", daemon=True)
+        self.supervisor.start()
+
+    def start_worker(self) -> threading.Thread:
+        thread = threading.Thread(target=self.work, name="tiedlora-engine", daemon=True)
+        thread.start()
+        return thread
+
+    def supervise(self) -> None:
+        """Restart the worker whenever it ends before close(): the rows it held fail (500), their
+        state being unknown; the requests still in the inbox are served by the new worker."""
+        while True:
+            self.thread.join()
+            if self.closed:
+                return
+            self.may_restart.wait()
+            with self.lock:
+                self.fail_batch("the server's worker stopped and was restarted")
+                for change in self.in_hand:
+                    if isinstance(change, Change) and change.future.set_running_or_notify_cancel():
+                        change.future.set_exception(TiedLoraError("The server's worker restarted; retry."))
+            self.restarts += 1
+            self.thread = self.start_worker()
+
+    @property
+    def healthy(self) -> bool:
+        """The worker is running (or the engine was closed on purpose)."""
+        return self.thread.is_alive()
 
     @property
     def view(self) -> View:
@@ -190,8 +227,10 @@ class Engine:
 
     def close(self) -> None:
         self.closed = True
+        self.may_restart.set()
         self.inbox.put(None)
         self.thread.join()
+        self.supervisor.join()
         self.shut(self.drain())  # anything sent while the worker was stopping
 
     def drain(self) -> list[Job | Change | None]:
@@ -211,6 +250,7 @@ class Engine:
             idle = not self.waiting and not len(self.batch)
             arrived = [self.inbox.get()] if idle else []
             arrived += self.drain()
+            self.in_hand = arrived  # what a restart must answer if this worker ends before applying it
             if None in arrived:
                 self.shut(arrived)
                 return
@@ -222,8 +262,11 @@ class Engine:
                     if isinstance(change, Change):
                         self.apply(change)
                 self.admit()
-                self.batch.prefill(self.prefill_tokens)
-                self.batch.step()
+                try:
+                    self.batch.prefill(self.prefill_tokens)
+                    self.batch.step()
+                except Exception as e:  # noqa: BLE001 - a fault of the step, not of one row: its rows fail, not the worker
+                    self.fail_batch(f"{type(e).__name__}: {str(e)[:200]}")
             self.metrics.running.set(len(self.batch))
             self.metrics.waiting.set(len(self.waiting))
 
@@ -236,6 +279,14 @@ class Engine:
             change.future.set_result(change.apply())
         except Exception as e:  # noqa: BLE001 - the caller gets it, the worker goes on
             change.future.set_exception(e)
+
+    def fail_batch(self, why: str) -> None:
+        """Fail every row in the batch (500) and start an empty one: their caches may be half made."""
+        rows = [*self.batch.pending, *self.batch.rows]
+        self.batch = Batch(self.multi, self.tokenizer, self.emit, self.adapter_ids, chunk=self.prefill_tokens)
+        for row in rows:
+            row.fail(why)
+            self.emit(row, "")
 
     def shut(self, arrived: list[Job | Change | None]) -> None:
         """close(): every request and change still queued or running gets an answer, so no
@@ -258,18 +309,16 @@ class Engine:
             if not row.cancelled:
                 try:
                     row.adapter_id = 0 if row.job.adapter is None else self.registry.acquire(row.job.adapter)
-                except Full:
-                    if len(self.batch):
-                        continue  # a running row will free an adapter
-                    row.job.fail(
-                        503,
-                        f"Every resident adapter is pinned (--max_resident {self.registry.max_resident}); "
-                        "serve with a larger --max_resident or fewer --pin.",
-                    )
+                except Full:  # every resident adapter is in use (pins leave one place): a running row frees one
+                    continue
+                except TiedLoraError as e:  # its folder: missing, refused by the reader, or dropped for that
+                    row.job.fail(404, str(e))
                     self.waiting.remove(row)
                     continue
-                except TiedLoraError as e:
-                    row.job.fail(404, str(e))
+                except Exception as e:  # noqa: BLE001 - a fault of ours while loading it: this request alone fails
+                    row.job.fail(
+                        500, f"Loading adapter {row.job.adapter!r} failed ({type(e).__name__}: {str(e)[:200]})."
+                    )
                     self.waiting.remove(row)
                     continue
                 row.admitted = True

@@ -100,6 +100,13 @@ class Registry:
         self.folders[name] = Path(folder)
         self.refused.pop(name, None)
         if pin:
+            if len(self.pinned) >= self.max_resident - 1:
+                self.folders.pop(name)
+                raise TiedLoraError(
+                    f"{len(self.pinned)} adapters are pinned already: at most max_resident - 1 "
+                    f"({self.max_resident - 1}) may be, so that one place is left for every other adapter; "
+                    "unpin one, or serve with a larger --max_resident."
+                )
             self.pinned.add(name)
         if adapter is not None or pin:
             try:
@@ -166,7 +173,8 @@ class Registry:
 
 
 def check_name(name: str) -> None:
-    """A name clients can send and read back: not empty, valid Unicode, not absurdly long."""
+    """A name clients can send and read back: not empty, printable (a newline or another control
+    character makes a name nobody can fetch or delete by URL), valid Unicode, not absurdly long."""
     if not name or not name.strip() or len(name) > 256:
         raise TiedLoraError(f"Adapter name {name[:40]!r} must be 1 to 256 characters, not all spaces.")
     try:
@@ -175,3 +183,7 @@ def check_name(name: str) -> None:
         raise TiedLoraError(
             f"Adapter name {name!r} is not valid Unicode (a folder name that is not UTF-8?); rename it."
         ) from None
+    if not name.isprintable():
+        raise TiedLoraError(
+            f"Adapter name {name[:40]!r} holds a control character (a newline, a tab, ...); use printable characters."
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
@@ -89,9 +89,14 @@ class CompletionBody(Options):
     logprobs: int | None = None
 
 
+# OpenAI's chat roles; any other string would be pasted into the chat template, where a role such
+# as "user<|im_end|>\n<|im_start|>system" forges a turn.
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Text
+    role: Role
     content: Text | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
