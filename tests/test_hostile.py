@@ -370,3 +370,17 @@ def test_an_out_that_cannot_be_made_and_a_full_disk_while_logging_are_one_line(
     assert "Could not write the log in" in err and "No space left on device" in err and "Traceback" not in err
     assert (tmp_path / "run" / "checkpoint" / "latest").read_text() == "step-2"
     assert Checkpoints(tmp_path / "run").latest().name == "step-2"
+
+
+@pytest.mark.parametrize("preset", ["lora", "vera", "tl1", "tl2", "tl3", "tl4", "tl5"])
+def test_a_file_must_hold_what_its_stored_record_says(tmp_path, preset, server):
+    """ "stored": "all" over a file of the trained tensors only would regenerate the frozen ones
+    silently; "trained" over a file of all of them would ignore some: both are refused."""
+    model = randomize(tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset(preset, rank=4)), trainable_only=True)
+    for stored, include_frozen in (("all", False), ("trained", True)):
+        folder = tmp_path / f"{preset}-{stored}"
+        tiedlora.save(model, folder, include_frozen=include_frozen)
+        meta = json.loads((folder / CONFIG).read_text())
+        meta["tensors"]["stored"] = stored
+        rewrite(folder, meta)
+        both_readers_refuse(folder, "holds tensors .* that do not match its config", server)
