@@ -175,3 +175,24 @@ def test_pins_leave_one_place_free(tiny_folder, tmp_path, adapter):
         assert complete(client, "p0").status_code == 200  # a place is left for every other adapter
         assert client.post("/v1/adapters", json={"name": "u", "path": "x/a003"}).status_code == 200
         assert complete(client, "u").status_code == 200
+
+
+def test_device_and_dtype_are_chosen_and_checked(tiny_folder, tmp_path, adapter):
+    import torch
+
+    from tiedlora.serve.config import ServeConfig
+
+    for bad, words in ((dict(device="gpu"), "--device 'gpu': choose auto"), (dict(dtype="fp8"), "--dtype 'fp8'")):
+        with pytest.raises(TiedLoraError, match=words):
+            ServeConfig(**bad)
+    auto = ServeConfig().placement()
+    assert auto == (
+        (torch.device("cuda"), torch.bfloat16) if torch.cuda.is_available() else (torch.device("cpu"), torch.float32)
+    )
+    if not torch.cuda.is_available():
+        with pytest.raises(TiedLoraError, match="--device cuda:0: this machine has 0 GPU"):
+            ServeConfig(device="cuda:0").placement()
+    with serving(tiny_folder, many(tmp_path, adapter, 1), device="cpu", dtype="bfloat16") as (engine, client):
+        assert {p.dtype for p in engine.multi.model.parameters()} == {torch.bfloat16}
+        assert engine.multi.bank("qkv").A.dtype == engine.multi.bank("qkv").u.dtype == torch.bfloat16
+        assert complete(client, "a000").status_code == 200

@@ -3,11 +3,16 @@ lists them from here, and `build`, the engine and the app read them from here.""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+import torch
 
 from ..config import TiedLoraError
 from ..models import SMOLLM2
 from ..multi import MAX_RANK
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,11 @@ class ServeConfig:
     """Larger request bodies are refused (413)."""
     max_rank: int = MAX_RANK
     """Adapters of a larger rank are refused (every row computes at the largest rank loaded)."""
+    device: str = "auto"
+    """Where the base model and the adapter banks live: auto (the GPU when there is one), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """The base model's and the banks' dtype: auto (bfloat16 on a GPU; float32 on a CPU, where plain bf16 weights
+    measured slower), float32, bfloat16 or float16."""
     pin: list[str] | None = None
     """Adapters loaded at start and never evicted (at most max_resident - 1: one place stays free)."""
 
@@ -45,8 +55,28 @@ class ServeConfig:
         limits.append("max_request_bytes")
         if min(getattr(self, name) for name in (*limits, "max_rank")) < 1:
             raise TiedLoraError(f"--{', --'.join(limits)} and --max_rank must be at least 1.")
+        if self.dtype not in DTYPES:
+            raise TiedLoraError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise TiedLoraError(f"--device {self.device!r}: choose auto, cpu, cuda or cuda:N (N a GPU's index).")
         if len(self.pin or []) >= self.max_resident:
             raise TiedLoraError(
                 f"--pin names {len(self.pin or [])} adapters, --max_resident is {self.max_resident}: pin at most "
                 f"{self.max_resident - 1}, so that every other adapter has a place to load into."
             )
+
+    def placement(self) -> tuple[torch.device, torch.dtype]:
+        """(device, dtype) with "auto" resolved on this machine; a GPU asked for but absent is an error."""
+        if self.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(self.device)
+        if device.type == "cuda" and (
+            not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+        ):
+            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise TiedLoraError(
+                f"--device {self.device}: this machine has {found} GPU(s) torch can use; pass --device cpu."
+            )
+        dtype = DTYPES[self.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return device, dtype

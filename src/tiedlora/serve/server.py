@@ -29,8 +29,9 @@ def build_from(config: ServeConfig) -> tuple[Engine, Any]:
     from .app import Served, create_app
 
     root, pin = Path(config.adapters), config.pin or []
-    lm, tokenizer = load_model(config.model)
-    multi = MultiAdapterModel(lm, max_rank=config.max_rank)
+    device, dtype = config.placement()
+    lm, tokenizer = load_model(config.model, dtype=dtype)
+    multi = MultiAdapterModel(lm.to(device), dtype=dtype, max_rank=config.max_rank)
     engine = Engine(multi, tokenizer, config)
     found, refused = discover(root)
     if not root.is_dir():
