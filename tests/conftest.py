@@ -76,22 +76,17 @@ def randomize(model, seed: int = 0, trainable_only: bool = False):
     return model
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    """A 2-layer Llama (d = 32) with the real SmolLM2 tokenizer, saved as a model folder."""
+def llama_folder(folder, **shape):
+    """A random Llama of `shape` (LlamaConfig's sizes) with the real SmolLM2 tokenizer, saved as a
+    model folder any loader reads (transformers, `tiedlora serve`, vLLM)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from tiedlora.models import SMOLLM2_FILE, smollm2_folder
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE)
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
+        **shape,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -101,6 +96,15 @@ def tiny_folder(tmp_path_factory):
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A 2-layer Llama (d = 32) with the real SmolLM2 tokenizer, saved as a model folder."""
+    shape = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    )
+    return llama_folder(tmp_path_factory.mktemp("tiny-llama"), **shape)
 
 
 @pytest.fixture(scope="module")

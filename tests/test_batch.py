@@ -132,3 +132,34 @@ def test_a_failing_prefill_fails_its_row_alone(lm, monkeypatch):
     batch.run()
     assert good.finish == "length" and good.tokens == alone(lm, [400, 500], 3)
     assert bad.finish == "error" and "out of memory (simulated)" in (bad.error or "")
+
+
+def test_prompt_logprobs_come_from_the_chunked_prefill_and_equal_a_plain_forward(lm):
+    """Rows asking for their prompt's logprobs (echo with logprobs) get them from the prefill, read
+    in chunks of 7 tokens at most 5 a step: the first token None, every other token's the log_softmax
+    of a plain forward at the position before it, then the generated tokens'; max_tokens 0 scores
+    the prompt and generates nothing; a row not asking gets only its generated tokens'."""
+    model, tokenizer = lm
+    rng = random.Random(1)
+    lengths, max_tokens = (1, 2, 7, 8, 23), (2, 0, 3, 0, 1)
+    prompts = [[rng.randrange(100, 20000) for _ in range(n)] for n in lengths]
+    batch = Batch(model, tokenizer, lambda seq, text: None, chunk=7)
+    seqs = [Sequence(p, Sampling(n, logprobs=2, prompt_logprobs=True)) for p, n in zip(prompts, max_tokens)]
+    plain = Sequence(prompts[4], Sampling(2, logprobs=2))
+    for seq in [*seqs, plain]:
+        batch.add(seq)
+    while len(batch):
+        batch.prefill(5)
+        batch.step()
+    for seq, prompt, n in zip(seqs, prompts, max_tokens):
+        ids = prompt + seq.tokens
+        assert len(seq.tokens) == n and seq.finish == "length"
+        with torch.no_grad():
+            reference = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        assert len(seq.logprobs) == len(ids) and seq.logprobs[0] == (prompt[0], None, None)
+        for k, (token, logprob, top) in enumerate(seq.logprobs[1:], 1):
+            best = reference[k - 1].topk(2)
+            assert token == ids[k] and logprob == pytest.approx(float(reference[k - 1, token]), abs=1e-4)
+            assert [t for t, _ in top or []] == best.indices.tolist()
+            assert [lp for _, lp in top or []] == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert [t for t, _, _ in plain.logprobs] == plain.tokens and len(plain.tokens) == 2

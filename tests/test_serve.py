@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiedlora
 from tiedlora import TiedLoraConfig
+from tiedlora.evaluate import loglik
 from tiedlora.serve.server import build
 
 from conftest import randomize
@@ -92,20 +94,36 @@ class Steps:
         monkeypatch.setattr(multi, "forward", spy)
 
 
-@pytest.fixture(scope="module")
-def server(root, tiny_folder):
-    engine, app = build(str(tiny_folder), root, max_batch=16, max_prompt_tokens=64, max_tokens_limit=32)
+@contextmanager
+def serving(root, tiny_folder, **options):
+    """A server over real HTTP on a free port, with the test limits (and `options`, ServeConfig's)."""
+    options = {"max_batch": 16, "max_prompt_tokens": 64, "max_tokens_limit": 32, **options}
+    engine, app = build(str(tiny_folder), root, **options)
     # idle connections stay open while a test computes its references, so a client never reuses one the server closed
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_keep_alive=600))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     wait_until(lambda: srv.started, what="the server's start")
     port = srv.servers[0].sockets[0].getsockname()[1]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield SimpleNamespace(client=client, engine=engine, app=app, model=str(tiny_folder), root=root)
-    srv.should_exit = True
-    thread.join(timeout=30)
-    engine.close()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield SimpleNamespace(client=client, engine=engine, app=app, model=str(tiny_folder), root=root)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(root, tiny_folder):
+    with serving(root, tiny_folder) as s:
+        yield s
+
+
+def alone(tiny_folder, root, adapter):
+    """A fresh base model with the adapter (None: none) loaded alone, by tiedlora.load."""
+    folder = None if adapter is None else root / adapter / "best" if adapter == "tl6" else root / adapter
+    return base(tiny_folder) if folder is None else tiedlora.load(base(tiny_folder), folder)
 
 
 def expected(tiny_folder, root, adapter, prompt, n):
@@ -113,10 +131,15 @@ def expected(tiny_folder, root, adapter, prompt, n):
     tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
     folder = None if adapter is None else root / adapter / "best" if adapter == "tl6" else root / adapter
     model = base(tiny_folder) if folder is None else tiedlora.load(base(tiny_folder), folder)
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    return tokenizer.decode(greedy(model, tokenizer(prompt)["input_ids"], n), skip_special_tokens=True)
+
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The n tokens transformers' generate adds to `prompt`, greedily."""
+    ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return out[0, len(prompt) :].tolist()
 
 
 def complete(server, model, prompt, **options):
@@ -307,6 +330,132 @@ def test_logprobs_are_the_models_own(server, tiny_folder):
     entries = content["choices"][0]["logprobs"]["content"]
     assert len(entries) == 3 and all(len(e["top_logprobs"]) == 2 for e in entries)
     assert all(e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"]) for e in entries)  # greedy: the best
+
+
+def plain_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log_softmax of a plain forward over `ids`: row k scores token k + 1."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_then_the_answer(server, tiny_folder):
+    """echo with logprobs: the prompt's tokens first, the first one's logprob and top_logprobs
+    null, then the generated ones, each against log_softmax of a plain forward of the adapter
+    alone; max_tokens 0 scores the prompt alone; streamed, the same."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    model = alone(tiny_folder, server.root, "tl6")
+    prompt = tokenizer(PROMPTS[2])["input_ids"]
+    ids = prompt + greedy(model, prompt, 3)
+    reference = plain_logprobs(model, ids)
+    out = complete(server, "tl6", PROMPTS[2], max_tokens=3, logprobs=2, echo=True)
+    choice, lp = out["choices"][0], out["choices"][0]["logprobs"]
+    assert choice["text"] == tokenizer.decode(prompt, skip_special_tokens=True) + tokenizer.decode(ids[len(prompt) :])
+    assert choice["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 3
+    assert lp["tokens"] == [tokenizer.decode([t]) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(
+        [float(reference[k - 1, ids[k]]) for k in range(1, len(ids))], abs=1e-4
+    )
+    for k in range(1, len(ids)):
+        best = reference[k - 1].topk(2)
+        assert list(lp["top_logprobs"][k]) == [tokenizer.decode([t]) for t in best.indices.tolist()]
+        assert list(lp["top_logprobs"][k].values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids))]
+    scored = complete(server, "tl6", PROMPTS[2], max_tokens=0, logprobs=2, echo=True)
+    only = scored["choices"][0]
+    assert only["text"] == tokenizer.decode(prompt, skip_special_tokens=True) and only["finish_reason"] == "length"
+    assert scored["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
+    assert only["logprobs"]["tokens"] == lp["tokens"][: len(prompt)]
+    assert only["logprobs"]["token_logprobs"][0] is None
+    assert only["logprobs"]["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1 : len(prompt)], abs=1e-6)
+    streamed = events(
+        server, "/v1/completions", {"model": "tl6", "prompt": PROMPTS[2], "max_tokens": 3, "logprobs": 2, "echo": True}
+    )
+    parts = [c["choices"][0] for c in streamed]
+    assert "".join(p["text"] for p in parts) == choice["text"]
+    assert [x for p in parts if p["logprobs"] for x in p["logprobs"]["token_logprobs"]] == lp["token_logprobs"]
+    none = complete(server, "tl6", prompt, max_tokens=1, logprobs=0, echo=True)["choices"][0]["logprobs"]
+    assert none["top_logprobs"] == [None] + [{}] * len(prompt)
+
+
+# (context, continuation) pairs as a log-likelihood task sends them; one context is long enough
+# for several prefill chunks of 4 tokens
+PAIRS = [
+    ("The capital of France is", " Paris"),
+    ("Once upon a time, in a land far away, there lived", " a king who had three daughters"),
+    ("2 + 2 =", " 4"),
+    ("Question: what colour is the sky on a clear day? Answer:", " blue"),
+]
+
+
+def lm_eval_parse(out: dict, ctxlens: list[int]) -> list[tuple[float, bool]]:
+    """lm-evaluation-harness's LocalCompletionsAPI.parse_logprobs, as it reads a response: the
+    summed logprobs of the continuation (the echoed tokens after the context, the one generated
+    dropped) and whether each of them is the top alternative."""
+    res = []
+    for choice, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), ctxlens):
+        logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        res.append((sum(logprobs), all(lp == max(top.values()) for lp, top in zip(logprobs, tops))))
+    return res
+
+
+def test_lm_eval_local_completions_scores_equal_loglik_for_each_adapter(root, tiny_folder, monkeypatch):
+    """lm-evaluation-harness's local-completions model with tokenized requests: its exact body (a
+    batch of token-id prompts, echo, logprobs 1, max_tokens 1), sent for the base model and three
+    adapters at once to a server that reads prompts in chunks of 4 tokens. The summed
+    continuation logprob it parses equals tiedlora.evaluate.loglik of the adapter alone, its
+    is-greedy flag the plain forward's argmax, every prompt token's logprob the plain forward's."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    targets = [None, *ADAPTERS]
+    pairs, models = {}, {}
+    for target in targets:
+        models[target] = model = alone(tiny_folder, root, target)
+        context = tokenizer(PAIRS[0][0])["input_ids"]  # and the adapter's own greedy continuation
+        ids = greedy(model, context, 3)
+        pairs[target] = [*PAIRS, (PAIRS[0][0], tokenizer.decode(ids))]
+    encoded = {
+        t: [(tokenizer(c)["input_ids"], tokenizer(e, add_special_tokens=False)["input_ids"]) for c, e in pairs[t]]
+        for t in targets
+    }
+    with serving(root, tiny_folder, prefill_tokens=4) as chunked:
+        steps = Steps(chunked.engine.multi, monkeypatch)
+
+        def request(target):
+            body = {
+                "model": target or chunked.model,
+                "prompt": [c + e for c, e in encoded[target]],
+                "temperature": 0,
+                "max_tokens": 1,
+                "logprobs": 1,
+                "seed": 1234,
+                "echo": True,
+            }
+            r = chunked.client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        with ThreadPoolExecutor(len(targets)) as pool:
+            outs = dict(zip(targets, pool.map(request, targets)))
+    assert max(steps.prefills) <= 4 and max(len(c + e) for c, e in encoded[None]) > 8  # prompts read in chunks
+    greedy_seen = set()
+    for target in targets:
+        model, out = models[target], outs[target]
+        ours = lm_eval_parse(out, [len(c) for c, _ in encoded[target]])
+        want = loglik(model, tokenizer, pairs[target])
+        for (total, is_greedy), wanted, (c, e), choice in zip(ours, want, encoded[target], out["choices"]):
+            ids = c + e
+            reference = plain_logprobs(model, ids)
+            print(f"{target or 'base'}: summed logprob {total:.6f} (loglik {wanted:.6f}), is_greedy {is_greedy}")
+            assert total == pytest.approx(wanted, abs=1e-4)
+            assert is_greedy == all(int(reference[k - 1].argmax()) == ids[k] for k in range(len(c), len(ids)))
+            greedy_seen.add(is_greedy)
+            lp = choice["logprobs"]
+            assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+            assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(
+                [float(reference[k - 1, ids[k]]) for k in range(1, len(ids))], abs=1e-4
+            )
+    assert greedy_seen == {True, False}  # both answers of the flag are checked
 
 
 def test_the_official_openai_client(server):
@@ -529,7 +678,22 @@ BAD = [  # (method, path, body, status, param, words the message must contain)
     ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "n": -1}, 400, "n", "n is -1"),
     ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "n": 65}, 400, "n", "must be 1 to 64"),
     ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "logprobs": 21}, 400, "logprobs", "between 0 and 20"),
-    ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "logprobs": 1, "echo": True}, 400, "echo", "echo"),
+    (
+        "POST",
+        "/v1/completions",
+        {"model": "lora", "prompt": "Hi", "max_tokens": 0, "echo": True},
+        400,
+        "max_tokens",
+        "with echo and logprobs",
+    ),
+    (
+        "POST",
+        "/v1/completions",
+        {"model": "lora", "prompt": "Hi", "max_tokens": -1, "echo": True, "logprobs": 1},
+        400,
+        "max_tokens",
+        "between 0 and 32",
+    ),
     ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "best_of": 3}, 400, "best_of", "not supported"),
     ("POST", "/v1/completions", {"model": "lora", "prompt": "Hi", "suffix": "x"}, 400, "suffix", "not supported"),
     (

@@ -20,7 +20,7 @@ import tiedlora
 from tiedlora import TiedLoraConfig, TiedLoraError
 from tiedlora.serve.vllm_plugin import ExportCache
 
-from conftest import randomize, tiny_model
+from conftest import llama_folder, randomize, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -111,30 +111,14 @@ def vllm_server(tmp_path_factory):
     adapters folder holds 8 adapters of 3 configurations, 100 more, and a hostile one."""
     if not VLLM_PYTHON.exists():
         if os.environ.get("CI"):
-            pytest.fail(f"{VLLM_PYTHON} is missing: `make install` builds it.")
-        pytest.skip("no .venv-vllm: `make install` builds it")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from tiedlora.models import SMOLLM2_FILE, smollm2_folder
+            pytest.fail(f"{VLLM_PYTHON} is missing: `make test` builds it.")
+        pytest.skip("no .venv-vllm: `make test` builds it")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("vllm")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=256,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        max_position_embeddings=256,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    shape = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    llama_folder(root / "base", **shape, intermediate_size=256, initializer_range=0.2, max_position_embeddings=256)
+    tokenizer = AutoTokenizer.from_pretrained(root / "base")
     base = lambda: AutoModelForCausalLM.from_pretrained(root / "base").eval()  # noqa: E731
     for i, preset in enumerate(["tl6", "tl5", "lora"] * 3):
         if i < 8:

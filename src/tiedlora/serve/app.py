@@ -76,9 +76,11 @@ ServedBy = Annotated[Served, Depends(served)]  # how a handler receives the shar
 router = APIRouter()
 
 
-def check_options(s: Served, body: Options, prompts: list[list[int]], max_tokens: int | None) -> Sampling:
+def check_options(
+    s: Served, body: Options, prompts: list[list[int]], max_tokens: int | None, scoring: bool = False
+) -> Sampling:
     """The sampling options of a request, every option checked first, the prompts against the
-    model's context."""
+    model's context; `scoring` (echo with logprobs) allows max_tokens 0, the prompt scored alone."""
     if (name := body.unsupported()) is not None:
         raise ApiError(
             400,
@@ -99,8 +101,10 @@ def check_options(s: Served, body: Options, prompts: list[list[int]], max_tokens
         )
     max_tokens = 16 if max_tokens is None else max_tokens
     limit = s.config.max_tokens_limit
-    if not 1 <= max_tokens <= limit:
-        raise ApiError(400, f"max_tokens is {max_tokens}; it must be between 1 and {limit}.", "max_tokens")
+    least = 0 if scoring else 1
+    if not least <= max_tokens <= limit:
+        why = "" if scoring else " (0, the prompt scored alone, with echo and logprobs)"
+        raise ApiError(400, f"max_tokens is {max_tokens}; it must be between {least} and {limit}{why}.", "max_tokens")
     if not 1 <= body.n or body.n * len(prompts) > MAX_CHOICES:
         raise ApiError(400, f"n is {body.n}; n times the prompts ({len(prompts)}) must be 1 to {MAX_CHOICES}.", "n")
     for ids in prompts:
@@ -252,11 +256,10 @@ def encode_prompts(s: Served, prompt) -> list[list[int]]:
 async def completions(body: CompletionBody, request: Request, s: ServedBy):
     if body.logprobs is not None and not 0 <= body.logprobs <= 20:
         raise ApiError(400, f"logprobs is {body.logprobs}; it must be between 0 and 20.", "logprobs")
-    if body.echo and body.logprobs is not None:
-        raise ApiError(400, "echo with logprobs (the prompt's logprobs) is not supported; drop one of them.", "echo")
+    scoring = body.echo and body.logprobs is not None  # the prompt's logprobs too, as evaluation clients ask
     prompts = await s.off_loop(encode_prompts, s, body.prompt)
-    sampling = check_options(s, body, prompts, body.max_tokens)
-    sampling.logprobs = body.logprobs
+    sampling = check_options(s, body, prompts, body.max_tokens, scoring)
+    sampling.logprobs, sampling.prompt_logprobs = body.logprobs, scoring
     job = Job.of(body.model, adapter_of(s, body), prompts, sampling, body.n)
     echo = []
     if body.echo:

@@ -13,14 +13,17 @@ from typing import Any
 
 import torch
 
-Logprobs = list[tuple[int, float, list[tuple[int, float]]]]  # per token: it, its logprob, the top alternatives
+# per token: it, its logprob and the top alternatives; the prompt's first token, scored by nothing, has None and None
+Logprobs = list[tuple[int, float | None, list[tuple[int, float]] | None]]
 
 
 @dataclass
 class Sampling:
     """One request's decoding options, OpenAI's meanings: temperature 0 is greedy, else nucleus
     sampling over the smallest set of tokens reaching `top_p`, seeded when `seed` is given;
-    `logprobs` asks for each token's log-probability and that many top alternatives."""
+    `logprobs` asks for each token's log-probability and that many top alternatives;
+    `prompt_logprobs` (echo with logprobs) for the prompt's tokens too, before the generated
+    ones, and then `max_tokens` may be 0: the prompt is scored, nothing is generated."""
 
     max_tokens: int
     temperature: float = 0.0
@@ -28,6 +31,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: bool = False
 
 
 class StopMatch:
@@ -157,6 +161,30 @@ def pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return tokens
 
 
+def score_prompt(seq: Sequence, logits: torch.Tensor, done: int, stop: int) -> None:
+    """Add to `seq.logprobs` the log-probabilities of the prompt's tokens that the logits of its
+    positions `done` to `stop - 1` (one prefill chunk) predict: position k predicts token k + 1,
+    so a chunk's last position scores the next chunk's first token, and the prompt's last
+    position is left to `pick`, which scores the first generated token. The first token, which
+    nothing predicts, has None. Non-finite scores fail the row, as in `pick`."""
+    if done == 0:
+        seq.logprobs.append((seq.prompt[0], None, None))
+    targets = seq.prompt[done + 1 : stop + 1]
+    if not targets:
+        return
+    logits = logits[: len(targets)]
+    if not bool(torch.isfinite(logits).all()):
+        seq.fail("the model's scores for this request's prompt are not finite (NaN or infinite); its adapter is broken")
+        return
+    scores = logits.log_softmax(-1)
+    chosen = scores.gather(-1, torch.tensor(targets, device=scores.device)[:, None])[:, 0].tolist()
+    k = seq.sampling.logprobs or 0
+    top = scores.topk(k, -1) if k > 0 else None
+    ids, values = ([], []) if top is None else (top.indices.tolist(), top.values.tolist())
+    for i, (token, logprob) in enumerate(zip(targets, chosen)):
+        seq.logprobs.append((token, logprob, list(zip(ids[i], values[i])) if top is not None else []))
+
+
 Emit = Callable[[Sequence, str], None]
 
 
@@ -168,6 +196,8 @@ class Batch:
     A new row is prefilled alone, its prompt in chunks of at most `chunk` tokens, at most
     `budget` prompt tokens between two decode steps, so a long prompt never stalls the running
     rows for long; once its prompt is read it picks its first token and joins the batch. A row
+    asking for its prompt's logprobs has them from the logits of the same prefill, chunk by
+    chunk (only such a prefill keeps the logits of every position, not the last one alone). A row
     leaves the batch as soon as it finishes, and the cache's columns only padding fill are cut.
     `emit(seq, text)` receives each row's new text, and is called once more when it finishes.
     `row_kwargs(rows)` are extra forward arguments for those rows (the multi-adapter model's
@@ -210,12 +240,18 @@ class Batch:
                     position_ids=torch.arange(done, stop, device=self.device)[None],
                     past_key_values=cache,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=0 if seq.sampling.prompt_logprobs else 1,  # 0: every position's
                     **self.row_kwargs([seq]),
                 )
+                if seq.sampling.prompt_logprobs:
+                    score_prompt(seq, out.logits[0].float(), done, stop)
             except Exception as e:  # noqa: BLE001 - whatever broke, only this row fails
                 self.pending.popleft()
                 seq.fail(f"its prefill failed ({type(e).__name__}: {e})")
+                self.end(seq)
+                continue
+            if seq.finish is not None:  # its prompt's scores are not finite
+                self.pending.popleft()
                 self.end(seq)
                 continue
             budget -= stop - done
@@ -223,6 +259,9 @@ class Batch:
                 self.partial[id(seq)] = (out.past_key_values, stop)
                 continue
             self.pending.popleft()
+            if seq.sampling.max_tokens == 0:  # the prompt scored, nothing to generate
+                self.end(seq, "length")
+                continue
             token = self.take(seq, pick(out.logits[:, -1].float(), [seq])[0])
             if seq.finish is None:
                 self.join(seq, out.past_key_values, token)

@@ -169,16 +169,19 @@ class Reply:
 
     def logprobs_of(self, index: int, entries: Logprobs) -> dict | None:
         """OpenAI's logprobs object: the chat shape (content, one entry per token) or the legacy
-        completions one (parallel lists)."""
+        completions one (parallel lists; with echo the prompt's tokens first, the very first
+        with a null logprob and null top_logprobs, as OpenAI and vLLM give it)."""
         if not self.logprobs:
             return None
         if self.chat:
 
-            def entry(t: int, lp: float) -> dict:
+            def entry(t: int, lp: float | None) -> dict:
                 s = self.token(t)
                 return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
 
-            content = [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]} for t, lp, top in entries]
+            content = [
+                {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top or []]} for t, lp, top in entries
+            ]
             return {"content": content, "refusal": None}
         tokens = [self.token(t) for t, _, _ in entries]
         offsets = []
@@ -188,7 +191,7 @@ class Reply:
         return {
             "tokens": tokens,
             "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{self.token(a): alp for a, alp in top} for _, _, top in entries],
+            "top_logprobs": [None if top is None else {self.token(a): alp for a, alp in top} for _, _, top in entries],
             "text_offset": offsets,
         }
 
