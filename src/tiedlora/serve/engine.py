@@ -34,7 +34,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-from ..adapter_file import AdapterFile
 from ..config import TiedLoraError
 from ..multi import MultiAdapterModel
 from .batch import Batch, Logprobs, Sampling, Sequence
@@ -177,15 +176,13 @@ class Engine:
             self.may_restart.wait()
             with self.lock:
                 self.fail_batch("the server's worker stopped and was restarted")
-                for change in self.in_hand:
-                    if isinstance(change, Change) and change.future.set_running_or_notify_cancel():
-                        change.future.set_exception(TiedLoraError("The server's worker restarted; retry."))
+                self.refuse(self.in_hand, "The server's worker restarted; retry.")
             self.restarts += 1
             self.thread = self.start_worker()
 
     @property
     def healthy(self) -> bool:
-        """The worker is running (or the engine was closed on purpose)."""
+        """The worker is running (false while the supervisor restarts it, and after close())."""
         return self.thread.is_alive()
 
     @property
@@ -204,17 +201,9 @@ class Engine:
         self.send(change)
         return change.future
 
-    def add(self, name: str, folder: Path, adapter: AdapterFile | None = None, pin: bool = False) -> None:
-        """Register an adapter and wait until it is (not from the event loop: await `change`)."""
-        self.change(lambda: self.registry.register(name, folder, adapter, pin)).result()
-
     def add_all(self, folders: Mapping[str, Path], pin: list[str]) -> dict[str, str]:
         """Register many adapters in one change; why each refused one was refused."""
         return self.change(lambda: self.registry.register_all(folders, pin)).result()
-
-    def remove(self, name: str) -> None:
-        """Unregister an adapter and wait until it is (not from the event loop: await `change`)."""
-        self.change(lambda: self.registry.unregister(name)).result()
 
     def submit(self, job: Job) -> None:
         self.send(job)
@@ -296,9 +285,14 @@ class Engine:
         self.waiting.clear()
         for row in rows:
             row.job.fail(503, "The server is shutting down; retry the request.")
+        self.refuse(arrived, "The server is shutting down.")
+
+    @staticmethod
+    def refuse(arrived: list[Job | Change | None], why: str) -> None:
+        """Resolve every change among `arrived` not yet applied with a TiedLoraError saying `why`."""
         for change in arrived:
             if isinstance(change, Change) and change.future.set_running_or_notify_cancel():
-                change.future.set_exception(TiedLoraError("The server is shutting down."))
+                change.future.set_exception(TiedLoraError(why))
 
     def admit(self) -> None:
         """Waiting rows join the batch, first come first, while there is room; a row whose adapter

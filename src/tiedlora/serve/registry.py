@@ -66,10 +66,6 @@ class Registry:
         self.view = View(MappingProxyType(dict(self.folders)), MappingProxyType(dict(self.refused)))
         self.metrics.registered.set(len(self.folders))
 
-    @property
-    def names(self) -> list[str]:
-        return self.view.names
-
     def register(self, name: str, folder: Path, adapter: AdapterFile | None = None, pin: bool = False) -> None:
         """Know `name` from now on, its config checked; with `adapter` (already read) or `pin` it
         is loaded now."""
