@@ -33,7 +33,7 @@ def child(variant: str, out: str) -> None:
     """One variant's run, in this process: prints its figures as one JSON line."""
     import psutil
 
-    import tiedlora.train as training
+    import tiedlora.train.loop as training
     from tiedlora.train import TrainConfig, train
 
     layers = {}

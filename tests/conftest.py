@@ -122,15 +122,15 @@ def adapter(tmp_path_factory, tiny_folder):
 
 def record_steps(monkeypatch) -> list[int]:
     """The global step index of every training step the run takes from now on."""
-    import tiedlora.train
+    import tiedlora.train.loop
 
-    steps, real = [], tiedlora.train.train_step
+    steps, real = [], tiedlora.train.loop.train_step
 
     def counted(*args):
         steps.append(args[-1])
         return real(*args)
 
-    monkeypatch.setattr(tiedlora.train, "train_step", counted)
+    monkeypatch.setattr(tiedlora.train.loop, "train_step", counted)
     return steps
 
 

@@ -303,9 +303,9 @@ def test_training_and_evaluation_take_any_task_of_the_protocol(tiny_folder, tmp_
 def test_precision_auto_follows_the_hardware_and_bf16_trains_under_autocast(tiny_folder, tmp_path, monkeypatch, native):
     """auto is bf16 autocast where the CPU has native bf16 (AVX512-BF16, AMX), fp32 where bf16 would
     be emulated (many times slower); bf16 forces autocast. results.json records what ran."""
-    import tiedlora.train
+    import tiedlora.train.processes
 
-    monkeypatch.setattr(tiedlora.train, "native_bf16", lambda device: native)
+    monkeypatch.setattr(tiedlora.train.processes, "native_bf16", lambda device: native)
     seen = []
     forward = TokenLoss.forward
 

@@ -37,14 +37,30 @@ def params(model: str = "llama2-7b", rank: int = 8, json: bool = False) -> None:
         print(f"{row['config']:<8} {row['params']:>12,} {row['percent_of_lora']:>9.1f}%")
 
 
-def train(resume: bool = False, quiet: bool = False, **options) -> None:
+def train(
+    resume: bool = False, quiet: bool = False, jobs: str | None = None, max_active: int | None = None, **options
+) -> None:
     """Train an adapter, then score it on the test split. Options left unset come from the
-    task's paper recipe (configs/paper/<task>.yaml), then from the defaults shown.
+    task's paper recipe (configs/paper/<task>.yaml), then from the defaults shown. With --jobs,
+    many tenants' adapters train together on one base model loaded once.
 
     Args:
-        resume: Continue the run in --out from its last checkpoint.
+        resume: Continue the run in --out from its last checkpoint (with --jobs: every tenant's).
         quiet: No progress bar or validation lines.
+        jobs: A JSON-lines file, one tenant per line: {"name": ..., "data": ..., any other option of a --data
+            run}; each run goes to <out>/<name>, options given here are every job's defaults, and --out
+            defaults to runs.
+        max_active: With --jobs: at most this many tenants train at once (default: all).
     """
+    if jobs is not None:
+        from .train.tenants import train_jobs_file
+
+        summary = train_jobs_file(jobs, options, max_active=max_active, resume=resume, quiet=quiet)
+        print(jsonlib.dumps(summary, indent=2))
+        failed = sum(t["status"] != "succeeded" for t in summary.values())
+        if failed:
+            raise TiedLoraError(f"{failed} of {len(summary)} jobs failed: see each one's error above.")
+        return
     from .train import from_recipe
     from .train import train as run
 

@@ -74,14 +74,20 @@ class TokenLoss(nn.Module):
         super().__init__()
         self.model: Any = model  # a transformers causal LM: its base_model and output head are used
 
-    def forward(self, input_ids, attention_mask, labels, position_ids=None):
+    def forward(self, input_ids, attention_mask, labels, position_ids=None, per_row: bool = False):
+        """The loss summed over the batch, or with `per_row` each row's sum (rows of a joint
+        batch belong to different tenants, each normalised by its own answer tokens)."""
         hidden = self.model.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        if not per_row:
+            return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        return losses.new_zeros(len(input_ids)).index_add(0, rows, losses)
 
 
 def answer_tokens(examples: list[dict]) -> int:

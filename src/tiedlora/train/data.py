@@ -1,0 +1,64 @@
+"""A run's data: its rows, their tokenised examples, and which of them each step reads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import TiedLoraError
+from ..loss import encode_rows
+from ..tokens import pad_id
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..tasks import Rows, TaskLike
+
+
+@dataclass
+class Data:
+    """A run's rows (with where they came from) and their tokenised examples."""
+
+    train_rows: Rows
+    val_rows: Rows
+    train: list[dict]
+    val: list[dict]
+    long: int  # training examples longer than --max_length: cut or dropped
+    pad: int  # the token that pads a batch
+
+
+def load_data(task: TaskLike, tokenizer, cfg: TrainConfig) -> Data:
+    train_rows, val_rows = task.load("train", cfg.source), task.load("validation", cfg.source)
+    limits = (cfg.max_length, cfg.too_long, cfg.chat)
+    train_examples, long = encode_rows(task, train_rows[: cfg.train_rows], tokenizer, *limits)
+    val_examples, _ = encode_rows(task, val_rows[: cfg.val_rows], tokenizer, *limits)
+    if not train_examples:
+        raise TiedLoraError(
+            f"Every training example is longer than --max_length {cfg.max_length} and --too_long drop "
+            "left none; raise --max_length or use --too_long cut."
+        )
+    return Data(train_rows, val_rows, train_examples, val_examples, long, pad_id(tokenizer))
+
+
+def step_batches(n: int, cfg: TrainConfig, step: int) -> list[int]:
+    """Example indices of global step `step`: epoch e reads a seed-(seed+e) permutation in
+    consecutive slices of batch_size (a remainder smaller than a batch is skipped)."""
+    size = min(cfg.batch_size, n)
+    per_epoch = n // size
+    epoch, pos = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    return order[pos * size : (pos + 1) * size]
+
+
+def micro_batches(indices: list[int], examples: list[dict], cfg: TrainConfig, world: int, rank: int) -> list[list[int]]:
+    """This process's share of a global batch: sorted by length (little padding), cut into
+    `world * k` near-equal micro batches, every k-th to each process, so all processes step
+    together and the union over processes is the global batch."""
+    ordered = sorted(indices, key=lambda i: len(examples[i]["input_ids"]))
+    k = math.ceil(len(ordered) / (cfg.micro_batch_size * world))
+    parts = world * k
+    bounds = [round(j * len(ordered) / parts) for j in range(parts + 1)]
+    chunks = [ordered[bounds[j] : bounds[j + 1]] for j in range(parts)]
+    return chunks[rank::world]

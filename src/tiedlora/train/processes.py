@@ -1,0 +1,69 @@
+"""Where training runs: one process, or several under torchrun (DDP, or FSDP with --fsdp)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layout import find_layers
+from ..loss import TokenLoss
+from ..model import adapter_parameters
+from .config import TrainConfig
+
+
+@dataclass
+class Processes:
+    """Where training runs: one process, or several (DDP, or FSDP with --fsdp) under torchrun."""
+
+    accelerator: Any  # accelerate's Accelerator, imported when training starts
+    device: torch.device
+    world: int
+    rank: int
+    fsdp: bool
+    bf16: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, cfg: TrainConfig) -> Processes:
+        from accelerate import Accelerator
+
+        cuda = torch.cuda.is_available()
+        accelerator = Accelerator(
+            cpu=not cuda
+        )  # its mixed_precision is fixed per process; a sweep runs cells of any precision
+        world = accelerator.num_processes
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(accelerator.device))
+        return cls(accelerator, accelerator.device, world, accelerator.process_index, cfg.fsdp and world > 1, bf16)
+
+    def wrap(self, model: nn.Module, optimizer):
+        """The loss module and optimizer as the engine needs them."""
+        if self.fsdp:
+            return shard_base(model.to(self.device)), self.accelerator.prepare(optimizer)
+        return self.accelerator.prepare(TokenLoss(model), optimizer)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does `device` compute in bf16 natively? On a CPU without AVX512-BF16 or AMX, bf16 matmuls
+    are emulated and many times slower than fp32, so `--precision auto` keeps those in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def shard_base(model: nn.Module) -> nn.Module:
+    """FSDP for models too large for one device: torch's fully_shard splits each decoder
+    layer's frozen weights over the processes and gathers them for its forward and backward.
+    The adapter stays whole on every process (tied tensors at the root, per-layer ones ignored
+    by FSDP), so saving, loading and gradient averaging see plain tensors."""
+    from torch.distributed.fsdp import fully_shard
+
+    adapter = set(adapter_parameters(model).values())
+    for layer in find_layers(model):
+        fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
+    return TokenLoss(model)

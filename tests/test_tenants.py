@@ -1,0 +1,278 @@
+"""Many tenants trained together (`tiedlora train --jobs`): each tenant's run against the solo
+run of the same options, shared forward passes, failures kept to one tenant, resume after a
+kill, the Python API and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiedlora.cli import main
+from tiedlora.models import load_model
+from tiedlora.train import TrainConfig, train
+from tiedlora.train.tenants import Job, JointTraining, read_jobs, train_jobs
+
+from conftest import latest_step
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def write_rows(path, n: int, offset: int = 0):
+    """Own data of varied lengths: sums asked in words of several lengths."""
+    rows = [
+        {"prompt": f"Q: {'please ' * (i % 4)}add {i + offset} and {i}. A:", "completion": f" {2 * i + offset}"}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def job_options(tmp_path) -> dict[str, dict]:
+    """Three tenants of different configurations, ranks, data sizes, batches and learning rates."""
+    return {
+        "acme": dict(data=write_rows(tmp_path / "acme.jsonl", 24), config="lora", rank=4, batch_size=8, lr=3e-2),
+        "globex": dict(data=write_rows(tmp_path / "globex.jsonl", 12, 7), config="tl5", rank=8, batch_size=4, lr=5e-2),
+        "initech": dict(
+            data=write_rows(tmp_path / "initech.jsonl", 40, 3), config="tl6", rank=2, batch_size=12, micro_batch_size=3
+        ),
+    }
+
+
+COMMON = dict(max_steps=5, micro_batch_size=2, val_every=2, warmup_steps=2, samples=2, max_new_tokens=3, seed=3)
+
+
+def solo_options(tiny_folder, out, options) -> dict:
+    return {**COMMON, **options, "model": str(tiny_folder), "out": str(out), "precision": "fp32"}
+
+
+def together(tiny_folder, out, jobs: dict[str, dict], **kwargs) -> dict:
+    base = load_model(str(tiny_folder))
+    shared = {"model": str(tiny_folder), "precision": "fp32"}
+    return train_jobs(
+        [Job(n, {**COMMON, **o}) for n, o in jobs.items()], base, out, shared=shared, quiet=True, **kwargs
+    )
+
+
+def losses(folder) -> list[float]:
+    lines = (folder / "log.csv").read_text().splitlines()[1:]
+    return [float(line.split(",")[1]) for line in lines]
+
+
+def assert_close_adapters(a_folder, b_folder, tolerance: float = 1e-4) -> float:
+    """max |a - b| over the adapter's tensors, checked against tolerance * max |a|."""
+    a, b = load_file(a_folder / "adapter.safetensors"), load_file(b_folder / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    scale = max(a[k].abs().max().item() for k in a)
+    assert worst <= tolerance * scale, (worst, scale)
+    return worst / scale
+
+
+def test_each_tenant_trained_together_equals_its_solo_run(tiny_folder, tmp_path):
+    """The central property: 3 tenants (lora r4, tl5 r8, tl6 r2; 24, 12 and 40 rows; batches 8,
+    4 and 12) in one batch give each the adapter, losses and run folder of its solo run. The
+    differences are float rounding from other rows sharing the matmuls (they do not change
+    the math: rows are independent and padding is masked), about 1e-7 of the weights."""
+    jobs = job_options(tmp_path)
+    summary = together(tiny_folder, tmp_path / "joint", jobs)
+    assert {n: s["status"] for n, s in summary.items()} == dict.fromkeys(jobs, "succeeded")
+    for name, options in jobs.items():
+        solo = tmp_path / "solo" / name
+        train(TrainConfig(**solo_options(tiny_folder, solo, options)), quiet=True)
+        mine = tmp_path / "joint" / name
+        assert sorted(p.name for p in mine.iterdir()) == sorted(
+            p.name for p in solo.iterdir() if p.name != "tensorboard"
+        )
+        assert assert_close_adapters(solo / "checkpoint" / "step-5", mine / "checkpoint" / "step-5") < 1e-4
+        assert_close_adapters(solo / "best", mine / "best")
+        assert losses(mine) == pytest.approx(losses(solo), rel=1e-5)
+        assert (
+            load_file(solo / "best" / "adapter.safetensors").keys()
+            == load_file(mine / "best" / "adapter.safetensors").keys()
+        )
+        a, b = (json.loads((f / "results.json").read_text()) for f in (solo, mine))
+        assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], rel=1e-5)
+        assert (a["params"], a["steps"], a["best_step"]) == (b["params"], b["steps"], b["best_step"])
+        configs = [json.loads((f / "run.json").read_text())["config"] for f in (solo, mine)]
+        assert [{**c, "out": None} for c in configs[:1]] == [{**c, "out": None} for c in configs[1:]]
+
+
+def test_tenants_share_forward_passes(tiny_folder, tmp_path):
+    """A joint step runs the base model once per micro batch index, not once per tenant's micro
+    batch: 3 tenants of 4, 2 and 4 micro batches a step take 4 forward passes, not 10."""
+    model, tokenizer = load_model(str(tiny_folder))
+    calls = []
+    model.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    jobs = job_options(tmp_path)
+    joint = JointTraining((model, tokenizer), tmp_path / "joint", shared={"precision": "fp32"}, quiet=True)
+    for name, options in jobs.items():
+        joint.add(Job(name, {**COMMON, **options, "max_steps": 1, "val_every": 10}))
+    joint.admit()
+    joint.step(joint.active)
+    assert len(calls) == max(8 // 2, 4 // 2, 12 // 3) == 4
+
+
+def test_a_failing_tenant_fails_alone(tiny_folder, tmp_path):
+    """Refused data, an unknown option, a duplicate name, a shared option set per job and a loss
+    that turns non-finite each fail their own tenant, recorded in its folder and in jobs.json;
+    the healthy tenants train to the end, as the joint run without the failing ones does."""
+    good = job_options(tmp_path)
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')
+    lines = [
+        {"name": "acme", **good["acme"]},
+        {"name": "broken", "data": str(bad_rows)},
+        {"name": "missing", "data": str(tmp_path / "nowhere.jsonl")},
+        {"name": "typo", "data": good["acme"]["data"], "rnak": 4},
+        {"name": "shared", "data": good["acme"]["data"], "model": "gpt2"},
+        {"name": "acme", "data": good["acme"]["data"]},
+        {"name": "../escape", "data": good["acme"]["data"]},
+        {"name": "diverges", **good["globex"]},
+        {"name": "initech", **good["initech"]},
+    ]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "not json\n")
+    jobs, refused = read_jobs(tmp_path / "jobs.jsonl")
+    for job in jobs:
+        job.options = {**COMMON, **job.options}
+
+    def poison(name, step, loss, tokens):
+        if name == "diverges" and step == 2:
+            model = next(t for t in joint.active if t.name == name).run.model
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+    base = load_model(str(tiny_folder))
+    joint = JointTraining(
+        base, tmp_path / "out", shared={"model": str(tiny_folder), "precision": "fp32"}, quiet=True, on_step=poison
+    )
+    for key, message in refused.items():
+        joint.refuse(key, message)
+    for job in jobs:
+        joint.add(job)
+    summary = joint.run()
+    status = {name: s["status"] for name, s in summary.items()}
+    assert status == {
+        "acme": "succeeded", "initech": "succeeded", "broken": "failed", "missing": "failed", "typo": "failed",
+        "shared": "failed", "diverges": "failed", "line 6": "failed", "line 7": "failed", "line 10": "failed",
+    }  # fmt: skip
+    out = tmp_path / "out"
+    assert json.loads((out / "jobs.json").read_text())["tenants"] == json.loads(json.dumps(summary))
+    assert "line 2" in summary["broken"]["error"] and "completion" in summary["broken"]["error"]
+    assert "unknown option 'rnak'" in summary["typo"]["error"]
+    assert "'model'" in summary["shared"]["error"] and "command line" in summary["shared"]["error"]
+    assert "taken by an earlier line" in summary["line 6"]["error"]
+    assert "non-finite" in summary["diverges"]["error"] or "loss became nan" in summary["diverges"]["error"]
+    for name in ("broken", "missing", "typo", "shared", "diverges"):
+        assert json.loads((out / name / "error.json").read_text())["error"] == summary[name]["error"]
+    assert latest_step(out / "diverges") == 2 and not (out / "diverges" / "results.json").exists()
+    assert not (tmp_path / "escape").exists()
+    alone = tmp_path / "alone"
+    healthy = {n: good[n] for n in ("acme", "initech")}
+    together(tiny_folder, alone, healthy)
+    for name in healthy:
+        assert (out / name / "results.json").is_file()
+        assert_close_adapters(alone / name / "best", out / name / "best")
+
+
+def test_jobs_join_as_others_leave_and_can_be_added_and_cancelled(tiny_folder, tmp_path):
+    """With --max_active 1 the second job waits for the first; a job added from a callback while
+    others train joins; a cancelled one leaves before its next step with its checkpoint kept."""
+    jobs = job_options(tmp_path)
+    seen: list[tuple[str, int]] = []
+    ended: dict[str, str | None] = {}
+
+    def on_step(name, step, loss, tokens):
+        seen.append((name, step))
+        assert loss > 0 and tokens > 0
+        if (name, step) == ("acme", 1):
+            joint.add(Job("late", {**COMMON, **jobs["globex"], "max_steps": 2}))
+        if (name, step) == ("initech", 2):
+            joint.cancel("initech")
+
+    base = load_model(str(tiny_folder))
+    joint = JointTraining(
+        base, tmp_path / "out", shared={"precision": "fp32"}, max_active=2, quiet=True, on_step=on_step,
+        on_finish=lambda name, folder, results, error: ended.setdefault(name, error),
+    )  # fmt: skip
+    for name in ("acme", "initech", "globex"):
+        joint.add(Job(name, {**COMMON, **jobs[name]}))
+    summary = joint.run()
+    assert {n: s["status"] for n, s in summary.items()} == {
+        "acme": "succeeded", "initech": "cancelled", "globex": "succeeded", "late": "succeeded"
+    }  # fmt: skip
+    first = {name: seen.index(next(s for s in seen if s[0] == name)) for name in summary}
+    assert first["acme"] == 0 and first["initech"] == 1  # two at once
+    assert [s for s in seen if s[0] == "initech"] == [("initech", 1), ("initech", 2)]
+    assert first["globex"] > first["initech"] and first["late"] > first["globex"]  # each waited for a free place
+    assert max(sum(1 for n in summary if first[n] <= i < first[n] + 1000) for i in range(len(seen))) >= 2
+    assert latest_step(tmp_path / "out" / "initech") == 2 and ended == dict.fromkeys(summary)
+    assert [n for n in summary if (tmp_path / "out" / n / "results.json").is_file()] == ["acme", "globex", "late"]
+
+
+def test_resume_after_a_kill_continues_every_tenant_from_its_checkpoint(tiny_folder, tmp_path):
+    """`tiedlora train --jobs` is SIGKILLed once a tenant has checkpointed; `--resume` starts
+    each tenant at its checkpointed step (no step redone) and ends with the adapters of an
+    uninterrupted joint run (the same up to rounding: after the kill, tenants may share their
+    steps with different partners)."""
+    jobs = job_options(tmp_path)
+    lines = "".join(
+        json.dumps({"name": n, **COMMON, **o, "max_steps": 8, "checkpoint_every": 1}) + "\n" for n, o in jobs.items()
+    )
+    (tmp_path / "jobs.jsonl").write_text(lines)
+    killed = tmp_path / "killed"
+    flags = ["--jobs", str(tmp_path / "jobs.jsonl"), f"--model={tiny_folder}", f"--out={killed}", "--precision=fp32"]
+    child = subprocess.Popen([sys.executable, "-m", "tiedlora", "train", *flags, "--quiet"], env=ENV)
+    deadline = time.time() + 120
+    while latest_step(killed / "acme") < 3 and child.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert child.poll() is None, "the run ended before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    start = {name: latest_step(killed / name) for name in jobs}
+    assert 3 <= start["acme"] < 8, start
+    steps: list[tuple[str, int]] = []
+    resumed, refused = read_jobs(tmp_path / "jobs.jsonl")
+    base = load_model(str(tiny_folder))
+    shared = {"model": str(tiny_folder), "precision": "fp32"}
+    summary = train_jobs(resumed, base, killed, shared=shared, resume=True, quiet=True,
+                         on_step=lambda name, step, loss, tokens: steps.append((name, step)))  # fmt: skip
+    assert not refused and {s["status"] for s in summary.values()} == {"succeeded"}, summary
+    for name in jobs:
+        assert [s for n, s in steps if n == name] == list(range(start[name] + 1, 9)), name
+    whole = tmp_path / "whole"
+    together(tiny_folder, whole, {n: {**o, "max_steps": 8, "checkpoint_every": 1} for n, o in jobs.items()})
+    for name in jobs:
+        assert_close_adapters(whole / name / "checkpoint" / "step-8", killed / name / "checkpoint" / "step-8")
+        assert losses(killed / name) == pytest.approx(losses(whole / name), rel=1e-5)
+
+
+def test_the_command_line_trains_jobs_into_run_folders_other_commands_read(tiny_folder, tmp_path, capsys):
+    """`tiedlora train --jobs` end to end: options on the command line are every job's
+    defaults, each run folder is one `tiedlora eval` reads, and a failed job sets the exit
+    status after the others finished."""
+    jobs = job_options(tmp_path)
+    lines = [{"name": n, **o} for n, o in jobs.items()] + [{"name": "bad", "data": str(tmp_path / "nowhere.jsonl")}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "runs"
+    flags = ["--jobs", str(tmp_path / "jobs.jsonl"), f"--model={tiny_folder}", f"--out={out}", "--max_steps=2"]
+    flags += ["--max_active=2", "--samples=1", "--max_new_tokens=2", "--quiet"]
+    assert main(["train", *flags]) == 2
+    printed = capsys.readouterr()
+    assert "1 of 4 jobs failed" in printed.err
+    summary = json.loads(printed.out)
+    assert {n: s["status"] for n, s in summary.items()} == {**dict.fromkeys(jobs, "succeeded"), "bad": "failed"}
+    for name in jobs:
+        results = json.loads((out / name / "results.json").read_text())
+        assert results["steps"] == 2 and results["recipe"]["data"] == jobs[name]["data"]
+        assert len((out / name / "samples.jsonl").read_text().splitlines()) == 1
+    assert main(["eval", f"--adapter={out / 'globex'}", f"--data={jobs['globex']['data']}", "--samples=0"]) == 0
+    assert main(["train", *flags[:4]]) == 2  # the folders hold runs now: --resume, or another --out
+    assert "pass --resume" in capsys.readouterr().out
