@@ -29,6 +29,7 @@ from ..tokens import chat_ids
 from .batch import Sampling
 from .config import ServeConfig
 from .engine import Done, Engine, Event, Failed, Job
+from .keys import ADMIN, Caller, Keys
 from .registry import Full, Taken, check_name
 from .schemas import (
     AdapterBody,
@@ -58,6 +59,7 @@ class Served:
     root: Path
     context: int | None = None  # the base model's max_position_embeddings
     config: ServeConfig = field(default_factory=ServeConfig)  # the limits: max_prompt_tokens, ...
+    keys: Keys | None = None  # None: open to anyone who reaches the port
     started: int = field(default_factory=lambda: int(time.time()))
     tokenizing: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tiedlora-tokenize")
@@ -73,11 +75,27 @@ def served(request: Request) -> Served:
 
 
 ServedBy = Annotated[Served, Depends(served)]  # how a handler receives the shared state
+
+
+def caller(request: Request) -> Caller:
+    return request.state.caller  # set by Authorize before any handler runs
+
+
+CallerBy = Annotated[Caller, Depends(caller)]
+
+
+def administrator(who: CallerBy) -> None:
+    """Changing what is served, and the server's metrics, are the administrator's."""
+    if not who.admin:
+        raise ApiError(403, "This endpoint needs the administrator's key (--api_key); a tenant's key cannot use it.")
+
+
+AdminOnly = [Depends(administrator)]
 router = APIRouter()
 
 
 def check_options(
-    s: Served, body: Options, prompts: list[list[int]], max_tokens: int | None, scoring: bool = False
+    s: Served, who: Caller, body: Options, prompts: list[list[int]], max_tokens: int | None, scoring: bool = False
 ) -> Sampling:
     """The sampling options of a request, every option checked first, the prompts against the
     model's context; `scoring` (echo with logprobs) allows max_tokens 0, the prompt scored alone."""
@@ -89,8 +107,8 @@ def check_options(
             name,
         )
     view = s.engine.view
-    if body.model != s.model_name and body.model not in view.folders:
-        why = view.refused.get(body.model)
+    if body.model != s.model_name and (body.model not in view.folders or not who.sees(body.model, s.model_name)):
+        why = view.refused.get(body.model) if who.sees(body.model, s.model_name) else None
         raise ApiError(
             404,
             f"Adapter {body.model!r} was refused: {why}"
@@ -228,16 +246,17 @@ async def cancel_when_gone(request: Request, job: Job) -> None:
 
 
 @router.get("/v1/models")
-def models(s: ServedBy):
+def models(s: ServedBy, who: CallerBy):
     cards = [model_card(s.model_name, s.started)]
-    return {"object": "list", "data": cards + [model_card(n, s.started, s.model_name) for n in s.engine.adapters]}
+    mine = [n for n in s.engine.adapters if who.sees(n, s.model_name)]
+    return {"object": "list", "data": cards + [model_card(n, s.started, s.model_name) for n in mine]}
 
 
 @router.get("/v1/models/{name:path}")
-def model(name: str, s: ServedBy):
+def model(name: str, s: ServedBy, who: CallerBy):
     if name == s.model_name:
         return model_card(name, s.started)
-    if name in s.engine.view.folders:
+    if name in s.engine.view.folders and who.sees(name, s.model_name):
         return model_card(name, s.started, s.model_name)
     raise ApiError(404, f"The model {name!r} does not exist; GET /v1/models lists them.", "model")
 
@@ -253,12 +272,12 @@ def encode_prompts(s: Served, prompt) -> list[list[int]]:
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionBody, request: Request, s: ServedBy):
+async def completions(body: CompletionBody, request: Request, s: ServedBy, who: CallerBy):
     if body.logprobs is not None and not 0 <= body.logprobs <= 20:
         raise ApiError(400, f"logprobs is {body.logprobs}; it must be between 0 and 20.", "logprobs")
     scoring = body.echo and body.logprobs is not None  # the prompt's logprobs too, as evaluation clients ask
     prompts = await s.off_loop(encode_prompts, s, body.prompt)
-    sampling = check_options(s, body, prompts, body.max_tokens, scoring)
+    sampling = check_options(s, who, body, prompts, body.max_tokens, scoring)
     sampling.logprobs, sampling.prompt_logprobs = body.logprobs, scoring
     job = Job.of(body.model, adapter_of(s, body), prompts, sampling, body.n)
     echo = []
@@ -284,7 +303,7 @@ def encode_chat(s: Served, body: ChatBody) -> list[int]:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, request: Request, s: ServedBy):
+async def chat_completions(body: ChatBody, request: Request, s: ServedBy, who: CallerBy):
     if not body.messages:
         raise ApiError(400, "messages is empty; send at least one {role, content}.", "messages")
     if not getattr(s.tokenizer, "chat_template", None):
@@ -298,7 +317,7 @@ async def chat_completions(body: ChatBody, request: Request, s: ServedBy):
         raise ApiError(400, f"top_logprobs is {top}; it must be 0 to 20, with logprobs true.", "top_logprobs")
     ids = await s.off_loop(encode_chat, s, body)
     wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-    sampling = check_options(s, body, [ids], wanted)
+    sampling = check_options(s, who, body, [ids], wanted)
     sampling.logprobs = (top or 0) if body.logprobs else None
     job = Job.of(body.model, adapter_of(s, body), [ids], sampling, body.n)
     return await respond(s, request, job, body, Reply(body.model, True, len(ids), s.tokenizer, body.logprobs), [])
@@ -346,7 +365,7 @@ async def register(s: Served, name: str, path: str, pin: bool) -> None:
         ) from None
 
 
-@router.post("/v1/adapters")
+@router.post("/v1/adapters", dependencies=AdminOnly)
 async def load_adapter(body: AdapterBody, s: ServedBy):
     await register(s, body.name, body.path, body.pin)
     return model_card(body.name, int(time.time()), s.model_name)
@@ -359,13 +378,13 @@ async def unregister(s: Served, name: str) -> None:
         raise ApiError(404, str(e), "name") from None
 
 
-@router.delete("/v1/adapters/{name:path}")
+@router.delete("/v1/adapters/{name:path}", dependencies=AdminOnly)
 async def unload_adapter(name: str, s: ServedBy):
     await unregister(s, name)
     return {"id": name, "object": "model", "deleted": True}
 
 
-@router.post("/v1/load_lora_adapter")
+@router.post("/v1/load_lora_adapter", dependencies=AdminOnly)
 async def load_lora_adapter(body: LoraBody, s: ServedBy):
     """vLLM's endpoint, so clients written for vLLM work; lora_path may be absolute inside the root."""
     if body.lora_path is None:
@@ -374,7 +393,7 @@ async def load_lora_adapter(body: LoraBody, s: ServedBy):
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post("/v1/unload_lora_adapter", dependencies=AdminOnly)
 async def unload_lora_adapter(body: LoraBody, s: ServedBy):
     await unregister(s, body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
@@ -388,9 +407,35 @@ def health(s: ServedBy):
     return {"status": "ok"}
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=AdminOnly)
 def metrics(s: ServedBy):
     return Response(s.engine.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+OPEN_PATHS = ("/health",)  # for load balancers: says nothing but whether the worker runs
+
+
+class Authorize:
+    """Every request's caller, from its key, before anything else runs (the body is not even
+    read): a request without a known key is a 401 in OpenAI's shape, and names no key."""
+
+    def __init__(self, app, served: Served):
+        self.app, self.served = app, served
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        keys = self.served.keys
+        who: Caller | None = ADMIN
+        if keys is not None and scope["path"] not in OPEN_PATHS:
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            who = keys.caller(header)
+        if who is None:
+            body = error_body(401, "Missing or incorrect API key: send it as the header Authorization: Bearer KEY.")
+            body["error"]["code"] = "invalid_api_key"
+            return await JSONResponse(body, status_code=401)(scope, receive, send)
+        scope.setdefault("state", {})["caller"] = who
+        await self.app(scope, receive, send)
 
 
 class TooLarge(HTTPException):
@@ -458,6 +503,7 @@ def create_app(served: Served) -> FastAPI:
     app.state.served = served
     app.include_router(router)
     app.add_middleware(BodyLimit, served=served)
+    app.add_middleware(Authorize, served=served)  # added last, so it runs first
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)

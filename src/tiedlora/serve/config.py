@@ -49,6 +49,12 @@ class ServeConfig:
     measured slower), float32, bfloat16 or float16."""
     pin: list[str] | None = None
     """Adapters loaded at start and never evicted (at most max_resident - 1: one place stays free)."""
+    api_key: str | None = None
+    """The administrator's key (default: $TIEDLORA_API_KEY): every request must send `Authorization: Bearer KEY`
+    (or a tenant's key); without it and --tenants the server is open to anyone who reaches it."""
+    tenants: str | None = None
+    """A JSON file of tenants' keys, {"acme": ["key-1", "sha256:<hex>"]}: a tenant's key sees and uses the base
+    model and the adapters under <adapters>/acme/ (named acme/<name>), nothing else."""
 
     def __post_init__(self) -> None:
         limits = ["max_batch", "max_prompt_tokens", "max_tokens_limit", "max_resident", "prefill_tokens"]

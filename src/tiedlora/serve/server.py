@@ -3,6 +3,8 @@ app, put together and run by uvicorn."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from ..multi import MultiAdapterModel
 from ..runs import discover
 from .config import ServeConfig
 from .engine import Engine
+from .keys import Keys
 
 
 def build(model: str, adapters: str | Path, **options: Any) -> tuple[Engine, Any]:
@@ -29,6 +32,7 @@ def build_from(config: ServeConfig) -> tuple[Engine, Any]:
     from .app import Served, create_app
 
     root, pin = Path(config.adapters), config.pin or []
+    keys = Keys.from_options(config.api_key or os.environ.get("TIEDLORA_API_KEY"), config.tenants)
     device, dtype = config.placement()
     lm, tokenizer = load_model(config.model, dtype=dtype)
     multi = MultiAdapterModel(lm.to(device), dtype=dtype, max_rank=config.max_rank)
@@ -47,7 +51,7 @@ def build_from(config: ServeConfig) -> tuple[Engine, Any]:
         line = f"tiedlora serve: skipped {name}: {why}"
         print(line.encode("utf-8", "backslashreplace").decode(), file=sys.stderr)
     context = getattr(lm.config, "max_position_embeddings", None)
-    return engine, create_app(Served(engine, tokenizer, config.model, root, context, config))
+    return engine, create_app(Served(engine, tokenizer, config.model, root, context, config, keys))
 
 
 def serve(config: ServeConfig) -> None:
@@ -64,6 +68,12 @@ def serve(config: ServeConfig) -> None:
             f"Cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host."
         ) from None
     bound = sock.getsockname()[1]
+    if app.state.served.keys is None and not loopback(host):
+        print(
+            f"tiedlora serve: no --api_key or --tenants: anyone who reaches {host}:{bound} can use, load and unload "
+            "every adapter.",
+            file=sys.stderr,
+        )
     print(
         f"tiedlora serve: {config.model} with {len(engine.adapters)} adapters on http://{host}:{bound}/v1",
         file=sys.stderr,
@@ -71,3 +81,10 @@ def serve(config: ServeConfig) -> None:
     )
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     engine.close()
+
+
+def loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
