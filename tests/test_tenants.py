@@ -105,19 +105,25 @@ def test_each_tenant_trained_together_equals_its_solo_run(tiny_folder, tmp_path)
         assert [{**c, "out": None} for c in configs[:1]] == [{**c, "out": None} for c in configs[1:]]
 
 
-def test_tenants_share_forward_passes(tiny_folder, tmp_path):
-    """A joint step runs the base model once per micro batch index, not once per tenant's micro
-    batch: 3 tenants of 4, 2 and 4 micro batches a step take 4 forward passes, not 10."""
+@pytest.mark.parametrize("max_rows", [None, 100])
+def test_tenants_share_forward_passes_of_at_most_max_rows(tiny_folder, tmp_path, max_rows):
+    """A joint step runs the base model once per micro batch index when the rows fit in one pass:
+    3 tenants of 4, 2 and 4 micro batches a step (2, 2 and 3 rows) take 4 passes, not 10. By
+    default a pass holds at most the largest micro batch (3 rows), as a solo run's memory."""
     model, tokenizer = load_model(str(tiny_folder))
-    calls = []
-    model.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    rows: list[int] = []
+    model.model.register_forward_hook(lambda module, args, output: rows.append(output.last_hidden_state.shape[0]))
     jobs = job_options(tmp_path)
-    joint = JointTraining((model, tokenizer), tmp_path / "joint", shared={"precision": "fp32"}, quiet=True)
+    shared = {"precision": "fp32"}
+    joint = JointTraining((model, tokenizer), tmp_path / "joint", shared=shared, max_rows=max_rows, quiet=True)
     for name, options in jobs.items():
         joint.add(Job(name, {**COMMON, **options, "max_steps": 1, "val_every": 10}))
     joint.admit()
     joint.step(joint.active)
-    assert len(calls) == max(8 // 2, 4 // 2, 12 // 3) == 4
+    if max_rows is None:
+        assert max(rows) == 3 and sum(rows) == 8 + 4 + 12
+    else:
+        assert rows == [2 + 2 + 3, 2 + 2 + 3, 2 + 3, 2 + 3]
 
 
 def test_a_failing_tenant_fails_alone(tiny_folder, tmp_path):

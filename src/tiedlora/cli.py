@@ -38,7 +38,12 @@ def params(model: str = "llama2-7b", rank: int = 8, json: bool = False) -> None:
 
 
 def train(
-    resume: bool = False, quiet: bool = False, jobs: str | None = None, max_active: int | None = None, **options
+    resume: bool = False,
+    quiet: bool = False,
+    jobs: str | None = None,
+    max_active: int | None = None,
+    max_rows: int | None = None,
+    **options,
 ) -> None:
     """Train an adapter, then score it on the test split. Options left unset come from the
     task's paper recipe (configs/paper/<task>.yaml), then from the defaults shown. With --jobs,
@@ -51,11 +56,13 @@ def train(
             run}; each run goes to <out>/<name>, options given here are every job's defaults, and --out
             defaults to runs.
         max_active: With --jobs: at most this many tenants train at once (default: all).
+        max_rows: With --jobs: at most this many rows (of any tenants) in one forward pass; more are split over
+            several passes (default: the largest --micro_batch_size of the jobs, the memory of a solo run).
     """
     if jobs is not None:
         from .train.tenants import train_jobs_file
 
-        summary = train_jobs_file(jobs, options, max_active=max_active, resume=resume, quiet=quiet)
+        summary = train_jobs_file(jobs, options, max_active=max_active, max_rows=max_rows, resume=resume, quiet=quiet)
         print(jsonlib.dumps(summary, indent=2))
         failed = sum(t["status"] != "succeeded" for t in summary.values())
         if failed:
@@ -207,7 +214,13 @@ def serve(**options: Any) -> None:
     from .serve.config import ServeConfig  # its fields are this command's options, with their defaults and help
     from .serve.server import serve as run
 
-    run(ServeConfig(**options))
+    config = ServeConfig(**options)
+    if config.state is not None or config.store is not None:
+        from .service import build
+
+        run(config, build)
+    else:
+        run(config)
 
 
 COMMANDS: dict[str, Callable[..., Any]] = {

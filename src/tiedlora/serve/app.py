@@ -453,7 +453,9 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.served.config.max_request_bytes
+        config = self.served.config
+        # an upload's body is the file and a few hundred bytes of multipart framing
+        limit = config.max_file_bytes + 65536 if scope["path"] == "/v1/files" else config.max_request_bytes
         message = f"The request body is larger than this server's limit of {limit:,} bytes; send less."
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

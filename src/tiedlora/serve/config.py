@@ -56,9 +56,19 @@ class ServeConfig:
     """A JSON file of tenants' keys, {"acme": ["key-1", "sha256:<hex>"]}: a tenant's key sees and uses the base
     model and the adapters under <adapters>/acme/ (named acme/<name>), nothing else."""
 
+    state: str | None = None
+    """A folder for the fine-tuning service's state (a SQLite database): with it, tenants upload fine-tuning
+    files (/v1/files)."""
+    store: str | None = None
+    """Instead of --state's SQLite file, any SQLAlchemy database URL (postgresql://...) that servers share."""
+    max_file_bytes: int = 100 << 20
+    """Uploaded files larger than this are refused (413)."""
+    max_tenant_bytes: int = 1 << 30
+    """At most this many bytes of files per tenant."""
+
     def __post_init__(self) -> None:
         limits = ["max_batch", "max_prompt_tokens", "max_tokens_limit", "max_resident", "prefill_tokens"]
-        limits.append("max_request_bytes")
+        limits += ["max_request_bytes", "max_file_bytes", "max_tenant_bytes"]
         if min(getattr(self, name) for name in (*limits, "max_rank")) < 1:
             raise TiedLoraError(f"--{', --'.join(limits)} and --max_rank must be at least 1.")
         if self.dtype not in DTYPES:

@@ -54,12 +54,13 @@ def build_from(config: ServeConfig) -> tuple[Engine, Any]:
     return engine, create_app(Served(engine, tokenizer, config.model, root, context, config, keys))
 
 
-def serve(config: ServeConfig) -> None:
-    """Serve until interrupted. The socket is bound before the line that names the address is
-    printed, so `--port 0` (any free port) prints the port it got, with no race for it."""
+def serve(config: ServeConfig, builder=build_from) -> None:
+    """Serve until interrupted, the (engine, app) that `builder` makes of `config`. The socket is
+    bound before the line that names the address is printed, so `--port 0` (any free port)
+    prints the port it got, with no race for it."""
     import uvicorn
 
-    engine, app = build_from(config)
+    engine, app = builder(config)
     host, port = config.host, config.port
     try:
         sock = socket.create_server((host, port))

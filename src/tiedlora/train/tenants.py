@@ -202,7 +202,10 @@ class Tenant:
 
 class JointTraining:
     """Jobs trained together on one loaded base model. `add` a job at any time (from another
-    thread too): it waits until fewer than `max_active` train, then joins the next step. A job
+    thread too): it waits until fewer than `max_active` train, then joins the next step. A
+    forward pass holds at most `max_rows` rows (default: the largest micro batch of the
+    tenants, so activations take no more memory than the largest solo run's); more rows are
+    split over several passes, which changes no gradient. A job
     whose options, data or loss go wrong fails alone: `error.json` in its folder, its line in
     `jobs.json` beside the run folders, and `on_finish`. `on_step(name, step, loss, tokens)`
     follows each tenant's every step; `on_finish(name, folder, results, error)` each end."""
@@ -214,6 +217,7 @@ class JointTraining:
         *,
         shared: dict | None = None,
         max_active: int | None = None,
+        max_rows: int | None = None,
         resume: bool = False,
         quiet: bool = False,
         on_step: Callable[[str, int, float, int], None] | None = None,
@@ -226,7 +230,9 @@ class JointTraining:
             raise TiedLoraError(f"--max_active {max_active} must be at least 1 (or unset: every job at once).")
         self.model, self.out = model, Path(out)
         self.shared = {k: v for k, v in (shared or {}).items() if k != "out"}
-        self.max_active, self.resume, self.quiet = max_active, resume, quiet
+        if max_rows is not None and max_rows < 1:
+            raise TiedLoraError(f"--max_rows {max_rows} must be at least 1 (or unset: the largest --micro_batch_size).")
+        self.max_active, self.max_rows, self.resume, self.quiet = max_active, max_rows, resume, quiet
         self.on_step, self.on_finish = on_step, on_finish
         self.frame = frame_of(model)  # taken before any projection is routed
         self.route = Route()
@@ -350,23 +356,12 @@ class JointTraining:
         # dropout masks: a function of who trains at which step, so a resumed run draws the same ones
         key = json.dumps([(t.name, t.run.cfg.seed, t.state["step"]) for t in tenants]).encode()
         self.loss_fn.train()
+        limit = self.max_rows or max(t.run.cfg.micro_batch_size for t in tenants)
         for j in range(max(len(chunks) for _, chunks, _, _ in plans)):
-            torch.manual_seed(zlib.crc32(key) * 1_000 + j)
-            examples: list[dict] = []
-            segments, owners = [], []
-            for t, chunks, n_answers, _ in plans:
-                if j < len(chunks):
-                    start = len(examples)
-                    examples += [t.run.data.train[i] for i in chunks[j]]
-                    segments.append((t.members, slice(start, len(examples))))
-                    owners.append((t.name, n_answers, slice(start, len(examples))))
-            batch = collate(examples, tenants[0].run.data.pad, procs.device)
-            with self.route(segments), torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=procs.bf16):
-                per_row = self.loss_fn(**batch, per_row=True)
-                losses = [per_row[rows].sum() / n_answers for _, n_answers, rows in owners]
-            torch.stack(losses).sum().backward()
-            for (name, _, _), loss in zip(owners, losses):
-                totals[name] += loss.detach()
+            rows = [(t, n_answers, i) for t, chunks, n_answers, _ in plans if j < len(chunks) for i in chunks[j]]
+            for c, start in enumerate(range(0, len(rows), limit)):
+                torch.manual_seed(zlib.crc32(key) * 1_000 + j * 100 + c)
+                self.forward_backward(rows[start : start + limit], totals)
         figures: dict[str, tuple[float, int, int] | Diverged] = {}
         for t, _, n_answers, n_inputs in plans:
             total = totals[t.name]
@@ -378,6 +373,27 @@ class JointTraining:
                 figures[t.name] = (total.item(), n_inputs, n_answers)
             t.optimizer.zero_grad(set_to_none=True)
         return figures
+
+    def forward_backward(self, rows: list[tuple[Tenant, int, int]], totals: dict[str, torch.Tensor]) -> None:
+        """One forward and backward pass over `rows` (tenant, its answer tokens this step, example
+        index), each tenant's rows contiguous; each tenant's loss divided by its own answer tokens."""
+        procs = self.procs
+        assert procs is not None
+        examples = [t.run.data.train[i] for t, _, i in rows]
+        owners: list[tuple[Tenant, int, slice]] = []
+        for k, (t, n_answers, _) in enumerate(rows):
+            if owners and owners[-1][0] is t:
+                owners[-1] = (t, n_answers, slice(owners[-1][2].start, k + 1))
+            else:
+                owners.append((t, n_answers, slice(k, k + 1)))
+        segments = [(t.members, span) for t, _, span in owners]
+        batch = collate(examples, rows[0][0].run.data.pad, procs.device)
+        with self.route(segments), torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=procs.bf16):
+            per_row = self.loss_fn(**batch, per_row=True)
+            losses = [per_row[span].sum() / n_answers for _, n_answers, span in owners]
+        torch.stack(losses).sum().backward()
+        for (t, _, _), loss in zip(owners, losses):
+            totals[t.name] += loss.detach()
 
     def finish(self, tenant: Tenant, error: str | None = None, cancelled: bool = False) -> None:
         """The tenant leaves the batch: scored and recorded if it trained to its end; its last
