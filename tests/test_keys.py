@@ -14,9 +14,8 @@ from fastapi.testclient import TestClient
 
 from tiedlora.config import TiedLoraError
 from tiedlora.serve import keys as keys_module
-from tiedlora.serve.config import ServeConfig
 from tiedlora.serve.keys import Keys
-from tiedlora.serve.server import build, serve
+from tiedlora.serve.server import build, open_warning
 
 ADMIN, ACME, ACME2, GLOBEX = (
     "admin-key-0123456789",
@@ -186,15 +185,9 @@ def test_the_env_key_and_bad_tenants_files(tiny_folder, tmp_path, monkeypatch):
         assert "k1" not in str(e.value) and ADMIN not in str(e.value)  # keys never in messages
 
 
-def test_an_open_server_beyond_loopback_says_so_at_start(tiny_folder, tmp_path, monkeypatch, capsys):
-    import uvicorn
-
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
-    monkeypatch.delenv("TIEDLORA_API_KEY", raising=False)
-    for host, keyed, warned in [("0.0.0.0", False, True), ("127.0.0.1", False, False), ("0.0.0.0", True, False)]:
-        key = ADMIN if keyed else None
-        config = ServeConfig(model=str(tiny_folder), adapters=str(tmp_path), host=host, port=0, api_key=key)
-        serve(config)
-        err = capsys.readouterr().err
-        assert ("anyone who reaches" in err) == warned, (host, keyed, err)
-        assert ADMIN not in err
+def test_an_open_server_beyond_loopback_says_so_at_start():
+    for host, keyed, warned in [("0.0.0.0", False, True), ("::", False, True), ("192.168.1.4", False, True),
+                                ("127.0.0.1", False, False), ("localhost", False, False), ("::1", False, False),
+                                ("0.0.0.0", True, False)]:  # fmt: skip
+        line = open_warning(keyed, host, 8000)
+        assert (line is not None and "anyone who reaches" in line and f"{host}:8000" in line) == warned, host

@@ -69,12 +69,9 @@ def serve(config: ServeConfig, builder=build_from) -> None:
             f"Cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host."
         ) from None
     bound = sock.getsockname()[1]
-    if app.state.served.keys is None and not loopback(host):
-        print(
-            f"tiedlora serve: no --api_key or --tenants: anyone who reaches {host}:{bound} can use, load and unload "
-            "every adapter.",
-            file=sys.stderr,
-        )
+    warning = open_warning(app.state.served.keys is not None, host, bound)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     print(
         f"tiedlora serve: {config.model} with {len(engine.adapters)} adapters on http://{host}:{bound}/v1",
         file=sys.stderr,
@@ -82,6 +79,14 @@ def serve(config: ServeConfig, builder=build_from) -> None:
     )
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     engine.close()
+
+
+def open_warning(keyed: bool, host: str, port: int) -> str | None:
+    """The line said at start by a server without keys that listens beyond loopback."""
+    if keyed or loopback(host):
+        return None
+    who = f"anyone who reaches {host}:{port}"
+    return f"tiedlora serve: no --api_key or --tenants: {who} can use, load and unload every adapter."
 
 
 def loopback(host: str) -> bool:
