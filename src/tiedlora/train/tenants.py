@@ -339,8 +339,8 @@ class JointTraining:
     def step(self, tenants: list[Tenant]) -> dict[str, tuple[float, int, int] | Diverged]:
         """One optimizer step of every tenant: each contributes its global batch of this step,
         cut into its micro batches (length-sorted, as alone); micro batch j of the joint step is
-        every tenant's micro batch j, its rows through its adapter, its loss over its own answer
-        tokens."""
+        every tenant's micro batch j, in passes of at most `max_rows` rows, each row through its
+        tenant's adapter, each tenant's loss over its own answer tokens."""
         procs = self.procs
         assert procs is not None
         plans = []
@@ -360,7 +360,7 @@ class JointTraining:
         for j in range(max(len(chunks) for _, chunks, _, _ in plans)):
             rows = [(t, n_answers, i) for t, chunks, n_answers, _ in plans if j < len(chunks) for i in chunks[j]]
             for c, start in enumerate(range(0, len(rows), limit)):
-                torch.manual_seed(zlib.crc32(key) * 1_000 + j * 100 + c)
+                torch.manual_seed(zlib.crc32(key + f"/{j}/{c}".encode()))  # distinct for every pass
                 self.forward_backward(rows[start : start + limit], totals)
         figures: dict[str, tuple[float, int, int] | Diverged] = {}
         for t, _, n_answers, n_inputs in plans:
