@@ -28,7 +28,9 @@ def served(tiny_folder, tmp_path):
 
     def start(**options):
         folders = dict(adapters=str(tmp_path / "adapters"), state=str(tmp_path / "state"))
-        config = ServeConfig(model=str(tiny_folder), tenants=str(tenants), max_tokens_limit=8, **folders, **options)
+        config = ServeConfig(
+            model=str(tiny_folder), tenants=str(tenants), max_tokens_limit=8, training_processes=0, **folders, **options
+        )
         return build(config)
 
     return start

@@ -149,7 +149,7 @@ def test_a_failing_tenant_fails_alone(tiny_folder, tmp_path):
     for job in jobs:
         job.options = {**COMMON, **job.options}
 
-    def poison(name, step, loss, tokens):
+    def poison(name, step, loss, tokens, val_loss):
         if name == "diverges" and step == 2:
             model = next(t for t in joint.active if t.name == name).run.model
             with torch.no_grad():
@@ -196,7 +196,7 @@ def test_jobs_join_as_others_leave_and_can_be_added_and_cancelled(tiny_folder, t
     together: dict[int, list[str]] = {}  # joint step -> the tenants in it
     ended: dict[str, str | None] = {}
 
-    def on_step(name, step, loss, tokens):
+    def on_step(name, step, loss, tokens, val_loss):
         seen.append((name, step))
         together.setdefault(joint.steps, []).append(name)
         assert loss > 0 and tokens > 0
@@ -251,7 +251,7 @@ def test_resume_after_a_kill_continues_every_tenant_from_its_checkpoint(tiny_fol
     base = load_model(str(tiny_folder))
     shared = {"model": str(tiny_folder), "precision": "fp32"}
     summary = train_jobs(resumed, base, killed, shared=shared, resume=True, quiet=True,
-                         on_step=lambda name, step, loss, tokens: steps.append((name, step)))  # fmt: skip
+                         on_step=lambda name, step, loss, tokens, val_loss: steps.append((name, step)))  # fmt: skip
     assert not refused and {s["status"] for s in summary.values()} == {"succeeded"}, summary
     for name in jobs:
         assert [s for n, s in steps if n == name] == list(range(start[name] + 1, 9)), name

@@ -60,6 +60,7 @@ class Served:
     context: int | None = None  # the base model's max_position_embeddings
     config: ServeConfig = field(default_factory=ServeConfig)  # the limits: max_prompt_tokens, ...
     keys: Keys | None = None  # None: open to anyone who reaches the port
+    refresh: Any = None  # the fine-tuning service's: registers, blocking, the models its jobs made since
     started: int = field(default_factory=lambda: int(time.time()))
     tokenizing: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tiedlora-tokenize")
@@ -68,6 +69,14 @@ class Served:
     async def off_loop(self, work, *args):
         """Run `work` on the tokenizing thread: long prompts never hold up the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, work, *args)
+
+    async def known(self, name: str | None = None) -> None:
+        """A model made by a fine-tuning job that just succeeded serves its first request: a
+        name not registered (or, without one, a listing) has the service register what is new."""
+        if self.refresh is not None and (
+            name is None or name != self.model_name and name not in self.engine.view.folders
+        ):
+            await asyncio.get_running_loop().run_in_executor(None, self.refresh)
 
 
 def served(request: Request) -> Served:
@@ -246,14 +255,16 @@ async def cancel_when_gone(request: Request, job: Job) -> None:
 
 
 @router.get("/v1/models")
-def models(s: ServedBy, who: CallerBy):
+async def models(s: ServedBy, who: CallerBy):
+    await s.known()
     cards = [model_card(s.model_name, s.started)]
     mine = [n for n in s.engine.adapters if who.sees(n, s.model_name)]
     return {"object": "list", "data": cards + [model_card(n, s.started, s.model_name) for n in mine]}
 
 
 @router.get("/v1/models/{name:path}")
-def model(name: str, s: ServedBy, who: CallerBy):
+async def model(name: str, s: ServedBy, who: CallerBy):
+    await s.known(name)
     if name == s.model_name:
         return model_card(name, s.started)
     if name in s.engine.view.folders and who.sees(name, s.model_name):
@@ -277,6 +288,7 @@ async def completions(body: CompletionBody, request: Request, s: ServedBy, who: 
         raise ApiError(400, f"logprobs is {body.logprobs}; it must be between 0 and 20.", "logprobs")
     scoring = body.echo and body.logprobs is not None  # the prompt's logprobs too, as evaluation clients ask
     prompts = await s.off_loop(encode_prompts, s, body.prompt)
+    await s.known(body.model)
     sampling = check_options(s, who, body, prompts, body.max_tokens, scoring)
     sampling.logprobs, sampling.prompt_logprobs = body.logprobs, scoring
     job = Job.of(body.model, adapter_of(s, body), prompts, sampling, body.n)
@@ -316,6 +328,7 @@ async def chat_completions(body: ChatBody, request: Request, s: ServedBy, who: C
     if top is not None and (not body.logprobs or not 0 <= top <= 20):
         raise ApiError(400, f"top_logprobs is {top}; it must be 0 to 20, with logprobs true.", "top_logprobs")
     ids = await s.off_loop(encode_chat, s, body)
+    await s.known(body.model)
     wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     sampling = check_options(s, who, body, [ids], wanted)
     sampling.logprobs = (top or 0) if body.logprobs else None

@@ -65,12 +65,26 @@ class ServeConfig:
     """Uploaded files larger than this are refused (413)."""
     max_tenant_bytes: int = 1 << 30
     """At most this many bytes of files per tenant."""
+    max_running_jobs: int = 8
+    """Fine-tuning jobs one training process trains at once, together in one batch."""
+    max_queued_jobs: int = 16
+    """Fine-tuning jobs a tenant may have waiting to start; more are refused (429)."""
+    training_processes: int = 1
+    """Training processes this server starts beside itself (0: it only queues jobs, for servers that share a
+    --store with others that train)."""
+    train_precision: str = "auto"
+    """Fine-tuning jobs' training matmuls, as tiedlora train's --precision: auto, bf16 or fp32."""
+    job_lease_s: float = 30.0
+    """A running job whose training process has not renewed it for this long (it died with its server) is taken up
+    again by another, from its last checkpoint."""
 
     def __post_init__(self) -> None:
         limits = ["max_batch", "max_prompt_tokens", "max_tokens_limit", "max_resident", "prefill_tokens"]
-        limits += ["max_request_bytes", "max_file_bytes", "max_tenant_bytes"]
+        limits += ["max_request_bytes", "max_file_bytes", "max_tenant_bytes", "max_running_jobs", "max_queued_jobs"]
         if min(getattr(self, name) for name in (*limits, "max_rank")) < 1:
             raise TiedLoraError(f"--{', --'.join(limits)} and --max_rank must be at least 1.")
+        if self.training_processes < 0 or not self.job_lease_s > 0:
+            raise TiedLoraError("--training_processes must be 0 or more and --job_lease_s above 0.")
         if self.dtype not in DTYPES:
             raise TiedLoraError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

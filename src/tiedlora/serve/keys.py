@@ -34,8 +34,9 @@ class Caller:
         return self.tenant is None
 
     def sees(self, name: str, base: str) -> bool:
-        """May this caller use or even learn of model `name`?"""
-        return self.admin or name == base or name.startswith(f"{self.tenant}/")
+        """May this caller use or even learn of model `name`? Its own are its adapters'
+        folder and the models its fine-tuning jobs made (OpenAI's `ft:<base>:<tenant>:...`)."""
+        return self.admin or name == base or name.startswith((f"{self.tenant}/", f"ft:{base}:{self.tenant}:"))
 
 
 ADMIN = Caller()

@@ -78,6 +78,8 @@ class TrainConfig:
     """Linear warm-up steps before the cosine decay."""
     max_steps: int = 2000
     """At most this many optimizer steps."""
+    epochs: int | None = None
+    """Instead of --max_steps: this many passes over the training rows (each step reads --batch_size of them)."""
     batch_size: int = 256
     """Global batch (examples per optimizer step), reached by accumulation and data parallelism."""
     micro_batch_size: int = 8
@@ -127,6 +129,8 @@ class TrainConfig:
         ):
             if getattr(self, name) <= 0:
                 raise TiedLoraError(f"--{name} {getattr(self, name)} must be positive.")
+        if self.epochs is not None and self.epochs <= 0:
+            raise TiedLoraError(f"--epochs {self.epochs} must be positive (or unset: --max_steps decides).")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise TiedLoraError(f"--lr {self.lr} must be a positive number, e.g. 1e-4.")
         if self.precision not in PRECISIONS:

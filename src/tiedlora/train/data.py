@@ -30,6 +30,8 @@ class Data:
 
 
 def load_data(task: TaskLike, tokenizer, cfg: TrainConfig) -> Data:
+    """The rows and examples; with --epochs, `cfg.max_steps` set from the training examples, so
+    the schedule, the log and run.json see the steps the epochs take."""
     train_rows, val_rows = task.load("train", cfg.source), task.load("validation", cfg.source)
     limits = (cfg.max_length, cfg.too_long, cfg.chat)
     train_examples, long = encode_rows(task, train_rows[: cfg.train_rows], tokenizer, *limits)
@@ -39,6 +41,8 @@ def load_data(task: TaskLike, tokenizer, cfg: TrainConfig) -> Data:
             f"Every training example is longer than --max_length {cfg.max_length} and --too_long drop "
             "left none; raise --max_length or use --too_long cut."
         )
+    if cfg.epochs is not None:
+        cfg.max_steps = cfg.epochs * (len(train_examples) // min(cfg.batch_size, len(train_examples)))
     return Data(train_rows, val_rows, train_examples, val_examples, long, pad_id(tokenizer))
 
 

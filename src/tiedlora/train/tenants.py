@@ -192,8 +192,10 @@ class Tenant:
         self.members: Members = {path: m for site in root(model).sites for path, m in site.members}
         self.long = long_examples(data, cfg) if data.long else None
 
-    def record(self, figures: tuple) -> None:
-        record_step(self.run, self.loss_fn, self.optimizer, self.checkpoints, self.log, self.state, figures)
+    def record(self, figures: tuple) -> float | None:
+        """The step recorded (validated, logged, checkpointed when due); its validation loss, if it validated."""
+        row = record_step(self.run, self.loss_fn, self.optimizer, self.checkpoints, self.log, self.state, figures)
+        return row["val_loss"] if row["val_loss"] != "" else None
 
     @property
     def done(self) -> bool:
@@ -207,8 +209,9 @@ class JointTraining:
     tenants, so activations take no more memory than the largest solo run's); more rows are
     split over several passes, which changes no gradient. A job
     whose options, data or loss go wrong fails alone: `error.json` in its folder, its line in
-    `jobs.json` beside the run folders, and `on_finish`. `on_step(name, step, loss, tokens)`
-    follows each tenant's every step; `on_finish(name, folder, results, error)` each end."""
+    `jobs.json` beside the run folders, and `on_finish`. `on_step(name, step, loss, tokens,
+    val_loss)` follows each tenant's every step (val_loss None where it did not validate);
+    `on_finish(name, folder, results, error)` each end (results and error both None: cancelled)."""
 
     def __init__(
         self,
@@ -220,7 +223,7 @@ class JointTraining:
         max_rows: int | None = None,
         resume: bool = False,
         quiet: bool = False,
-        on_step: Callable[[str, int, float, int], None] | None = None,
+        on_step: Callable[[str, int, float, int, float | None], None] | None = None,
         on_finish: Callable[[str, Path, dict | None, str | None], None] | None = None,
     ):
         model, self.tokenizer = base
@@ -285,9 +288,9 @@ class JointTraining:
                         self.finish(tenant, error=str(outcome))
                         continue
                     loss, n_inputs, n_answers = outcome
-                    tenant.record((loss, n_inputs, n_answers, dt))
+                    val_loss = tenant.record((loss, n_inputs, n_answers, dt))
                     if self.on_step:
-                        self.on_step(tenant.name, tenant.state["step"], loss, n_answers)
+                        self.on_step(tenant.name, tenant.state["step"], loss, n_answers, val_loss)
                     if tenant.done:
                         self.finish(tenant)
                 bar.update(len(figures))

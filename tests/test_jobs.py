@@ -1,0 +1,300 @@
+"""OpenAI's fine-tuning API in `tiedlora serve --state DIR`: jobs created, followed and cancelled
+with the official `openai` client, trained by a training process beside the server, their
+adapters served by name the moment they succeed; each tenant kept to its own jobs and models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load as load_tensors
+
+from tiedlora.serve.config import ServeConfig
+from tiedlora.service import build
+from tiedlora.service.store import Store, models
+
+ACME, GLOBEX, ADMIN = "acme-key-0123456789", "globex-key-01234567", "admin-key-0123456789"
+ROWS = [{"prompt": f"{a}+{b}=", "completion": f" {a + b}"} for a in range(6) for b in range(4)]  # 24 rows
+HYPER = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 5}
+
+
+def jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+@pytest.fixture
+def served(tiny_folder, tmp_path):
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"acme": [ACME], "globex": [GLOBEX]}))
+
+    def start(state="state", **options):
+        folders = dict(adapters=str(tmp_path / "adapters"), state=str(tmp_path / state))
+        keys = dict(tenants=str(tenants), api_key=ADMIN)
+        options = {"train_precision": "fp32", "job_lease_s": 2.0, **options}
+        return build(ServeConfig(model=str(tiny_folder), max_tokens_limit=8, **keys, **folders, **options))
+
+    return start
+
+
+def client_for(http, key):
+    from openai import OpenAI
+
+    return OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
+
+
+def wait_for(check, timeout: float = 180.0, every: float = 0.25):
+    """`check()`'s first true value; fails after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"still waiting after {timeout} s")
+
+
+def ended(client, job_id):
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    return job if job.status in ("succeeded", "failed", "cancelled") else None
+
+
+def create(client, file_id, **extra):
+    return client.fine_tuning.jobs.create(
+        model=extra.pop("model", None) or client.models.list().data[0].id,
+        training_file=file_id,
+        hyperparameters=extra.pop("hyperparameters", HYPER),
+        seed=extra.pop("seed", 7),
+        **extra,
+    )
+
+
+def test_a_fine_tune_with_the_openai_client_from_upload_to_completion(served, tiny_folder, tmp_path):
+    """Upload, create, poll, events (paged), checkpoints, then a completion on the new model;
+    its adapter equals the one a solo `tiedlora train --data` run with the job's options makes."""
+    from tiedlora.train import TrainConfig, train
+
+    engine, app = served()
+    with TestClient(app) as http:
+        acme = client_for(http, ACME)
+        base = acme.models.list().data[0].id
+        upload = acme.files.create(file=("sums.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        job = create(acme, upload.id, suffix="sums", extra_body={"adapter": {"config": "tl5", "rank": 4}})
+        assert job.status == "queued" and job.id.startswith("ftjob-") and job.hyperparameters.n_epochs == 2
+        done = wait_for(lambda: ended(acme, job.id))
+        assert done.status == "succeeded", done.error
+        assert done.fine_tuned_model == f"ft:{base}:acme:sums:{job.id}" and done.trained_tokens > 0
+
+        events = [e for page in iter_pages(acme.fine_tuning.jobs.list_events, job.id, 3) for e in page]
+        messages = [e.message for e in reversed(events)]  # newest first, as OpenAI's
+        assert messages[:4] == [
+            "Created fine-tuning job",
+            f"Validating training file: {upload.id}",
+            "Files validated, moving job to queued state",
+            "Fine-tuning job started",
+        ]
+        assert messages[-1] == "The job has successfully completed", messages
+        steps = [e.data for e in reversed(events) if e.type == "metrics"]
+        total = steps[-1]["total_steps"]
+        assert total == 2 * (21 // 4) and steps[-1]["step"] == total  # 24 rows, 3 held out for validation
+        assert "valid_loss" in steps[-1] and all(s["train_loss"] > 0 for s in steps)
+        checkpoints = acme.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert [c.step_number for c in checkpoints] == [10, 5]
+        assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-10"
+
+        assert done.fine_tuned_model in [m.id for m in acme.models.list()]
+        reply = acme.completions.create(model=done.fine_tuned_model, prompt="3+1=", max_tokens=4)
+        assert reply.model == done.fine_tuned_model and reply.usage.completion_tokens >= 1
+        options = json.loads(Store.open(tmp_path / "state").job(None, job.id)["options"])  # type: ignore[index]
+    engine.close()
+
+    served_tensors = stored_adapter(tmp_path / "state", job.id)
+    data = tmp_path / "sums.jsonl"
+    data.write_bytes(jsonl(ROWS))
+    solo = tmp_path / "solo"
+    train(TrainConfig(**options, data=str(data), model=str(tiny_folder), out=str(solo), precision="fp32"), quiet=True)
+    alone = load_tensors((solo / "best" / "adapter.safetensors").read_bytes())
+    assert served_tensors.keys() == alone.keys()
+    scale = max(t.abs().max().item() for t in alone.values())
+    assert scale > 0 and max((served_tensors[k] - alone[k]).abs().max().item() for k in alone) <= 1e-5 * scale
+
+
+def iter_pages(list_call, job_id, limit):
+    """Every page of a list, by `after` and `limit` as the client sends them."""
+    after = None
+    while True:
+        page = list_call(job_id, limit=limit, **({"after": after} if after else {}))
+        yield page.data
+        assert len(page.data) <= limit
+        if not page.has_more:
+            return
+        after = page.data[-1].id
+
+
+def stored_adapter(state, job_id) -> dict[str, torch.Tensor]:
+    store = Store.open(state)
+    from sqlalchemy import select
+
+    with store.engine.connect() as db:
+        row = db.execute(select(models.c.tensors).where(models.c.job_id == job_id)).one()
+    return load_tensors(row[0])
+
+
+def test_another_tenants_jobs_files_and_models_do_not_exist_for_it(served):
+    import openai
+
+    engine, app = served(max_running_jobs=2)
+    with TestClient(app) as http:
+        acme, globex = client_for(http, ACME), client_for(http, GLOBEX)
+        upload = acme.files.create(file=("a.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        mine = create(acme, upload.id, hyperparameters={"n_epochs": 1, "batch_size": 8})
+        done = wait_for(lambda: ended(acme, mine.id))
+        assert done.status == "succeeded", done.error
+        missing, ft_missing = "ftjob-000000000000000000000000", done.fine_tuned_model.replace(mine.id, "ftjob-0")
+
+        head = {"Authorization": f"Bearer {GLOBEX}"}
+        for method, path in [
+            ("GET", "/v1/fine_tuning/jobs/{}"),
+            ("GET", "/v1/fine_tuning/jobs/{}/events"),
+            ("GET", "/v1/fine_tuning/jobs/{}/checkpoints"),
+            ("POST", "/v1/fine_tuning/jobs/{}/cancel"),
+        ]:
+            theirs, absent = (http.request(method, path.format(i), headers=head) for i in (mine.id, missing))
+            assert theirs.status_code == absent.status_code == 404, (path, theirs.text)
+            assert theirs.json() == json.loads(json.dumps(absent.json()).replace(missing, mine.id))
+        assert globex.fine_tuning.jobs.list().data == []
+        assert [j.id for j in acme.fine_tuning.jobs.list()] == [mine.id]
+        for model in (done.fine_tuned_model, ft_missing):
+            with pytest.raises(openai.NotFoundError):
+                globex.completions.create(model=model, prompt="1+1=", max_tokens=2)
+            with pytest.raises(openai.NotFoundError):
+                globex.models.retrieve(model)
+        assert done.fine_tuned_model not in [m.id for m in globex.models.list()]
+        with pytest.raises(openai.BadRequestError, match="no such file") as theirs_file:
+            create(globex, upload.id)
+        with pytest.raises(openai.BadRequestError, match="no such file") as no_file:
+            create(globex, "file-000000000000000000000000")
+        assert str(theirs_file.value).replace(upload.id, "X") == str(no_file.value).replace(
+            "file-000000000000000000000000", "X"
+        )
+        assert http.get("/v1/fine_tuning/jobs").status_code == 401
+        assert http.get("/v1/fine_tuning/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = http.post("/v1/adapters", headers=head, json={"name": "globex/x", "path": "x"})
+        assert r.status_code == 403
+        admin = client_for(http, ADMIN)
+        assert [j.id for j in admin.fine_tuning.jobs.list()] == [mine.id]  # the administrator sees every job
+        assert admin.completions.create(model=done.fine_tuned_model, prompt="1+1=", max_tokens=2).choices
+    engine.close()
+
+
+def test_checks_limits_pagination_and_cancel_while_queued(served):
+    """No training process: jobs stay queued, so cancelling, paging and the queue limit are seen
+    without training; every bad option is a 400 naming it."""
+    import openai
+
+    engine, app = served(training_processes=0, max_queued_jobs=3)
+    with TestClient(app) as http:
+        acme = client_for(http, ACME)
+        upload = acme.files.create(file=("a.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        bad = [
+            (dict(hyperparameters={"n_epochs": 0}), "hyperparameters.n_epochs"),
+            (dict(hyperparameters={"batch_size": 1000}), "hyperparameters.batch_size"),
+            (dict(hyperparameters={"learning_rate_multiplier": -1}), "hyperparameters.learning_rate_multiplier"),
+            (dict(method={"type": "dpo"}), "method.type"),
+            (dict(extra_body={"adapter": {"config": "tl9"}}), "adapter"),
+            (dict(extra_body={"adapter": {"rank": 0}}), "adapter.rank"),
+            (dict(model="gpt-4o-mini"), "model"),
+            (dict(suffix="no spaces"), "suffix"),
+        ]
+        for options, param in bad:
+            with pytest.raises(openai.BadRequestError) as e:
+                create(acme, upload.id, **options)
+            assert e.value.param == param, (options, e.value)
+        made = [create(acme, upload.id).id for _ in range(3)]
+        with pytest.raises(openai.RateLimitError, match="3 jobs waiting"):
+            create(acme, upload.id)
+        pages = list(iter_pages(lambda _, **kw: acme.fine_tuning.jobs.list(**kw), None, 2))
+        assert [[j.id for j in page] for page in pages] == [made[::-1][:2], made[::-1][2:]]
+        cancelled = acme.fine_tuning.jobs.cancel(made[0])
+        assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+        with pytest.raises(openai.BadRequestError, match="already cancelled"):
+            acme.fine_tuning.jobs.cancel(made[0])
+        assert create(acme, upload.id).status == "queued"  # room again in the queue
+        with pytest.raises(openai.BadRequestError, match="after"):
+            acme.fine_tuning.jobs.list(after="ftjob-nope")
+    engine.close()
+
+
+def test_two_tenants_jobs_train_together_and_cancel_stops_a_running_one(served):
+    engine, app = served(max_running_jobs=3)
+    with TestClient(app) as http:
+        acme, globex = client_for(http, ACME), client_for(http, GLOBEX)
+        a = create(acme, acme.files.create(file=("a.jsonl", jsonl(ROWS)), purpose="fine-tune").id)
+        held_out = globex.files.create(file=("v.jsonl", jsonl(ROWS[:4])), purpose="fine-tune").id
+        g = create(globex, globex.files.create(file=("g.jsonl", jsonl(ROWS[4:16])), purpose="fine-tune").id,
+                   validation_file=held_out)  # fmt: skip
+        long = create(acme, acme.files.create(file=("l.jsonl", jsonl(ROWS)), purpose="fine-tune").id,
+                      hyperparameters={"n_epochs": 50, "batch_size": 1})  # fmt: skip
+        wait_for(lambda: acme.fine_tuning.jobs.retrieve(long.id).trained_tokens)
+        cancelled = acme.fine_tuning.jobs.cancel(long.id)
+        assert cancelled.status == "cancelled"
+        done_a, done_g = wait_for(lambda: ended(acme, a.id)), wait_for(lambda: ended(globex, g.id))
+        assert done_a.status == done_g.status == "succeeded", (done_a.error, done_g.error)
+        assert done_a.created_at <= done_g.finished_at and done_g.created_at <= done_a.finished_at
+        started = {j.id: first_step(c, j.id) for c, j in ((acme, a), (globex, g), (acme, long))}
+        assert max(started.values()) - min(started.values()) < 2.0, started  # claimed together, one batch
+        time.sleep(2)  # the training process has let the cancelled job go by now
+        tokens = acme.fine_tuning.jobs.retrieve(long.id).trained_tokens
+        time.sleep(1)
+        assert acme.fine_tuning.jobs.retrieve(long.id).trained_tokens == tokens
+        assert acme.fine_tuning.jobs.retrieve(long.id).status == "cancelled"
+        assert not acme.fine_tuning.jobs.retrieve(long.id).fine_tuned_model
+    engine.close()
+
+
+def first_step(client, job_id) -> float:
+    """When the job's first step was reported (its events are newest first)."""
+    events = client.fine_tuning.jobs.list_events(job_id, limit=100).data
+    return min(e.created_at for e in events if e.message == "Fine-tuning job started")
+
+
+def test_a_training_process_that_dies_fails_its_jobs_and_serving_goes_on(served, tmp_path):
+    engine, app = served()
+    with TestClient(app) as http:
+        acme = client_for(http, ACME)
+        upload = acme.files.create(file=("a.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        job = create(acme, upload.id, hyperparameters={"n_epochs": 50, "batch_size": 1})
+        wait_for(lambda: acme.fine_tuning.jobs.retrieve(job.id).trained_tokens)
+        pid = training_pid()
+        os.kill(pid, signal.SIGKILL)
+        done = wait_for(lambda: ended(acme, job.id))
+        assert done.status == "failed" and done.error.code == "training_process_died"
+        assert "killed: out of memory?" in done.error.message
+        assert http.get("/health").status_code == 200
+        base = acme.models.list().data[0].id
+        assert acme.completions.create(model=base, prompt="1+1=", max_tokens=2).choices
+        again = create(acme, upload.id, hyperparameters={"n_epochs": 1, "batch_size": 8})  # a new process takes it
+        assert wait_for(lambda: ended(acme, again.id)).status == "succeeded"
+        assert wait_for(lambda: training_pid()) != pid
+    engine.close()
+
+
+def training_pid() -> int | None:
+    """The training process this test's server started (its parent is this process)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:
+            continue
+        if parent == os.getpid() and b"tiedlora.service.worker" in command:
+            return int(entry)
+    return None
