@@ -139,4 +139,8 @@ def test_a_store_that_cannot_open_names_the_option(tiny_folder, tmp_path):
     with pytest.raises(TiedLoraError, match="--state"):
         build(ServeConfig(model=str(tiny_folder), state=str(blocker / "state")))
     with pytest.raises(TiedLoraError, match=r"--store postgresql://u:\*\*\*@nowhere.invalid"):
-        build(ServeConfig(model=str(tiny_folder), store="postgresql://u:secret@nowhere.invalid/db"))
+        build(
+            ServeConfig(
+                model=str(tiny_folder), state=str(tmp_path / "s"), store="postgresql://u:secret@nowhere.invalid/db"
+            )
+        )

@@ -4,10 +4,19 @@ adapters served by name the moment they succeed; each tenant kept to its own job
 
 from __future__ import annotations
 
+import functools
+import glob
 import json
 import os
+import pwd
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +25,7 @@ from safetensors.torch import load as load_tensors
 
 from tiedlora.serve.config import ServeConfig
 from tiedlora.service import build
-from tiedlora.service.store import Store, models
+from tiedlora.service.store import Store, jobs, models
 
 ACME, GLOBEX, ADMIN = "acme-key-0123456789", "globex-key-01234567", "admin-key-0123456789"
 ROWS = [{"prompt": f"{a}+{b}=", "completion": f" {a + b}"} for a in range(6) for b in range(4)]  # 24 rows
@@ -298,3 +307,160 @@ def training_pid() -> int | None:
         if parent == os.getpid() and b"tiedlora.service.worker" in command:
             return int(entry)
     return None
+
+
+def start_server(tiny_folder, tmp_path, state: str) -> tuple[subprocess.Popen, int, list[str]]:
+    """`tiedlora serve --state` as a user starts it, on a free port; (process, port, its stderr lines)."""
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"acme": [ACME]}))
+    command = [sys.executable, "-m", "tiedlora", "serve", "--model", str(tiny_folder), "--port", "0"]
+    command += ["--adapters", str(tmp_path / "adapters"), "--state", str(tmp_path / state), "--tenants", str(tenants)]
+    command += ["--train_precision", "fp32", "--job_lease_s", "1"]
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()  # type: ignore[arg-type]
+    wait_for(lambda: any(" on http://" in line for line in lines) or process.poll() is not None, 120)
+    assert process.poll() is None, "".join(lines)
+    port = int(next(line for line in lines if " on http://" in line).rsplit(":", 1)[1].split("/")[0])
+    return process, port, lines
+
+
+def test_a_server_killed_mid_job_resumes_it_from_its_checkpoint_to_the_same_adapter(tiny_folder, tmp_path):
+    """SIGKILL the server (its training process ends with it) after the job's first checkpoint;
+    started again, the server's new training process takes the job up once its lease lapses, from
+    that checkpoint (not from step 0), and it ends with the adapter an uninterrupted run makes."""
+    from openai import OpenAI
+
+    hyper = {"n_epochs": 6, "batch_size": 1}  # 6 x 22 steps, a checkpoint every 21
+
+    def client(port):
+        return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=ACME, max_retries=0)
+
+    process, port, _ = start_server(tiny_folder, tmp_path, "killed")
+    try:
+        acme = client(port)
+        upload = acme.files.create(file=("a.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        job = create(acme, upload.id, hyperparameters=hyper)
+        wait_for(lambda: acme.fine_tuning.jobs.checkpoints.list(job.id).data, every=0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(30)
+    finally:
+        process.kill()
+
+    process, port, _ = start_server(tiny_folder, tmp_path, "killed")
+    try:
+        acme = client(port)
+        done = wait_for(lambda: ended(acme, job.id))
+        assert done.status == "succeeded", done.error
+        events = acme.fine_tuning.jobs.list_events(job.id, limit=100).data
+        resumed = [e.data["step"] for e in events if e.message.startswith("Resumed by another training process")]
+        assert resumed and resumed[0] > 0 and resumed[0] % 21 == 0, [e.message for e in events]
+        assert acme.completions.create(model=done.fine_tuned_model, prompt="1+2=", max_tokens=2).choices
+    finally:
+        process.terminate()
+        process.wait(60)
+
+    process, port, _ = start_server(tiny_folder, tmp_path, "whole")
+    try:
+        acme = client(port)
+        upload = acme.files.create(file=("a.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        whole = create(acme, upload.id, hyperparameters=hyper)
+        assert wait_for(lambda: ended(acme, whole.id)).status == "succeeded"
+    finally:
+        process.terminate()
+        process.wait(60)
+    resumed_tensors = stored_adapter(tmp_path / "killed", job.id)
+    whole_tensors = stored_adapter(tmp_path / "whole", whole.id)
+    assert resumed_tensors.keys() == whole_tensors.keys()
+    assert all(torch.equal(resumed_tensors[k], whole_tensors[k]) for k in whole_tensors)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of its own, on a Unix socket in a temporary folder (Debian's
+    postgresql package; `.ci/run` installs it): its URL."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb") or ""]
+    if not found[-1]:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql package.")
+        pytest.skip("no PostgreSQL server here: apt-get install postgresql")
+    bindir = Path(found[-1]).parent
+    folder = Path(tempfile.mkdtemp(prefix="tiedlora-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+        user = pwd.getpwnam("postgres")
+        os.chmod(folder, 0o755)
+        os.chown(folder, user.pw_uid, user.pw_gid)
+    data = folder / "data"
+    run = functools.partial(subprocess.run, check=True, capture_output=True, timeout=120)
+    run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tiedlora", "--no-sync"])
+    options = f"-k {folder} -c listen_addresses='' -c fsync=off"
+    run(
+        [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"]
+    )
+    try:
+        yield f"postgresql+psycopg://tiedlora@/postgres?host={folder}"
+    finally:
+        run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def queued_job(n: int) -> dict:
+    return dict(id=f"ftjob-{n:04d}", tenant="acme", model="m", training_file="file-x", validation_file=None,
+                suffix=None, seed=0, hyperparameters="{}", options="{}", status="queued", created_at=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_two_training_processes_never_claim_one_job(database, request, tmp_path):
+    """Two workers, each with its own connections, claim 200 queued jobs one at a time, at once:
+    every job is claimed exactly once (FOR UPDATE SKIP LOCKED on PostgreSQL; the claimable check
+    repeated in the UPDATE everywhere)."""
+    url = request.getfixturevalue("postgres") if database == "postgresql" else f"sqlite:///{tmp_path / 'db'}"
+    first = Store(url)
+    with first.engine.begin() as db:
+        db.execute(jobs.delete())
+    for n in range(200):
+        first.add_job(queued_job(n))
+    stores = [first, Store(url)]
+    claimed: dict[str, list[str]] = {"w0": [], "w1": []}
+    start = threading.Barrier(2)
+
+    def claim_all(worker: str, store: Store) -> None:
+        store.held_by(worker)  # connected before the race starts
+        start.wait()
+        while got := store.claim(worker, 1, lease=60.0, model="m"):
+            claimed[worker] += [job["id"] for job in got]
+
+    threads = [threading.Thread(target=claim_all, args=(w, s)) for w, s in zip(claimed, stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(claimed["w0"] + claimed["w1"]) == [f"ftjob-{n:04d}" for n in range(200)]
+    assert claimed["w0"] and claimed["w1"], "one worker took every job: they did not claim at once"
+    assert first.held_by("w0") and sorted(first.held_by("w0")) == sorted(claimed["w0"])
+
+
+def test_two_servers_share_one_postgresql(served, postgres):
+    """Two servers on one store, each with its training process: every job trains once, and a model
+    one server's process made serves from the other."""
+    with Store(postgres).engine.begin() as db:
+        db.execute(jobs.delete())
+    (engine_a, app_a), (engine_b, app_b) = served("a", store=postgres), served("b", store=postgres)
+    with TestClient(app_a) as http_a, TestClient(app_b) as http_b:
+        a, b = client_for(http_a, ACME), client_for(http_b, ACME)
+        upload = a.files.create(file=("a.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        made = [create(c, upload.id, hyperparameters={"n_epochs": 1, "batch_size": 8}).id for c in (a, b, a, b)]
+        done = [wait_for(lambda j=j: ended(a, j)) for j in made]
+        assert [d.status for d in done] == ["succeeded"] * 4, [d.error for d in done]
+        for job in made:
+            started = [e for e in b.fine_tuning.jobs.list_events(job, limit=100).data if "started" in e.message]
+            assert len(started) == 1
+        trainers = {Store(postgres).job(None, j)["worker"] for j in made}  # type: ignore[index]
+        for d in done:
+            assert b.completions.create(model=d.fine_tuned_model, prompt="1+1=", max_tokens=2).choices
+            assert a.completions.create(model=d.fine_tuned_model, prompt="1+1=", max_tokens=2).choices
+    engine_a.close()
+    engine_b.close()
+    assert len(trainers) >= 1

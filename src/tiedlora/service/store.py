@@ -146,15 +146,14 @@ class Store:
 
     @classmethod
     def open(cls, state: str | Path, url: str | None = None) -> Store:
-        """`url`, or a SQLite file in the folder `state` (created)."""
-        if url is None:
-            folder = Path(state)
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise TiedLoraError(f"--state {folder}: cannot create it ({e.strerror or e}).") from None
-            url = f"sqlite:///{folder.resolve() / 'tiedlora.db'}"
-        return cls(url)
+        """`url`, or a SQLite file in the folder `state`; the folder is created either way (run
+        folders and the adapters made live there)."""
+        folder = Path(state)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TiedLoraError(f"--state {folder}: cannot create it ({e.strerror or e}).") from None
+        return cls(url if url is not None else f"sqlite:///{folder.resolve() / 'tiedlora.db'}")
 
     def add_file(self, tenant: str, filename: str, purpose: str, content: bytes, rows: int) -> dict:
         row = dict(id=new_id("file"), tenant=tenant, filename=filename, purpose=purpose, bytes=len(content))
