@@ -82,11 +82,15 @@ def create(client, file_id, **extra):
     )
 
 
-def test_a_fine_tune_with_the_openai_client_from_upload_to_completion(served, tiny_folder, tmp_path):
-    """Upload, create, poll, events (paged), checkpoints, then a completion on the new model;
-    its adapter equals the one a solo `tiedlora train --data` run with the job's options makes."""
+def test_a_fine_tune_with_the_openai_client_from_upload_to_completion(served, tiny_folder, tmp_path, monkeypatch):
+    """Upload, create, poll, then at once a completion on the new model (the publisher's
+    periodic pass is off here: the request itself has the model registered); events (paged),
+    checkpoints; its adapter equals the one a solo `tiedlora train --data` run with the job's
+    options makes."""
+    from tiedlora.service.publish import Publisher
     from tiedlora.train import TrainConfig, train
 
+    monkeypatch.setattr(Publisher, "keep", lambda self, stop: None)
     engine, app = served()
     with TestClient(app) as http:
         acme = client_for(http, ACME)
@@ -96,6 +100,8 @@ def test_a_fine_tune_with_the_openai_client_from_upload_to_completion(served, ti
         assert job.status == "queued" and job.id.startswith("ftjob-") and job.hyperparameters.n_epochs == 2
         done = wait_for(lambda: ended(acme, job.id))
         assert done.status == "succeeded", done.error
+        reply = acme.completions.create(model=done.fine_tuned_model, prompt="3+1=", max_tokens=4)
+        assert reply.model == done.fine_tuned_model and reply.usage.completion_tokens >= 1
         assert done.fine_tuned_model == f"ft:{base}:acme:sums:{job.id}" and done.trained_tokens > 0
 
         events = [e for page in iter_pages(acme.fine_tuning.jobs.list_events, job.id, 3) for e in page]
@@ -116,8 +122,6 @@ def test_a_fine_tune_with_the_openai_client_from_upload_to_completion(served, ti
         assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-10"
 
         assert done.fine_tuned_model in [m.id for m in acme.models.list()]
-        reply = acme.completions.create(model=done.fine_tuned_model, prompt="3+1=", max_tokens=4)
-        assert reply.model == done.fine_tuned_model and reply.usage.completion_tokens >= 1
         options = json.loads(Store.open(tmp_path / "state").job(None, job.id)["options"])  # type: ignore[index]
     engine.close()
 

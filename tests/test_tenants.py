@@ -284,3 +284,20 @@ def test_the_command_line_trains_jobs_into_run_folders_other_commands_read(tiny_
     assert main(["eval", f"--adapter={out / 'globex'}", f"--data={jobs['globex']['data']}", "--samples=0"]) == 0
     assert main(["train", *flags[:4]]) == 2  # the folders hold runs now: --resume, or another --out
     assert "pass --resume" in capsys.readouterr().out
+
+
+def test_epochs_set_the_steps_from_the_training_rows(tiny_folder, tmp_path):
+    """--epochs 3 over 21 training rows in batches of 4: 5 steps an epoch (the remainder is
+    skipped, as every epoch skips it), 15 in all, recorded in run.json, and each epoch reads every
+    row it reads once; a job takes it too."""
+    data = write_rows(tmp_path / "rows.jsonl", 21)
+    valid = write_rows(tmp_path / "valid.jsonl", 3, 50)
+    options = dict(data=data, validation=valid, epochs=3, batch_size=4, max_steps=2, val_every=100, samples=0)
+    out = tmp_path / "solo"
+    results = train(TrainConfig(**solo_options(tiny_folder, out, options)), quiet=True)
+    assert results["steps"] == 15 and len(losses(out)) == 15
+    assert json.loads((out / "run.json").read_text())["config"]["max_steps"] == 15
+    summary = together(tiny_folder, tmp_path / "joint", {"acme": {**options, "max_steps": 2}})
+    assert summary["acme"]["steps"] == 15
+    with pytest.raises(Exception, match="--epochs 0 must be positive"):
+        TrainConfig(epochs=0)
