@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from timing import cpu_name  # benchmarks/timing.py, beside this script
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "validation.jsonl"
 KEY = "acme-key-benchmark-0123456789"
 
@@ -158,14 +160,6 @@ def main() -> None:
     print(json.dumps({k: v for k, v in figures.items() if k not in ("events", "transcript")}), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

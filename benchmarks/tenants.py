@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import cpu_name  # benchmarks/timing.py, beside this script
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "validation.jsonl"
 CONFIGS = ["tl5", "tl6", "lora"]
 
@@ -191,14 +193,6 @@ def scale(args) -> None:
     print(json.dumps(figures), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""The one clock both benchmarks read: CUDA events on a GPU (the kernels' own time, not the
-launch queue's), the wall clock on the CPU."""
+"""The one clock the benchmarks read: CUDA events on a GPU (the kernels' own time, not the
+launch queue's), the wall clock on the CPU; and the CPU's name, which every figure states."""
 
 from __future__ import annotations
 
@@ -20,3 +20,11 @@ def timed(fn, device: str) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"

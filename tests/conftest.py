@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -145,3 +146,15 @@ def small_run(tiny_folder, out, **extra) -> dict:
     options = dict(task="squad", config="tl6", rank=4, model=str(tiny_folder), out=str(out), max_steps=6, batch_size=4)
     options.update(micro_batch_size=2, val_every=2, val_rows=4, train_rows=24, test_rows=2, max_new_tokens=3, lr=1e-2)
     return {**options, "warmup_steps": 2, **extra}
+
+
+def jsonl(rows) -> bytes:
+    """Rows as a JSON-lines file's bytes."""
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def client_for(http, key):
+    """The official openai client, talking to a TestClient's app with `key`."""
+    from openai import OpenAI
+
+    return OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)

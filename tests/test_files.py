@@ -12,13 +12,11 @@ from tiedlora.config import TiedLoraError
 from tiedlora.serve.config import ServeConfig
 from tiedlora.service import build
 
+from conftest import client_for, jsonl
+
 ACME, GLOBEX = "acme-key-0123456789", "globex-key-01234567"
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 ROWS = [{"prompt": "2+2=", "completion": " 4"}, {"messages": CHAT}]
-
-
-def jsonl(rows) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
 @pytest.fixture
@@ -34,12 +32,6 @@ def served(tiny_folder, tmp_path):
         return build(config)
 
     return start
-
-
-def client_for(http, key):
-    from openai import OpenAI
-
-    return OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
 
 
 def test_upload_list_retrieve_content_delete_with_the_openai_client(served):

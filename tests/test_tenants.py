@@ -301,3 +301,53 @@ def test_epochs_set_the_steps_from_the_training_rows(tiny_folder, tmp_path):
     assert summary["acme"]["steps"] == 15
     with pytest.raises(Exception, match="--epochs 0 must be positive"):
         TrainConfig(epochs=0)
+
+
+def test_jobs_on_a_4bit_base_equal_solo_runs_on_it(tiny_folder, tmp_path, capsys):
+    """`--jobs --quantize 4bit`: the base is quantized once (bitsandbytes NF4, here on the CPU)
+    and each tenant's adapter equals the solo `--quantize 4bit` run's; run.json says 4bit."""
+    jobs = {n: o for n, o in job_options(tmp_path).items() if n != "initech"}
+    lines = [{"name": n, **COMMON, **o} for n, o in jobs.items()]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "runs"
+    flags = ["--jobs", str(tmp_path / "jobs.jsonl"), f"--model={tiny_folder}", f"--out={out}", "--quantize=4bit"]
+    assert main(["train", *flags, "--precision=fp32", "--quiet"]) == 0
+    capsys.readouterr()
+    for name, options in jobs.items():
+        solo = tmp_path / "solo" / name
+        train(TrainConfig(**solo_options(tiny_folder, solo, options), quantize="4bit"), quiet=True)
+        assert json.loads((out / name / "run.json").read_text())["config"]["quantize"] == "4bit"
+        assert_close_adapters(solo / "best", out / name / "best")
+        assert losses(out / name) == pytest.approx(losses(solo), rel=1e-5)
+
+
+def test_jobs_on_two_processes_match_one_process(tiny_folder, tmp_path):
+    """`torchrun --nproc_per_node 2 -m tiedlora train --jobs`: each process takes its share of
+    every tenant's micro batches and the tenants' gradients are summed over the processes in one
+    all-reduce (DDP's arithmetic), so each tenant's losses and adapter are those of one process;
+    the main process alone writes the folders. --fsdp with --jobs fails each job with a message."""
+    jobs = {n: o for n, o in job_options(tmp_path).items() if n != "initech"}
+    lines = [{"name": n, **COMMON, **o, "samples": 0} for n, o in jobs.items()]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    def flags(out):
+        return ["--jobs", str(tmp_path / "jobs.jsonl"), f"--model={tiny_folder}", f"--out={out}", "--precision=fp32"]
+
+    assert main(["train", *flags(tmp_path / "one"), "--quiet"]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run(
+        [*torchrun, "-m", "tiedlora", "train", *flags(tmp_path / "two"), "--quiet"],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert {n: s["status"] for n, s in json.loads(two.stdout).items()} == dict.fromkeys(jobs, "succeeded")
+    for name in jobs:
+        one_run, two_run = tmp_path / "one" / name, tmp_path / "two" / name
+        assert losses(two_run) == pytest.approx(losses(one_run), rel=1e-5)
+        assert_close_adapters(one_run / "best", two_run / "best")
+        assert json.loads((two_run / "results.json").read_text())["steps"] == COMMON["max_steps"]
+    fsdp = subprocess.run(
+        [*torchrun, "-m", "tiedlora", "train", *flags(tmp_path / "sharded"), "--fsdp", "--quiet"],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert fsdp.returncode != 0 and "--jobs with --fsdp is not available" in fsdp.stdout + fsdp.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json as jsonlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +64,8 @@ def train(
         from .train.tenants import train_jobs_file
 
         summary = train_jobs_file(jobs, options, max_active=max_active, max_rows=max_rows, resume=resume, quiet=quiet)
-        print(jsonlib.dumps(summary, indent=2))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process speaks for all
+            print(jsonlib.dumps(summary, indent=2))
         failed = sum(t["status"] != "succeeded" for t in summary.values())
         if failed:
             raise TiedLoraError(f"{failed} of {len(summary)} jobs failed: see each one's error above.")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import TiedLoraError
 from ..layout import find_layers
 from ..loss import TokenLoss
 from ..model import adapter_parameters
@@ -40,6 +42,34 @@ class Processes:
         world = accelerator.num_processes
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(accelerator.device))
         return cls(accelerator, accelerator.device, world, accelerator.process_index, cfg.fsdp and world > 1, bf16)
+
+    def on_main(self, work: Callable[[], Any]) -> Any:
+        """`work()` on the main process alone, its result (or its TiedLoraError, raised) on every
+        process: they all go on, or all fail alike, and none waits for a barrier another skipped."""
+        if self.world == 1:
+            return work()
+        outcome: list[Any] = [None]
+        if self.main:
+            try:
+                outcome[0] = (None, work())
+            except TiedLoraError as e:
+                outcome[0] = (str(e), None)
+        torch.distributed.broadcast_object_list(outcome, src=0)
+        error, result = outcome[0]
+        if error is not None:
+            raise TiedLoraError(error)
+        return result
+
+    def sum_gradients(self, params: list[nn.Parameter]) -> None:
+        """Sum `params`' gradients over the processes in one all-reduce (each process's loss is
+        its rows' share of the global mean, so the sum is the global gradient)."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        for p, part in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = part.view_as(p).clone()
 
     def wrap(self, model: nn.Module, optimizer):
         """The loss module and optimizer as the engine needs them."""

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import itertools
 import json
+import os
 import re
 import threading
 import time
@@ -116,6 +117,16 @@ def check_options(job: Job) -> None:
         raise TiedLoraError(f"job {job.name!r}: packing is not available with --jobs yet; leave it unset.")
 
 
+def fresh_folder(cfg: TrainConfig, resume: bool) -> Path:
+    """The tenant's run folder, as a solo run prepares its own; an earlier refusal's error.json goes."""
+    folder = Path(cfg.out)
+    if folder.is_dir() and [p.name for p in folder.iterdir()] == [ERROR]:
+        discard(folder / ERROR)  # an earlier attempt refused before its run began
+    folder = prepare_folder(cfg, resume)
+    discard(folder / ERROR)
+    return folder
+
+
 def frame_of(model: nn.Module) -> nn.Module:
     """A copy of `model`'s modules sharing its parameters and buffers: a tenant's adapter goes
     on a frame, and the frame's forward is the base's with that adapter alone."""
@@ -176,11 +187,7 @@ class Tenant:
         task = cfg.task_data()
         model = apply(frame_of(frame), cfg.adapter())
         data = load_data(task, tokenizer, cfg)
-        folder = Path(cfg.out)
-        if folder.is_dir() and [p.name for p in folder.iterdir()] == [ERROR]:
-            discard(folder / ERROR)  # an earlier attempt refused before its run began
-        folder = prepare_folder(cfg, resume)
-        discard(folder / ERROR)
+        folder = procs.on_main(lambda: fresh_folder(cfg, resume))
         self.finished = read_json(folder / RESULTS) if resume and (folder / RESULTS).is_file() else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -188,7 +195,7 @@ class Tenant:
         self.state = resume_state(self.checkpoints, resume, model, self.optimizer, cfg, main=False)
         self.run = Run(cfg, model, tokenizer, task, data, procs, folder, quiet=True)
         self.loss_fn = TokenLoss(model)  # its validation: its frame alone
-        self.log = Log(folder, self.state["step"], True, tensorboard=False)
+        self.log = Log(folder, self.state["step"], procs.main, tensorboard=False)
         self.members: Members = {path: m for site in root(model).sites for path, m in site.members}
         self.long = long_examples(data, cfg) if data.long else None
 
@@ -272,7 +279,9 @@ class JointTraining:
         """Train until no job waits or trains; the summary (also in `jobs.json`) by name."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="tenants", unit="step", disable=self.quiet, dynamic_ncols=True)
+        bar = tqdm(
+            desc="tenants", unit="step", disable=self.quiet or os.environ.get("RANK", "0") != "0", dynamic_ncols=True
+        )
         try:
             while True:
                 self.admit()
@@ -319,13 +328,16 @@ class JointTraining:
                 cfg = TrainConfig(**{**self.shared, **job.options, "out": str(self.out / job.name)})
                 if self.procs is None:
                     self.procs = Processes.start(cfg)
-                    if self.procs.world > 1:
-                        raise TiedLoraError("--jobs trains in one process: start it without torchrun or accelerate.")
+                if self.procs.fsdp:
+                    raise TiedLoraError(
+                        "--jobs with --fsdp is not available: several processes train the tenants with DDP "
+                        "(leave --fsdp out), or one process does."
+                    )
                 tenant = Tenant(job.name, cfg, self.frame, self.tokenizer, self.procs, self.resume)
             except TiedLoraError as e:
                 self.fail(job.name, str(e))
                 continue
-            if tenant.long and not self.quiet:
+            if tenant.long and not self.quiet and self.procs.main:
                 print(f"{job.name}: {tenant.long}")
             if tenant.finished is not None:
                 self.ended(tenant.name, "succeeded", tenant.run.folder, tenant.finished, None)
@@ -352,12 +364,12 @@ class JointTraining:
             for group in t.optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             indices = step_batches(len(train), cfg, step)
-            chunks = micro_batches(indices, train, cfg, 1, 0)
+            chunks = micro_batches(indices, train, cfg, procs.world, procs.rank)  # this process's share
             n_inputs = sum(len(train[i]["input_ids"]) for i in indices)
             plans.append((t, chunks, answer_tokens([train[i] for i in indices]), n_inputs))
         totals = {t.name: torch.zeros((), device=procs.device) for t in tenants}
         # dropout masks: a function of who trains at which step, so a resumed run draws the same ones
-        key = json.dumps([(t.name, t.run.cfg.seed, t.state["step"]) for t in tenants]).encode()
+        key = json.dumps([procs.rank] + [(t.name, t.run.cfg.seed, t.state["step"]) for t in tenants]).encode()
         self.loss_fn.train()
         limit = self.max_rows or max(t.run.cfg.micro_batch_size for t in tenants)
         for j in range(max(len(chunks) for _, chunks, _, _ in plans)):
@@ -365,6 +377,11 @@ class JointTraining:
             for c, start in enumerate(range(0, len(rows), limit)):
                 torch.manual_seed(zlib.crc32(key + f"/{j}/{c}".encode()))  # distinct for every pass
                 self.forward_backward(rows[start : start + limit], totals)
+        procs.sum_gradients([p for t in tenants for p in t.params])
+        if procs.world > 1:
+            summed = torch.stack([totals[t.name] for t in tenants])
+            torch.distributed.all_reduce(summed)
+            totals = dict(zip((t.name for t in tenants), summed))
         figures: dict[str, tuple[float, int, int] | Diverged] = {}
         for t, _, n_answers, n_inputs in plans:
             total = totals[t.name]
@@ -404,12 +421,12 @@ class JointTraining:
         self.active.remove(tenant)
         tenant.log.close()
         results = None
-        if error is None and not cancelled:
+        if error is None and not cancelled and tenant.run.procs.main:  # scored once, by the main process
             try:
                 results = test_and_record(tenant.run, tenant.state, tenant.started)
             except TiedLoraError as e:
                 error = str(e)
-        if error is not None:
+        if error is not None and tenant.run.procs.main:
             write_atomic(tenant.run.folder / ERROR, json_bytes({"error": error}))
         status = "cancelled" if cancelled else "failed" if error is not None else "succeeded"
         self.ended(tenant.name, status, tenant.run.folder, results, error, steps=tenant.state["step"])
@@ -417,10 +434,12 @@ class JointTraining:
     def fail(self, name: str, error: str) -> None:
         """A job refused before it trained: its options or its data."""
         folder = self.out / name
-        if not folder.exists() or folder.is_dir() and not any(p.name != ERROR for p in folder.iterdir()):
+        main = self.procs is None or self.procs.main
+        fresh = not folder.exists() or folder.is_dir() and not any(p.name != ERROR for p in folder.iterdir())
+        if main and fresh:
             folder.mkdir(parents=True, exist_ok=True)
             write_atomic(folder / ERROR, json_bytes({"error": error}))
-        if not self.quiet:
+        if not self.quiet and main:
             print(f"tiedlora train: {error}")
         self.ended(name, "failed", folder, None, error)
 
@@ -436,6 +455,8 @@ class JointTraining:
             self.on_finish(name, folder, results, error)
 
     def write_summary(self) -> None:
+        if self.procs is not None and not self.procs.main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with self.lock:
             summary = json_bytes({"tenants": self.status})
