@@ -107,7 +107,7 @@ def test_a_fine_tune_with_the_openai_client_from_upload_to_completion(served, ti
         assert messages[-1] == "The job has successfully completed", messages
         steps = [e.data for e in reversed(events) if e.type == "metrics"]
         total = steps[-1]["total_steps"]
-        assert total == 2 * (21 // 4) and steps[-1]["step"] == total  # 24 rows, 3 held out for validation
+        assert total == 2 * (22 // 4) and steps[-1]["step"] == total  # 24 rows, 2 held out for validation
         assert "valid_loss" in steps[-1] and all(s["train_loss"] > 0 for s in steps)
         checkpoints = acme.fine_tuning.jobs.checkpoints.list(job.id).data
         assert [c.step_number for c in checkpoints] == [10, 5]
@@ -220,11 +220,17 @@ def test_checks_limits_pagination_and_cancel_while_queued(served):
             with pytest.raises(openai.BadRequestError) as e:
                 create(acme, upload.id, **options)
             assert e.value.param == param, (options, e.value)
+        few = acme.files.create(file=("few.jsonl", jsonl(ROWS[:12])), purpose="fine-tune").id
+        with pytest.raises(openai.BadRequestError, match="none of its 12 rows falls in the tenth held out") as e:
+            create(acme, few)  # each row's hash keeps all 12 for training: no validation rows
+        assert e.value.param == "validation_file"
+        first = create(acme, few, validation_file=upload.id)
+        assert first.status == "queued" and acme.fine_tuning.jobs.cancel(first.id).status == "cancelled"
         made = [create(acme, upload.id).id for _ in range(3)]
         with pytest.raises(openai.RateLimitError, match="3 jobs waiting"):
             create(acme, upload.id)
         pages = list(iter_pages(lambda _, **kw: acme.fine_tuning.jobs.list(**kw), None, 2))
-        assert [[j.id for j in page] for page in pages] == [made[::-1][:2], made[::-1][2:]]
+        assert [[j.id for j in page] for page in pages] == [made[::-1][:2], [made[0], first.id]]
         cancelled = acme.fine_tuning.jobs.cancel(made[0])
         assert cancelled.status == "cancelled" and cancelled.finished_at is not None
         with pytest.raises(openai.BadRequestError, match="already cancelled"):
@@ -329,7 +335,7 @@ def test_a_server_killed_mid_job_resumes_it_from_its_checkpoint_to_the_same_adap
     that checkpoint (not from step 0), and it ends with the adapter an uninterrupted run makes."""
     from openai import OpenAI
 
-    hyper = {"n_epochs": 6, "batch_size": 1}  # 6 x 22 steps, a checkpoint every 21
+    hyper = {"n_epochs": 6, "batch_size": 1}  # 6 x 22 steps (2 of the 24 rows validate), a checkpoint every 22
 
     def client(port):
         return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=ACME, max_retries=0)
@@ -352,7 +358,8 @@ def test_a_server_killed_mid_job_resumes_it_from_its_checkpoint_to_the_same_adap
         assert done.status == "succeeded", done.error
         events = acme.fine_tuning.jobs.list_events(job.id, limit=100).data
         resumed = [e.data["step"] for e in events if e.message.startswith("Resumed by another training process")]
-        assert resumed and resumed[0] > 0 and resumed[0] % 21 == 0, [e.message for e in events]
+        checkpointed = [c.step_number for c in acme.fine_tuning.jobs.checkpoints.list(job.id, limit=100).data]
+        assert resumed and resumed[0] > 0 and resumed[0] in checkpointed, [e.message for e in events]
         assert acme.completions.create(model=done.fine_tuned_model, prompt="1+2=", max_tokens=2).choices
     finally:
         process.terminate()

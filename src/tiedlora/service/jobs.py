@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict
 from ..config import TiedLoraError
 from ..serve.app import CallerBy, ServedBy
 from ..serve.schemas import ApiError
+from ..tasks.own import held_out
 from ..train import TrainConfig
-from .files import StoreBy, owner
+from .files import StoreBy, checked_rows, owner
 from .store import ENDED, Store, new_id
 
 router = APIRouter()
@@ -95,14 +96,13 @@ def hyperparameters_of(body: JobBody) -> Hyperparameters:
     return body.hyperparameters or Hyperparameters()
 
 
-def train_options(body: JobBody, rows: int, has_validation: bool, max_rank: int) -> tuple[dict, dict]:
-    """(the hyperparameters as the job reports them, the job's `tiedlora train` options), each checked."""
+def train_options(body: JobBody, train_rows: int, max_rank: int) -> tuple[dict, dict]:
+    """(the hyperparameters as the job reports them, the job's `tiedlora train` options), each
+    checked; `train_rows`: the rows it trains on (its validation's held out)."""
     given = hyperparameters_of(body)
     epochs = AUTO["n_epochs"] if given.n_epochs == "auto" else given.n_epochs
     if not 1 <= epochs <= 50:
         raise ApiError(400, f"n_epochs is {epochs}; it must be 1 to 50 (or auto).", "hyperparameters.n_epochs")
-    # without a validation file, about one row in ten is held out for it: the batch is cut from the rest
-    train_rows = rows if has_validation else max(1, rows - math.ceil(rows / 10))
     batch = min(MAX_BATCH, train_rows) if given.batch_size == "auto" else given.batch_size
     if not 1 <= batch <= 256:
         raise ApiError(400, f"batch_size is {batch}; it must be 1 to 256 (or auto).", "hyperparameters.batch_size")
@@ -171,10 +171,23 @@ def create_job(body: JobBody, s: ServedBy, who: CallerBy, db: StoreBy):
     if body.seed is not None and not 0 <= body.seed < 2**31:
         raise ApiError(400, f"seed is {body.seed}; it must be between 0 and 2**31 - 1.", "seed")
     training = usable_file(db, tenant, body.training_file, "training_file")
+    train_rows = training["rows"]
     if body.validation_file is not None:
         usable_file(db, tenant, body.validation_file, "validation_file")
+    else:  # about one row in ten is held out for validation, by each row's hash: none, or all, cannot train
+        content = db.file(tenant, body.training_file, content=True)["content"]  # type: ignore[index]
+        held = sum(map(held_out, checked_rows(content, body.training_file)))
+        if held in (0, train_rows):
+            raise ApiError(
+                400,
+                f"training_file {body.training_file!r}: {'none' if held == 0 else 'every one'} of its {train_rows} "
+                "rows falls in the tenth held out for validation (chosen by each row's hash); upload more rows, "
+                "or give a validation_file.",
+                "validation_file",
+            )
+        train_rows -= held
     body.seed = secrets.randbelow(2**31) if body.seed is None else body.seed
-    shown, options = train_options(body, training["rows"], body.validation_file is not None, s.config.max_rank)
+    shown, options = train_options(body, train_rows, s.config.max_rank)
     limit = s.config.max_queued_jobs
     if db.waiting_jobs(tenant) >= limit:
         raise ApiError(429, f"You have {limit} jobs waiting, this server's limit per tenant; wait for one to start.")
