@@ -351,3 +351,28 @@ def test_jobs_on_two_processes_match_one_process(tiny_folder, tmp_path):
         env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert fsdp.returncode != 0 and "--jobs with --fsdp is not available" in fsdp.stdout + fsdp.stderr
+
+
+def test_frames_share_the_base_leaves_and_keep_their_adapters_apart(tiny_folder, tokens):
+    """A frame copies only the module tree's inner nodes (its memory is a tenant's main cost):
+    every projection, norm and embedding is the base's own object; the adapters put on two frames
+    each change that frame's forward alone, and the base's forward not at all."""
+    from tiedlora import TiedLoraConfig, apply
+    from tiedlora.train.tenants import frame_of
+
+    from conftest import randomize
+
+    base = load_model(str(tiny_folder))[0].eval()
+    before = base(tokens).logits
+    leaves = [m for m in base.modules() if next(m.children(), None) is None]
+    frames = [frame_of(base) for _ in range(2)]
+    for frame in frames:
+        assert [m for m in frame.modules() if next(m.children(), None) is None] == leaves
+        assert all(a is b for a, b in zip(frame.modules(), base.modules()) if next(a.children(), None) is None)
+        assert not any(a is b for a, b in zip(frame.modules(), base.modules()) if next(a.children(), None) is not None)
+    outs = []
+    for seed, frame in enumerate(frames):
+        randomize(apply(frame, TiedLoraConfig.preset("tl6", rank=4, seed=seed)), seed=seed, trainable_only=True)
+        outs.append(frame(tokens).logits)
+    assert torch.equal(base(tokens).logits, before)
+    assert not torch.allclose(outs[0], before) and not torch.allclose(outs[0], outs[1])
