@@ -70,9 +70,10 @@ class JobBody(BaseModel):
     integrations: list[Any] | None = None
 
 
-def usable_file(db: Store, tenant: str, file_id: str, param: str) -> dict:
-    """The tenant's fine-tune file; another tenant's is, as a missing one, not found."""
-    row = db.file(tenant, file_id)
+def usable_file(db: Store, tenant: str, file_id: str, param: str, content: bool = False) -> dict:
+    """The tenant's fine-tune file (with its content, if asked); another tenant's is, as a
+    missing one, not found."""
+    row = db.file(tenant, file_id, content)
     if row is None:
         raise ApiError(400, f"{param} {file_id!r}: no such file; upload it with POST /v1/files first.", param)
     if row["purpose"] != "fine-tune":
@@ -170,13 +171,13 @@ def create_job(body: JobBody, s: ServedBy, who: CallerBy, db: StoreBy):
         raise ApiError(400, "suffix must be 1 to 64 letters, digits, '_' or '-'.", "suffix")
     if body.seed is not None and not 0 <= body.seed < 2**31:
         raise ApiError(400, f"seed is {body.seed}; it must be between 0 and 2**31 - 1.", "seed")
-    training = usable_file(db, tenant, body.training_file, "training_file")
+    # without a validation file its content is read: the rows held out for validation are counted
+    training = usable_file(db, tenant, body.training_file, "training_file", content=body.validation_file is None)
     train_rows = training["rows"]
     if body.validation_file is not None:
         usable_file(db, tenant, body.validation_file, "validation_file")
     else:  # about one row in ten is held out for validation, by each row's hash: none, or all, cannot train
-        content = db.file(tenant, body.training_file, content=True)["content"]  # type: ignore[index]
-        held = sum(map(held_out, checked_rows(content, body.training_file)))
+        held = sum(map(held_out, checked_rows(training["content"], body.training_file)))
         if held in (0, train_rows):
             raise ApiError(
                 400,

@@ -239,10 +239,8 @@ class Store:
             return db.execute(query.values(status=status, **values)).rowcount > 0
 
     def add_event(self, job_id: str, message: str, level: str = "info", kind: str = "message", data=None) -> None:
-        row = dict(id=new_id("ftevent"), job_id=job_id, created_at=int(time.time()), level=level, message=message)
-        row.update(type=kind, data=json.dumps(data) if data is not None else None)
         with self.engine.begin() as db:
-            db.execute(insert(events).values(**row))
+            db.execute(event_insert(job_id, message, level, kind, data))
 
     # fine-tuning jobs: what training processes do
 
@@ -297,8 +295,8 @@ class Store:
             db.execute(insert(checkpoints).values(**row, metrics=json.dumps(metrics)))
 
     def succeed(self, worker: str, job: dict, name: str, adapter: tuple[bytes, str], trained_tokens: int) -> bool:
-        """The job succeeded: its model stored and named, in one transaction (or not at all, if
-        `worker` no longer holds it)."""
+        """The job succeeded: its model stored and named and the events said, in one transaction
+        (or not at all, if `worker` no longer holds it)."""
         now = int(time.time())
         with self.engine.begin() as db:
             mine = and_(jobs.c.id == job["id"], jobs.c.worker == worker, jobs.c.status == "running")
@@ -319,20 +317,21 @@ class Store:
                     config=adapter[1],
                 )
             )
+            db.execute(event_insert(job["id"], f"New fine-tuned model created: {name}"))
+            db.execute(event_insert(job["id"], "The job has successfully completed"))
         return True
 
-    def fail(self, job_id: str, error: dict, worker: str | None = None) -> bool:
-        """A running job failed (held by `worker`, if given)."""
+    def fail(self, worker: str, job_id: str, code: str, message: str) -> bool:
+        """A running job that `worker` holds failed: its error and its event, in one transaction
+        (or nothing, if `worker` no longer holds it)."""
+        error = json.dumps({"code": code, "message": message, "param": None})
         with self.engine.begin() as db:
-            query = update(jobs).where(jobs.c.id == job_id, jobs.c.status == "running")
-            if worker is not None:
-                query = query.where(jobs.c.worker == worker)
-            return (
-                db.execute(
-                    query.values(status="failed", finished_at=int(time.time()), error=json.dumps(error))
-                ).rowcount
-                > 0
-            )
+            mine = and_(jobs.c.id == job_id, jobs.c.worker == worker, jobs.c.status == "running")
+            query = update(jobs).where(mine).values(status="failed", finished_at=int(time.time()), error=error)
+            if db.execute(query).rowcount == 0:
+                return False
+            db.execute(event_insert(job_id, f"Fine-tuning job failed: {message}", level="error"))
+        return True
 
     def held_by(self, worker: str) -> list[str]:
         with self.engine.connect() as db:
@@ -347,6 +346,12 @@ class Store:
             return [
                 dict(r._mapping) for r in db.execute(select(models).where(models.c.seq > seq).order_by(models.c.seq))
             ]
+
+
+def event_insert(job_id: str, message: str, level: str = "info", kind: str = "message", data=None):
+    """The INSERT of one event of a job."""
+    row = dict(id=new_id("ftevent"), job_id=job_id, created_at=int(time.time()), level=level, message=message)
+    return insert(events).values(**row, type=kind, data=json.dumps(data) if data is not None else None)
 
 
 def write_ahead_log(connection, _record) -> None:

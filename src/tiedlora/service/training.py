@@ -63,10 +63,7 @@ class TrainingProcesses:
             message = f"The training process stopped ({why}); the server goes on. Its log: {log_path}."
             print(f"tiedlora serve: {message}", file=sys.stderr, flush=True)
             for job_id in self.store.held_by(worker):
-                if self.store.fail(
-                    job_id, {"code": "training_process_died", "message": message, "param": None}, worker
-                ):
-                    self.store.add_event(job_id, f"Fine-tuning job failed: {message}", level="error")
+                self.store.fail(worker, job_id, "training_process_died", message)
             wait = (
                 RESTART_AFTER_S[0] if time.time() - started > RESTART_AFTER_S[1] else min(2 * wait, RESTART_AFTER_S[1])
             )

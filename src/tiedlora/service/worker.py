@@ -61,7 +61,6 @@ class Worker:
         )
         self.held: dict[str, dict] = {}  # the jobs this process trains, by id
         self.last_event: dict[str, float] = {}
-        self.tokens: dict[str, int] = {}  # answer tokens trained on, by job
         self.lock = threading.Lock()  # guards held
 
     def serve(self, stop: threading.Event) -> None:
@@ -91,7 +90,7 @@ class Worker:
             try:
                 self.start(job)
             except (OSError, TiedLoraError) as e:  # its files cannot be written here: it fails alone
-                self.failed(job, f"The job's files could not be prepared: {e}", "training_failed")
+                self.failed(job, "training_failed", f"The job's files could not be prepared: {e}")
 
     def start(self, job: dict) -> None:
         folder = self.state / "data" / job["id"]
@@ -102,7 +101,7 @@ class Worker:
                 continue
             row = self.store.file(job["tenant"], file_id, content=True)
             if row is None:
-                self.failed(job, f"The file {file_id} was deleted before the job could train on it.", "invalid_file")
+                self.failed(job, "invalid_file", f"The file {file_id} was deleted before the job could train on it.")
                 return
             write_atomic(folder / f"{key}.jsonl", row["content"])
             options[key] = str(folder / f"{key}.jsonl")
@@ -135,7 +134,6 @@ class Worker:
                 data["valid_loss"] = val_loss
                 message += f", validation loss={val_loss:.4f}"
             self.store.add_event(job_id, message, kind="metrics", data=data)
-        self.tokens[job_id] = tenant.state["tokens"]
         if not self.store.progress(self.id, job_id, tenant.state["tokens"]):
             self.joint.cancel(job_id)
             return
@@ -146,30 +144,30 @@ class Worker:
             self.store.add_event(job_id, f"Checkpoint created at step {step}")
 
     def finished(self, job_id: str, folder: Path, results: dict | None, error: str | None) -> None:
-        with self.lock:
-            job = self.held.pop(job_id, None)
-        self.last_event.pop(job_id, None)
+        """The trainer let the job go: its model stored if it succeeded, its error if it failed
+        (cancelled: the API has recorded it already)."""
+        job = self.let_go(job_id)
         if job is None:
-            self.tokens.pop(job_id, None)
             return
         if results is not None:
             best = folder / BEST
-            name = model_name(job)
             adapter = ((best / TENSORS).read_bytes(), (best / CONFIG).read_text(encoding="utf-8"))
-            tokens = self.tokens.pop(job_id, job["trained_tokens"] or 0)
-            if self.store.succeed(self.id, job, name, adapter, tokens):
-                self.store.add_event(job_id, f"New fine-tuned model created: {name}")
-                self.store.add_event(job_id, "The job has successfully completed")
+            self.store.succeed(self.id, job, model_name(job), adapter, results["train_tokens"])
         elif error is not None:
-            self.failed(job, error, "training_failed")
-        self.tokens.pop(job_id, None)
-        discard(self.state / "data" / job_id)
+            self.store.fail(self.id, job_id, "training_failed", error)
 
-    def failed(self, job: dict, message: str, code: str) -> None:
+    def failed(self, job: dict, code: str, message: str) -> None:
+        """A claimed job that could not start here."""
+        self.let_go(job["id"])
+        self.store.fail(self.id, job["id"], code, message)
+
+    def let_go(self, job_id: str) -> dict | None:
+        """The job leaves this process: its bookkeeping and its copy of the data go; the job, if it was held."""
         with self.lock:
-            self.held.pop(job["id"], None)
-        if self.store.fail(job["id"], {"code": code, "message": message, "param": None}, self.id):
-            self.store.add_event(job["id"], f"Fine-tuning job failed: {message}", level="error")
+            job = self.held.pop(job_id, None)
+        self.last_event.pop(job_id, None)
+        discard(self.state / "data" / job_id)
+        return job
 
 
 def exit_with(parent: int) -> None:

@@ -118,8 +118,8 @@ def train_step(run: Run, loss_fn, optimizer, params, step: int):
             procs.accelerator.backward(loss * procs.world)  # DDP averages over processes; the loss is a global mean
         total += loss.detach()
     if procs.fsdp:  # the adapter is not sharded: average its gradients as DDP would
+        procs.sum_gradients(params)
         for p in params:
-            torch.distributed.all_reduce(p.grad)
             p.grad /= procs.world
     total = procs.accelerator.reduce(total, reduction="sum")
     bad = diverged(cfg, step, total, params)

@@ -261,6 +261,12 @@ class JointTraining:
         self.lock = threading.Lock()  # guards waiting, cancelled and status
         self.steps = 0  # joint steps taken (a test counts them)
 
+    @property
+    def main(self) -> bool:
+        """The process that writes folders and speaks (under torchrun: rank 0; before the first
+        job starts the processes, every one, none having written anything yet)."""
+        return self.procs is None or self.procs.main
+
     def add(self, job: Job) -> None:
         with self.lock:
             if job.name in self.status and self.status[job.name]["status"] in ("waiting", "training"):
@@ -342,7 +348,7 @@ class JointTraining:
             except TiedLoraError as e:
                 self.fail(job.name, str(e))
                 continue
-            if tenant.long and not self.quiet and self.procs.main:
+            if tenant.long and not self.quiet and self.main:
                 print(f"{job.name}: {tenant.long}")
             if tenant.finished is not None:
                 self.ended(tenant.name, "succeeded", tenant.run.folder, tenant.finished, None)
@@ -439,12 +445,11 @@ class JointTraining:
     def fail(self, name: str, error: str) -> None:
         """A job refused before it trained: its options or its data."""
         folder = self.out / name
-        main = self.procs is None or self.procs.main
         fresh = not folder.exists() or folder.is_dir() and not any(p.name != ERROR for p in folder.iterdir())
-        if main and fresh:
+        if self.main and fresh:
             folder.mkdir(parents=True, exist_ok=True)
             write_atomic(folder / ERROR, json_bytes({"error": error}))
-        if not self.quiet and main:
+        if not self.quiet and self.main:
             print(f"tiedlora train: {error}")
         self.ended(name, "failed", folder, None, error)
 
@@ -460,7 +465,7 @@ class JointTraining:
             self.on_finish(name, folder, results, error)
 
     def write_summary(self) -> None:
-        if self.procs is not None and not self.procs.main:
+        if not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         with self.lock:
