@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,6 +125,27 @@ def test_tenants_share_forward_passes_of_at_most_max_rows(tiny_folder, tmp_path,
         assert max(rows) == 3 and sum(rows) == 8 + 4 + 12
     else:
         assert rows == [2 + 2 + 3, 2 + 2 + 3, 2 + 3, 2 + 3]
+
+
+def test_a_tenants_dropout_trains_after_its_validation(tiny_folder, tmp_path, monkeypatch):
+    """Validation and test run on the base routed to one tenant, in eval mode; the frames
+    holding the adapters (and their dropout) are not the base's submodules, so each step puts
+    its tenants back in training mode: every step draws dropout, no validation does."""
+    modes: list[bool | str] = []
+    dropout = torch.nn.Dropout.forward
+    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: modes.append(self.training) or dropout(self, x))
+    options = {**COMMON, **job_options(tmp_path)["globex"], "dropout": 0.3, "val_every": 1, "max_steps": 3}
+    train_jobs(
+        [Job("globex", options)],
+        load_model(str(tiny_folder)),
+        tmp_path / "out",
+        shared={"precision": "fp32"},
+        quiet=True,
+        on_step=lambda *_: modes.append("step"),
+    )
+    steps = "".join("s" if m == "step" else "T" if m else "v" for m in modes).split("s")
+    assert len(steps) == 4 and all(re.fullmatch("T+v+", s) for s in steps[:3]), steps  # then the test: v+
+    assert re.fullmatch("v+", steps[3]), steps[3]
 
 
 def test_a_failing_tenant_fails_alone(tiny_folder, tmp_path):
@@ -321,11 +343,30 @@ def test_jobs_on_a_4bit_base_equal_solo_runs_on_it(tiny_folder, tmp_path, capsys
         assert losses(out / name) == pytest.approx(losses(solo), rel=1e-5)
 
 
+SHARDED_JOBS = """
+import json, os, sys
+from torch.distributed.tensor import DTensor
+from tiedlora.layout import find_layers
+from tiedlora.models import load_model
+from tiedlora.train.tenants import read_jobs, train_jobs
+
+jobs_file, model, out = sys.argv[1:]
+base = load_model(model)
+shared = {"model": model, "precision": "fp32", "fsdp": True}
+status = train_jobs(read_jobs(jobs_file)[0], base, out, shared=shared, quiet=True)
+weights = [p for layer in find_layers(base[0]) for p in layer.parameters()]
+held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in weights)
+if os.environ["RANK"] == "0":
+    print(json.dumps({"status": status, "held": held, "whole": sum(p.numel() for p in weights)}))
+"""
+
+
 def test_jobs_on_two_processes_match_one_process(tiny_folder, tmp_path):
     """`torchrun --nproc_per_node 2 -m tiedlora train --jobs`: each process takes its share of
     every tenant's micro batches and the tenants' gradients are summed over the processes in one
     all-reduce (DDP's arithmetic), so each tenant's losses and adapter are those of one process;
-    the main process alone writes the folders. --fsdp with --jobs fails each job with a message."""
+    the main process alone writes the folders. With --fsdp each process holds half of every
+    decoder layer's weights (gathered for each forward), and the tenants' runs are the same."""
     jobs = {n: o for n, o in job_options(tmp_path).items() if n != "initech"}
     lines = [{"name": n, **COMMON, **o, "samples": 0} for n, o in jobs.items()]
     (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -341,16 +382,22 @@ def test_jobs_on_two_processes_match_one_process(tiny_folder, tmp_path):
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert {n: s["status"] for n, s in json.loads(two.stdout).items()} == dict.fromkeys(jobs, "succeeded")
-    for name in jobs:
-        one_run, two_run = tmp_path / "one" / name, tmp_path / "two" / name
-        assert losses(two_run) == pytest.approx(losses(one_run), rel=1e-5)
-        assert_close_adapters(one_run / "best", two_run / "best")
-        assert json.loads((two_run / "results.json").read_text())["steps"] == COMMON["max_steps"]
-    fsdp = subprocess.run(
-        [*torchrun, "-m", "tiedlora", "train", *flags(tmp_path / "sharded"), "--fsdp", "--quiet"],
+    (tmp_path / "sharded.py").write_text(SHARDED_JOBS)
+    sharded = subprocess.run(
+        [*torchrun, str(tmp_path / "sharded.py"), str(tmp_path / "jobs.jsonl"), str(tiny_folder), tmp_path / "fsdp"],
         env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert fsdp.returncode != 0 and "--jobs with --fsdp is not available" in fsdp.stdout + fsdp.stderr
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    report = json.loads(sharded.stdout)
+    assert {n: s["status"] for n, s in report["status"].items()} == dict.fromkeys(jobs, "succeeded")
+    assert report["held"] == report["whole"] // 2, report  # the tiny model's weights split evenly in two
+    for name in jobs:
+        one_run = tmp_path / "one" / name
+        for run in (tmp_path / "two" / name, tmp_path / "fsdp" / name):
+            assert losses(run) == pytest.approx(losses(one_run), rel=1e-5)
+            assert_close_adapters(one_run / "best", run / "best")
+            assert json.loads((run / "results.json").read_text())["steps"] == COMMON["max_steps"]
+        assert json.loads((tmp_path / "fsdp" / name / "results.json").read_text())["engine"] == "fsdp"
 
 
 def test_frames_share_the_base_leaves_and_keep_their_adapters_apart(tiny_folder, tokens):

@@ -55,6 +55,9 @@ class Run:
     procs: Processes
     folder: Path
     quiet: bool
+    # The module whose forward scores the adapter: `model` itself, or for a tenant of a joint
+    # run the shared base model with every row routed through the tenant's adapter.
+    scored_on: nn.Module | None = None
 
     def scorer(self) -> Scorer:
         """The model with the run's decoding options and its --max_length and --too_long."""
@@ -62,7 +65,7 @@ class Run:
 
         cfg = self.cfg
         return Scorer(
-            self.model,
+            self.model if self.scored_on is None else self.scored_on,
             self.tokenizer,
             cfg.max_new_tokens,
             cfg.eval_batch_size,

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import TiedLoraError
 from ..layout import find_layers
 from ..loss import TokenLoss
-from ..model import adapter_parameters
+from ..model import adapter_parameters, has_adapter
 from .config import TrainConfig
 
 
@@ -71,10 +71,15 @@ class Processes:
         for p, part in zip(params, flat.split([g.numel() for g in grads])):
             p.grad = part.view_as(p).clone()
 
+    def place(self, model: nn.Module) -> nn.Module:
+        """`model` on this process's device, its decoder layers sharded over the processes under --fsdp."""
+        model.to(self.device)
+        return shard_layers(model) if self.fsdp else model
+
     def wrap(self, model: nn.Module, optimizer):
         """The loss module and optimizer as the engine needs them."""
         if self.fsdp:
-            return shard_base(model.to(self.device)), self.accelerator.prepare(optimizer)
+            return TokenLoss(self.place(model)), self.accelerator.prepare(optimizer)
         return self.accelerator.prepare(TokenLoss(model), optimizer)
 
 
@@ -86,14 +91,17 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def shard_base(model: nn.Module) -> nn.Module:
+def shard_layers(model: nn.Module) -> nn.Module:
     """FSDP for models too large for one device: torch's fully_shard splits each decoder
     layer's frozen weights over the processes and gathers them for its forward and backward.
-    The adapter stays whole on every process (tied tensors at the root, per-layer ones ignored
-    by FSDP), so saving, loading and gradient averaging see plain tensors."""
+    An adapter stays whole on every process (tied tensors at the root, per-layer ones ignored
+    by FSDP), so saving, loading and gradient sums see plain tensors. Each layer is a root of
+    its own (the model is not wrapped), and FSDP keeps a root's weights gathered after its
+    forward unless told otherwise: without `reshard_after_forward=True` validation and
+    generation, which have no backward to free them, would leave every layer whole."""
     from torch.distributed.fsdp import fully_shard
 
-    adapter = set(adapter_parameters(model).values())
+    adapter = set(adapter_parameters(model).values()) if has_adapter(model) else set()  # --jobs: none on the base
     for layer in find_layers(model):
-        fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
-    return TokenLoss(model)
+        fully_shard(layer, reshard_after_forward=True, ignored_params=adapter & set(layer.parameters()))
+    return model

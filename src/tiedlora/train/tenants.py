@@ -1,14 +1,16 @@
 """Many tenants' adapters trained together: one frozen base model, one batch, each tenant's run
 as if it trained alone.
 
-A tenant's adapter lives on its own frame of the base: a copy of the model's modules that shares
-every weight tensor with it (the weights are not copied), carrying the tenant's adapter as
-`tiedlora.apply` puts it. The tenant's run is then an ordinary run, with the same checkpoints,
-validation, log, best adapter, results and run folder as `tiedlora train --data` writes.
-Training steps are joint: the base model's adapted projections become `Routed` modules, which
-compute W x once for every row of the batch and add each tenant's update (from its frame) to
-its own rows, a contiguous slice of the batch. Each tenant's rows' losses are divided by its own
-answer tokens and its AdamW steps alone, so its gradient is the one its solo run computes.
+A tenant's adapter lives on its own frame of the base: a copy of the model's module tree that
+shares every weight tensor and leaf module with it (nothing of the weights is copied), carrying
+the tenant's adapter as `tiedlora.apply` puts it. The tenant's run is then an ordinary run, with
+the same checkpoints, validation, log, best adapter, results and run folder as
+`tiedlora train --data` writes. Every forward runs on the base model itself: its adapted
+projections become `Routed` modules, which compute W x once for every row of the batch and add
+each tenant's update (from its frame) to its own rows, a contiguous slice of the batch; a
+tenant's validation and test route every row through its adapter alone. So the base's layers
+may be sharded (--fsdp), which no frame could run. Each tenant's rows' losses are divided by its
+own answer tokens and its AdamW steps alone, so its gradient is the one its solo run computes.
 """
 
 from __future__ import annotations
@@ -130,10 +132,10 @@ def fresh_folder(cfg: TrainConfig, resume: bool) -> Path:
 def frame_of(model: nn.Module) -> nn.Module:
     """A copy of `model`'s module tree sharing its parameters, buffers and leaf modules (the
     projections, norms and embeddings themselves): a tenant's adapter goes on a frame (it replaces
-    projections inside their parents, which are the frame's own), and the frame's forward is the
-    base's with that adapter alone. Sharing the leaves keeps a frame to about a fifth of the
-    module objects, the most of a tenant's memory (0.82 MB of module objects per SmolLM2 frame
-    copied whole)."""
+    projections inside their parents, which are the frame's own), where it is saved, loaded and
+    counted as a solo run's, and the frame's forward is the base's with that adapter alone.
+    Sharing the leaves keeps a frame to about a fifth of the module objects, the most of a
+    tenant's memory (0.82 MB of module objects per SmolLM2 frame copied whole)."""
     shared: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     shared |= {id(m): m for m in model.modules() if next(m.children(), None) is None}
     return copy.deepcopy(model, memo=shared)
@@ -152,6 +154,10 @@ class Route:
             yield
         finally:
             self.segments = []
+
+    def alone(self, members: Members):
+        """Every row through one tenant's adapter: its validation and test on the shared base."""
+        return self([(members, slice(None))])
 
 
 class Routed(nn.Module):
@@ -185,9 +191,12 @@ class Routed(nn.Module):
 
 class Tenant:
     """One job inside a joint run: its frame with its adapter, and its run (data, folder,
-    optimizer, checkpoints, log and state), set up exactly as a solo run sets up its own."""
+    optimizer, checkpoints, log and state), set up exactly as a solo run sets up its own; its
+    validation and test run on `base` (the routed base model, `loss_fn` its loss) routed to it."""
 
-    def __init__(self, name: str, cfg: TrainConfig, frame: nn.Module, tokenizer, procs: Processes, resume: bool):
+    def __init__(
+        self, name: str, cfg: TrainConfig, frame: nn.Module, base: TokenLoss, procs: Processes, resume: bool, tokenizer
+    ):
         self.name, self.started = name, time.time()
         task = cfg.task_data()
         model = apply(frame_of(frame), cfg.adapter())
@@ -198,8 +207,8 @@ class Tenant:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.checkpoints = Checkpoints(folder)
         self.state = resume_state(self.checkpoints, resume, model, self.optimizer, cfg, main=False)
-        self.run = Run(cfg, model, tokenizer, task, data, procs, folder, quiet=True)
-        self.loss_fn = TokenLoss(model)  # its validation: its frame alone
+        self.run = Run(cfg, model, tokenizer, task, data, procs, folder, quiet=True, scored_on=base.model)
+        self.loss_fn = base
         self.log = Log(folder, self.state["step"], procs.main, tensorboard=False)
         self.members: Members = {path: m for site in root(model).sites for path, m in site.members}
         self.long = long_examples(data, cfg) if data.long else None
@@ -308,7 +317,8 @@ class JointTraining:
                         self.finish(tenant, error=str(outcome))
                         continue
                     loss, n_inputs, n_answers = outcome
-                    val_loss = tenant.record((loss, n_inputs, n_answers, dt))
+                    with self.alone(tenant):
+                        val_loss = tenant.record((loss, n_inputs, n_answers, dt))
                     if self.on_step:
                         self.on_step(tenant.name, tenant.state["step"], loss, n_answers, val_loss)
                     if tenant.done:
@@ -339,12 +349,8 @@ class JointTraining:
                 cfg = TrainConfig(**{**self.shared, **job.options, "out": str(self.out / job.name)})
                 if self.procs is None:
                     self.procs = Processes.start(cfg)
-                if self.procs.fsdp:
-                    raise TiedLoraError(
-                        "--jobs with --fsdp is not available: several processes train the tenants with DDP "
-                        "(leave --fsdp out), or one process does."
-                    )
-                tenant = Tenant(job.name, cfg, self.frame, self.tokenizer, self.procs, self.resume)
+                    self.procs.place(self.model)
+                tenant = Tenant(job.name, cfg, self.frame, self.loss_fn, self.procs, self.resume, self.tokenizer)
             except TiedLoraError as e:
                 self.fail(job.name, str(e))
                 continue
@@ -382,6 +388,8 @@ class JointTraining:
         # dropout masks: a function of who trains at which step, so a resumed run draws the same ones
         key = json.dumps([procs.rank] + [(t.name, t.run.cfg.seed, t.state["step"]) for t in tenants]).encode()
         self.loss_fn.train()
+        for t in tenants:  # their adapters' dropout (their frames are not the base's submodules)
+            t.run.model.train()
         limit = self.max_rows or max(t.run.cfg.micro_batch_size for t in tenants)
         for j in range(max(len(chunks) for _, chunks, _, _ in plans)):
             rows = [(t, n_answers, i) for t, chunks, n_answers, _ in plans if j < len(chunks) for i in chunks[j]]
@@ -432,15 +440,23 @@ class JointTraining:
         self.active.remove(tenant)
         tenant.log.close()
         results = None
-        if error is None and not cancelled and tenant.run.procs.main:  # scored once, by the main process
+        procs = tenant.run.procs  # scored by the main process, or by all where each holds a shard of the layers
+        if error is None and not cancelled and (procs.main or procs.fsdp):
             try:
-                results = test_and_record(tenant.run, tenant.state, tenant.started)
+                with self.alone(tenant):
+                    results = test_and_record(tenant.run, tenant.state, tenant.started)
             except TiedLoraError as e:
                 error = str(e)
-        if error is not None and tenant.run.procs.main:
+        if error is not None and procs.main:
             write_atomic(tenant.run.folder / ERROR, json_bytes({"error": error}))
         status = "cancelled" if cancelled else "failed" if error is not None else "succeeded"
         self.ended(tenant.name, status, tenant.run.folder, results, error, steps=tenant.state["step"])
+
+    def alone(self, tenant: Tenant):
+        """The base model routed to `tenant`'s adapter on every row, for its validation and test
+        (its frame in eval mode: the base's `eval()` does not reach the frames' dropout)."""
+        tenant.run.model.eval()
+        return self.route.alone(tenant.members)
 
     def fail(self, name: str, error: str) -> None:
         """A job refused before it trained: its options or its data."""
