@@ -186,16 +186,17 @@ class Routed(nn.Module):
             h = F.linear(xs if adapter.dropout is None else adapter.dropout(xs), adapter.down_weight().to(x.dtype))
             up = adapter.up_weight(member.rows).to(x.dtype).t()
             parts.append(torch.addmm(zs.reshape(-1, zs.shape[-1]), h.reshape(-1, h.shape[-1]), up).view(zs.shape))
-        return torch.cat(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # one: a tenant's validation or test
 
 
 class Tenant:
     """One job inside a joint run: its frame with its adapter, and its run (data, folder,
-    optimizer, checkpoints, log and state), set up exactly as a solo run sets up its own; its
-    validation and test run on `base` (the routed base model, `loss_fn` its loss) routed to it."""
+    optimizer, checkpoints, log and state), set up exactly as a solo run sets up its own. Its
+    validation and test run on `base`, the loss of the shared base model, which the joint run
+    routes to this tenant's adapter alone for them."""
 
     def __init__(
-        self, name: str, cfg: TrainConfig, frame: nn.Module, base: TokenLoss, procs: Processes, resume: bool, tokenizer
+        self, name: str, cfg: TrainConfig, frame: nn.Module, base: TokenLoss, tokenizer, procs: Processes, resume: bool
     ):
         self.name, self.started = name, time.time()
         task = cfg.task_data()
@@ -350,7 +351,7 @@ class JointTraining:
                 if self.procs is None:
                     self.procs = Processes.start(cfg)
                     self.procs.place(self.model)
-                tenant = Tenant(job.name, cfg, self.frame, self.loss_fn, self.procs, self.resume, self.tokenizer)
+                tenant = Tenant(job.name, cfg, self.frame, self.loss_fn, self.tokenizer, self.procs, self.resume)
             except TiedLoraError as e:
                 self.fail(job.name, str(e))
                 continue
