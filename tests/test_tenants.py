@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tiedlora.cli import main
+from tiedlora.loss import TokenLoss
 from tiedlora.models import load_model
 from tiedlora.train import TrainConfig, train
 from tiedlora.train.tenants import Job, JointTraining, read_jobs, train_jobs
@@ -125,6 +126,33 @@ def test_tenants_share_forward_passes_of_at_most_max_rows(tiny_folder, tmp_path,
         assert max(rows) == 3 and sum(rows) == 8 + 4 + 12
     else:
         assert rows == [2 + 2 + 3, 2 + 2 + 3, 2 + 3, 2 + 3]
+
+
+def test_a_packing_tenant_beside_others_equals_its_solo_packed_run(tiny_folder, tmp_path, monkeypatch):
+    """A job with --packing lays each micro batch's examples end to end as its solo run does; a
+    pass that holds it is packed throughout (the other tenant's examples one to a row, the
+    attention kept to each example by positions restarting), and both tenants' losses and
+    adapters are their solo runs' (initech packed, acme not)."""
+    passes: list[tuple[int, bool]] = []  # (rows, attention mask given) of each training forward
+    loss_forward = TokenLoss.forward
+
+    def spy(self, input_ids, attention_mask, labels, position_ids=None, per_row=False):
+        if self.training:
+            passes.append((input_ids.shape[0], attention_mask is not None))
+        return loss_forward(self, input_ids, attention_mask, labels, position_ids, per_row)
+
+    monkeypatch.setattr(TokenLoss, "forward", spy)
+    options = job_options(tmp_path)
+    jobs = {"initech": {**options["initech"], "packing": True}, "acme": options["acme"]}
+    summary = together(tiny_folder, tmp_path / "joint", jobs, max_rows=100)
+    assert {n: s["status"] for n, s in summary.items()} == dict.fromkeys(jobs, "succeeded")
+    # each of 4 micro batches a step: initech's 3 examples in 1 packed row, acme's 2 in 2 rows
+    assert passes == [(1 + 2, False)] * 4 * COMMON["max_steps"]
+    for name, job in jobs.items():
+        solo = tmp_path / "solo" / name
+        train(TrainConfig(**solo_options(tiny_folder, solo, job)), quiet=True)
+        assert losses(tmp_path / "joint" / name) == pytest.approx(losses(solo), rel=1e-5)
+        assert_close_adapters(solo / "best", tmp_path / "joint" / name / "best")
 
 
 def test_a_tenants_dropout_trains_after_its_validation(tiny_folder, tmp_path, monkeypatch):

@@ -43,11 +43,21 @@ def pack(examples: list[dict], pad: int, width: int, device) -> dict:
     restart at each example, from which transformers builds a mask that keeps every example to
     itself. An example's first token predicts nothing across the seam (its label is -100), and a
     row is filled up with one padding "example" whose labels are -100."""
+    return packed_batch(pack_rows(examples, width), pad, device)
+
+
+def pack_rows(examples: list[dict], width: int) -> list[list[dict]]:
+    """`examples` in order, grouped into rows of at most `width` tokens (a longer one alone)."""
     rows: list[list[dict]] = [[]]
     for e in examples:
         if rows[-1] and sum(len(x["input_ids"]) for x in rows[-1]) + len(e["input_ids"]) > width:
             rows.append([])
         rows[-1].append(e)
+    return rows
+
+
+def packed_batch(rows: list[list[dict]], pad: int, device) -> dict:
+    """Rows of examples laid end to end, as `pack` describes, filled up to the longest row."""
     length = max(sum(len(e["input_ids"]) for e in row) for row in rows)
     ids, labels, positions = [], [], []
     for row in rows:

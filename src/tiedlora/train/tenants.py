@@ -37,7 +37,7 @@ from ..atomic import discard, json_bytes, write_atomic
 from ..config import TiedLoraError
 from ..layer import AdaptedLinear
 from ..layout import replace_submodule
-from ..loss import TokenLoss, answer_tokens, collate
+from ..loss import TokenLoss, answer_tokens, collate, pack_rows, packed_batch
 from ..model import apply, has_adapter, root
 from ..runs import RESULTS, read_json
 from .checkpoints import Checkpoints, resume_state
@@ -115,8 +115,6 @@ def check_options(job: Job) -> None:
         )
     if not isinstance(job.options.get("data"), str):
         raise TiedLoraError(f'job {job.name!r} needs "data": the path of its .jsonl, .csv or .parquet rows.')
-    if job.options.get("packing"):
-        raise TiedLoraError(f"job {job.name!r}: packing is not available with --jobs yet; leave it unset.")
 
 
 def fresh_folder(cfg: TrainConfig, resume: bool) -> Path:
@@ -416,21 +414,32 @@ class JointTraining:
 
     def forward_backward(self, rows: list[tuple[Tenant, int, int]], totals: dict[str, torch.Tensor]) -> None:
         """One forward and backward pass over `rows` (tenant, its answer tokens this step, example
-        index), each tenant's rows contiguous; each tenant's loss divided by its own answer tokens."""
+        index), each tenant's rows contiguous; each tenant's loss divided by its own answer tokens.
+        A pass holding a tenant that trains with --packing is packed throughout: that tenant's
+        examples end to end in rows of its --max_length, as alone, the others' one to a row."""
         procs = self.procs
         assert procs is not None
-        examples = [t.run.data.train[i] for t, _, i in rows]
-        owners: list[tuple[Tenant, int, slice]] = []
-        for k, (t, n_answers, _) in enumerate(rows):
-            if owners and owners[-1][0] is t:
-                owners[-1] = (t, n_answers, slice(owners[-1][2].start, k + 1))
-            else:
-                owners.append((t, n_answers, slice(k, k + 1)))
-        segments = [(t.members, span) for t, _, span in owners]
-        batch = collate(examples, rows[0][0].run.data.pad, procs.device)
+        owners: list[tuple[Tenant, int, list[dict]]] = []  # each tenant's examples in this pass
+        for t, n_answers, i in rows:
+            if not owners or owners[-1][0] is not t:
+                owners.append((t, n_answers, []))
+            owners[-1][2].append(t.run.data.train[i])
+        pad = rows[0][0].run.data.pad
+        if any(t.run.cfg.packing for t, _, _ in owners):
+            laid = [
+                pack_rows(ex, t.run.cfg.max_length) if t.run.cfg.packing else [[e] for e in ex] for t, _, ex in owners
+            ]
+            batch = packed_batch([row for tenant_rows in laid for row in tenant_rows], pad, procs.device)
+            counts = [len(tenant_rows) for tenant_rows in laid]
+        else:
+            batch = collate([e for _, _, ex in owners for e in ex], pad, procs.device)
+            counts = [len(ex) for _, _, ex in owners]
+        ends = list(itertools.accumulate(counts))
+        spans = [slice(end - n, end) for end, n in zip(ends, counts)]
+        segments = [(t.members, span) for (t, _, _), span in zip(owners, spans)]
         with self.route(segments), torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=procs.bf16):
             per_row = self.loss_fn(**batch, per_row=True)
-            losses = [per_row[span].sum() / n_answers for _, n_answers, span in owners]
+            losses = [per_row[span].sum() / n_answers for (_, n_answers, _), span in zip(owners, spans)]
         torch.stack(losses).sum().backward()
         for (t, _, _), loss in zip(owners, losses):
             totals[t.name] += loss.detach()
