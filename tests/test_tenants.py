@@ -157,11 +157,18 @@ def test_a_packing_tenant_beside_others_equals_its_solo_packed_run(tiny_folder, 
 
 def test_a_tenants_dropout_trains_after_its_validation(tiny_folder, tmp_path, monkeypatch):
     """Validation and test run on the base routed to one tenant, in eval mode; the frames
-    holding the adapters (and their dropout) are not the base's submodules, so each step puts
-    its tenants back in training mode: every step draws dropout, no validation does."""
+    holding the adapters (and their dropout modules) are not the base's submodules, so the
+    routed projections draw the adapter's dropout in the base's mode: every step draws
+    dropout, no validation does."""
     modes: list[bool | str] = []
-    dropout = torch.nn.Dropout.forward
-    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: modes.append(self.training) or dropout(self, x))
+    dropout = torch.nn.functional.dropout
+
+    def spy(x, p=0.5, training=True, inplace=False):
+        if p == 0.3:  # the adapter's, not the base's own
+            modes.append(training)
+        return dropout(x, p, training, inplace)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", spy)
     options = {**COMMON, **job_options(tmp_path)["globex"], "dropout": 0.3, "val_every": 1, "max_steps": 3}
     train_jobs(
         [Job("globex", options)],

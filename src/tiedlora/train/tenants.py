@@ -153,10 +153,6 @@ class Route:
         finally:
             self.segments = []
 
-    def alone(self, members: Members):
-        """Every row through one tenant's adapter: its validation and test on the shared base."""
-        return self([(members, slice(None))])
-
 
 class Routed(nn.Module):
     """A base projection shared by the tenants: W x once for the whole batch, then each tenant's
@@ -181,7 +177,9 @@ class Routed(nn.Module):
                 parts.append(zs)
                 continue
             adapter, xs = member.adapter, x[rows]
-            h = F.linear(xs if adapter.dropout is None else adapter.dropout(xs), adapter.down_weight().to(x.dtype))
+            # dropout in the base's mode (training steps, not validation): the frames are not its submodules
+            xs = xs if adapter.dropout is None else F.dropout(xs, adapter.dropout.p, self.training)
+            h = F.linear(xs, adapter.down_weight().to(x.dtype))
             up = adapter.up_weight(member.rows).to(x.dtype).t()
             parts.append(torch.addmm(zs.reshape(-1, zs.shape[-1]), h.reshape(-1, h.shape[-1]), up).view(zs.shape))
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # one: a tenant's validation or test
@@ -387,8 +385,6 @@ class JointTraining:
         # dropout masks: a function of who trains at which step, so a resumed run draws the same ones
         key = json.dumps([procs.rank] + [(t.name, t.run.cfg.seed, t.state["step"]) for t in tenants]).encode()
         self.loss_fn.train()
-        for t in tenants:  # their adapters' dropout (their frames are not the base's submodules)
-            t.run.model.train()
         limit = self.max_rows or max(t.run.cfg.micro_batch_size for t in tenants)
         for j in range(max(len(chunks) for _, chunks, _, _ in plans)):
             rows = [(t, n_answers, i) for t, chunks, n_answers, _ in plans if j < len(chunks) for i in chunks[j]]
@@ -463,10 +459,8 @@ class JointTraining:
         self.ended(tenant.name, status, tenant.run.folder, results, error, steps=tenant.state["step"])
 
     def alone(self, tenant: Tenant):
-        """The base model routed to `tenant`'s adapter on every row, for its validation and test
-        (its frame in eval mode: the base's `eval()` does not reach the frames' dropout)."""
-        tenant.run.model.eval()
-        return self.route.alone(tenant.members)
+        """The base model routed to `tenant`'s adapter on every row, for its validation and test."""
+        return self.route([(tenant.members, slice(None))])
 
     def fail(self, name: str, error: str) -> None:
         """A job refused before it trained: its options or its data."""
