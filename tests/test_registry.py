@@ -134,7 +134,7 @@ def test_a_bad_folder_is_dropped_on_its_first_request_and_the_others_go_on(tiny_
         assert r.status_code == 404 and "was refused" in r.json()["error"]["message"]
         assert complete(client, "a000").status_code == 200
         r = client.post("/v1/adapters", json={"name": "big", "path": "rank/big"})
-        assert r.status_code == 400 and "more than this model's max_rank of 6" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "more than this server's max_rank of 6" in r.json()["error"]["message"]
 
 
 def test_without_an_adapters_folder_the_base_model_is_served_and_adapters_come_later(

@@ -458,3 +458,48 @@ def test_frames_share_the_base_leaves_and_keep_their_adapters_apart(tiny_folder,
         outs.append(frame(tokens).logits)
     assert torch.equal(base(tokens).logits, before)
     assert not torch.allclose(outs[0], before) and not torch.allclose(outs[0], outs[1])
+
+
+def test_jobs_named_tenant_slash_name_are_served_to_that_tenant_alone(tiny_folder, tmp_path, capsys):
+    """`tiedlora train --jobs` with `<tenant>/<name>` jobs writes `<out>/<tenant>/<name>`, which
+    `tiedlora serve --adapters <out> --tenants ...` serves to that tenant's keys alone by that name
+    (a job's `targets` line included); a name nesting one run folder in another is refused."""
+    from fastapi.testclient import TestClient
+
+    from tiedlora.serve.server import build
+
+    jobs = job_options(tmp_path)
+    lines = [
+        {"name": "acme/support", **jobs["acme"], "targets": ["qkv", "o", "mlp_in", "mlp_out"]},
+        {"name": "globex/faq", **jobs["globex"]},
+        {"name": "globex/faq/x", **jobs["globex"]},
+        {"name": "globex", **jobs["globex"]},
+        {"name": "../escape", **jobs["globex"]},
+    ]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    read, refused = read_jobs(tmp_path / "jobs.jsonl")
+    assert [j.name for j in read] == ["acme/support", "globex/faq"]
+    assert "would put one run folder inside the other" in refused["line 4"]
+    assert "or <tenant>/<name>" in refused["line 3"] and "or <tenant>/<name>" in refused["line 5"]
+    out = tmp_path / "runs"
+    flags = ["--jobs", str(tmp_path / "jobs.jsonl"), f"--model={tiny_folder}", f"--out={out}", "--max_steps=2"]
+    assert main(["train", *flags, "--samples=0", "--quiet", "--precision=fp32"]) == 2  # the three refused lines
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["acme/support"]["status"] == summary["globex/faq"]["status"] == "succeeded"
+    config = json.loads((out / "acme" / "support" / "best" / "adapter_config.json").read_text())
+    assert config["config"]["targets"] == ["qkv", "o", "mlp_in", "mlp_out"]
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"acme": ["acme-key-0123456789"], "globex": ["globex-key-0123456789"]}))
+    engine, app = build(str(tiny_folder), out, tenants=str(keys), max_tokens_limit=4)
+    try:
+        with TestClient(app) as client:
+            for tenant, mine, theirs in (("acme", "acme/support", "globex/faq"), ("globex", "globex/faq", "acme/support")):
+                auth = {"Authorization": f"Bearer {tenant}-key-0123456789"}
+                listed = [m["id"] for m in client.get("/v1/models", headers=auth).json()["data"]]
+                assert listed == [tiny_folder.name, mine]
+                body = {"prompt": "Hello", "max_tokens": 2}
+                assert client.post("/v1/completions", json={"model": mine, **body}, headers=auth).status_code == 200
+                other = client.post("/v1/completions", json={"model": theirs, **body}, headers=auth)
+                assert other.status_code == 404
+    finally:
+        engine.close()

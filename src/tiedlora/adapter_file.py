@@ -285,20 +285,37 @@ def base_identity(model: nn.Module, groups: Iterable[Group] | None = None) -> di
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "model_type": getattr(config, "model_type", None),
         "layers": len(find_layers(model)),
-        "groups": {g.name: {"members": list(g.members), "d_in": g.d_in, "d_out": list(g.d_outs)} for g in groups},
+        "groups": {g.name: group_record(g) for g in groups},
     }
+
+
+def group_record(group: Group) -> dict:
+    """How a file records a group of the base model: its members and their shapes."""
+    return {"members": list(group.members), "d_in": group.d_in, "d_out": list(group.d_outs)}
 
 
 def check_base(adapter: AdapterFile, found: dict) -> None:
     """The adapter's base model (its type, layer count and the shapes of the groups it adapts)
-    must be `found`, a `base_identity`; the model may have more groups than the adapter uses."""
+    must be `found`, a `base_identity`; the model may have more groups than the adapter uses.
+    A refusal names the first thing that differs."""
     saved = adapter.meta["base_model"]
-    saved_groups = saved.get("groups")
-    want = {"model_type": saved.get("model_type"), "layers": saved.get("layers"), "groups": saved_groups}
-    have = {k: found[k] for k in ("model_type", "layers")}
-    have["groups"] = {g: found["groups"].get(g) for g in adapter.config.groups}
-    if want != have:
+    saved_groups = saved.get("groups") if isinstance(saved.get("groups"), dict) else {}
+    if (saved.get("model_type"), saved.get("layers")) != (found["model_type"], found["layers"]):
         raise TiedLoraError(
-            f"{adapter.folder} was made for another base model: expected {want}, found {have}; "
-            f"load it on the model it was trained on ({saved.get('name_or_path')})."
+            f"{adapter.folder} was made for another base model: a {saved.get('model_type')!r} model of "
+            f"{saved.get('layers')} layers, where this one is a {found['model_type']!r} model of {found['layers']}; "
+            "load it on the model it was trained on."
+        )
+    for group in adapter.config.groups:
+        want, have = saved_groups.get(group), found["groups"].get(group)
+        if want == have:
+            continue
+        if have is None:
+            raise TiedLoraError(
+                f"{adapter.folder} adapts the group {group!r} (the projections {str(want)[:200]}), which this base "
+                "model does not have; load it on the model it was trained on."
+            )
+        raise TiedLoraError(
+            f"{adapter.folder} adapts the group {group!r} as {str(want)[:200]}, but this base model's {group!r} is "
+            f"{have}: it was made for another base model; load it on the model it was trained on."
         )

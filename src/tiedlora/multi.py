@@ -1,13 +1,16 @@
 """Many adapters on one base model, each row of a batch with its own adapter (or none).
 
-Serving adapters are frozen, so each is kept as stored, its tied tensors not expanded per layer:
-per group, a bank of A matrices (one per adapter when A is tied, one per layer when not), a bank
-of B matrices likewise, an index per (adapter, layer) into each bank, u and v per adapter and
-layer, and each adapter's alpha/r. A row's adapter is an id: a call gathers its rows' factors
-diag(u) A and (alpha/r) diag(v) B (`layer.down_factor`, `layer.up_factor`) for every layer once
-(a generate call once for all its steps), and each layer does one batched matmul down, shared by
-q, k and v, and one up per projection for the whole batch, whatever the mix of configurations
-and ranks (ranks are zero-padded to the largest). Id 0 is the base model alone.
+Serving adapters are frozen, so each is kept as stored, its tied tensors not expanded per layer.
+A group of projections (q, k and v; o; gate and up; down; or any mapping an adapter names) gets
+its banks when the first adapter that adapts it loads, one bank per rank bucket (8, 16, 32, ...,
+powers of two): per bank, a stack of A matrices (one per adapter when A is tied, one per layer
+when not), a stack of B matrices likewise, an index per (adapter, layer) into each, u and v per
+adapter and layer, and each adapter's alpha/r. A call gathers its rows' factors diag(u) A and
+(alpha/r) diag(v) B (`layer.down_factor`, `layer.up_factor`) from the banks its rows use, for
+every layer once (a generate call once for all its steps); each layer then does one batched
+matmul down per bank, shared by the group's members, and one up per member. A row computes at
+its own adapter's bucket, so one rank-256 adapter costs its own rows, not every row's; a
+group none of a row's adapters adapts costs nothing. Id 0 is the base model alone.
 """
 
 from __future__ import annotations
@@ -18,26 +21,32 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .adapter_file import AdapterFile, base_identity, check_base, read_adapter
-from .config import TiedLoraConfig, TiedLoraError
+from .adapter_file import AdapterFile, check_base, group_record, read_adapter
+from .config import GROUP_ALIASES, TiedLoraConfig, TiedLoraError
 from .layer import SharedInput, down_factor, up_factor
-from .layout import Group, find_groups, find_layers, replace_submodule
+from .layout import Group, find_groups, find_layers, in_out, is_projection, replace_submodule
 
-# Ranks above this are refused by default: every row of a batch computes at the largest rank loaded.
-MAX_RANK = 64
+# Ranks above this are refused by default (a bank of rank 256 holds 256 rows of d_in per stored A).
+MAX_RANK = 256
+SMALLEST_BUCKET = 8
 
 # One adapter's share of a bank: (As, Bs, a_index, b_index, u, v, scale); see Bank.put.
 Entry = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
 
 
+def bucket(rank: int) -> int:
+    """The bank rank an adapter of `rank` computes at: the next power of two, at least 8."""
+    return max(SMALLEST_BUCKET, 1 << (rank - 1).bit_length())
+
+
 class Bank(nn.Module):
-    """One group's adapters, stacked: A (n_A, r, d_in), B (n_B, d_out, r), u (ids, L, r),
-    v (ids, L, d_out), scale (ids,), and a_index, b_index (ids, L) into A and B; row 0 of each is
-    nothing (id 0, and layers an adapter leaves alone). An adapter is written into free rows in
-    place, the stacks doubling when full, so loading one costs the same with 10 adapters
-    resident or 1,000; only a rank above every one loaded so far pads the stacks again (they
-    stay at that rank). They are buffers, so `.to()` moves them with the model, but not
-    persistent ones: adapters are saved in their own folders, never in a state dict."""
+    """One group's adapters of one rank bucket, stacked: A (n_A, r, d_in), B (n_B, d_out, r), and
+    per slot u (slots, L, r), v (slots, L, d_out), scale (slots,), a_index, b_index (slots, L)
+    into A and B; `slot` maps an adapter id to its slot. Row and slot 0 of each is nothing (id 0,
+    and layers an adapter leaves alone). An adapter is written into free rows in place, the
+    stacks doubling when full, so loading one costs the same with 10 adapters resident or 1,000.
+    They are buffers, so `.to()` moves them with the model, but not persistent ones: adapters
+    are saved in their own folders, never in a state dict."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -47,160 +56,202 @@ class Bank(nn.Module):
     a_index: torch.Tensor
     b_index: torch.Tensor
 
-    def __init__(self, n_layers: int, d_in: int, d_out: int, device=None, dtype=torch.float32):
+    def __init__(self, n_layers: int, d_in: int, d_out: int, rank: int, device=None, dtype=torch.float32):
         super().__init__()
-        self.n_layers, self.d_in, self.d_out, self.rank = n_layers, d_in, d_out, 1
+        self.n_layers, self.d_in, self.d_out, self.rank = n_layers, d_in, d_out, rank
         place = dict(device=device, dtype=dtype)
         for name, t in {
-            "A": torch.zeros(1, 1, d_in, **place),
-            "B": torch.zeros(1, d_out, 1, **place),
-            "u": torch.zeros(1, n_layers, 1, **place),
+            "A": torch.zeros(1, rank, d_in, **place),
+            "B": torch.zeros(1, d_out, rank, **place),
+            "u": torch.zeros(1, n_layers, rank, **place),
             "v": torch.zeros(1, n_layers, d_out, **place),
             "scale": torch.zeros(1, **place),
             "a_index": torch.zeros(1, n_layers, dtype=torch.long, device=device),
             "b_index": torch.zeros(1, n_layers, dtype=torch.long, device=device),
         }.items():
             self.register_buffer(name, t, persistent=False)
-        self.top = {"A": 1, "B": 1}  # rows below are taken or in `free`
-        self.free: dict[str, list[int]] = {"A": [], "B": []}
-        self.held: dict[int, tuple[list[int], list[int]]] = {}  # adapter id -> its rows of A and of B
-        self.rows_a: torch.Tensor | None = None  # the call in progress's per-row matrices, all layers
+        self.top = {"A": 1, "B": 1, "slot": 1}  # rows below are taken or in `free`
+        self.free: dict[str, list[int]] = {"A": [], "B": [], "slot": []}
+        self.held: dict[int, tuple[int, list[int], list[int]]] = {}  # adapter id -> its slot, rows of A and of B
+        # the call in progress: its rows' matrices for all layers, and which rows of the batch they are (None: all)
+        self.rows_a: torch.Tensor | None = None
         self.rows_b: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
 
-    def select(self, ids: torch.Tensor | None) -> None:
-        """Gather each row's (u * A) and (v * B) for every layer once per call, so a generate
-        call gathers once for all its steps and a layer does one bmm down and one up."""
-        if ids is None:
-            self.rows_a = self.rows_b = None
+    def slot_of(self, adapter_id: int) -> int:
+        held = self.held.get(adapter_id)
+        return 0 if held is None else held[0]
+
+    def select(self, slots: torch.Tensor | None, rows: torch.Tensor | None = None) -> None:
+        """Gather the (u * A) and (v * B) of `slots` (one per row computed; 0: none) for every
+        layer once per call, so a generate call gathers once for all its steps and a layer does
+        one bmm down and one up; `rows`: the rows of the batch they are, None for all of them."""
+        if slots is None:
+            self.rows_a = self.rows_b = self.rows = None
             return
-        self.rows_a = down_factor(self.u[ids], self.A[self.a_index[ids]])  # rows x L x r x d_in
-        self.rows_b = up_factor(self.v[ids], self.B[self.b_index[ids]], self.scale[ids].view(-1, 1, 1))  # x d_out x r
+        self.rows = rows
+        self.rows_a = down_factor(self.u[slots], self.A[self.a_index[slots]])  # rows x L x r x d_in
+        self.rows_b = up_factor(self.v[slots], self.B[self.b_index[slots]], self.scale[slots].view(-1, 1, 1))
 
     @torch.no_grad()
     def put(self, adapter_id: int, entry: Entry) -> None:
         """Write one adapter's share as id `adapter_id`, touching no other adapter's rows."""
         a_list, b_list, a_at, b_at, u, v, scale = entry
         rank = a_list[0].shape[0]
-        if rank > self.rank:
-            self.pad_rank(rank)
+        assert rank <= self.rank, "an adapter goes to the bank of its rank's bucket"
         self.clear(adapter_id)
+        slot = self.take("slot")
         a_rows, b_rows = [self.take("A") for _ in a_list], [self.take("B") for _ in b_list]
-        self.held[adapter_id] = (a_rows, b_rows)
+        self.held[adapter_id] = (slot, a_rows, b_rows)
         for row, a in zip(a_rows, a_list):
             self.A[row, :rank] = a.to(self.A)
         for row, b in zip(b_rows, b_list):
             self.B[row, :, :rank] = b.to(self.B)
         # a_at: per layer 0 (not adapted) or the 1-based position of its matrix in a_list
         for at, rows, index in ((a_at, a_rows, self.a_index), (b_at, b_rows, self.b_index)):
-            where = torch.tensor([0, *rows])[at]
-            index[adapter_id] = where.to(index.device)
-        self.u[adapter_id, :, :rank] = u.to(self.u)
-        self.v[adapter_id] = v.to(self.v)
-        self.scale[adapter_id] = scale
+            index[slot] = torch.tensor([0, *rows])[at].to(index.device)
+        self.u[slot, :, :rank] = u.to(self.u)
+        self.v[slot] = v.to(self.v)
+        self.scale[slot] = scale
 
     @torch.no_grad()
     def clear(self, adapter_id: int) -> None:
-        """Id `adapter_id` computes nothing again, and its rows are free for the next adapter."""
-        self.grow_ids(adapter_id + 1)
-        a_rows, b_rows = self.held.pop(adapter_id, ([], []))
+        """Id `adapter_id` computes nothing here again, and its rows are free for the next adapter."""
+        if adapter_id not in self.held:
+            return
+        slot, a_rows, b_rows = self.held.pop(adapter_id)
         for part, rows in (("A", a_rows), ("B", b_rows)):
             getattr(self, part)[rows] = 0
             self.free[part] += rows
         for t in (self.u, self.v, self.scale, self.a_index, self.b_index):
-            t[adapter_id] = 0
+            t[slot] = 0
+        self.free["slot"].append(slot)
 
     def take(self, part: str) -> int:
-        """A free row of A or B, the stack doubled when none is left."""
+        """A free row of A or B, or a free slot, the stacks doubled when none is left."""
         if self.free[part]:
             return self.free[part].pop()
-        stack = getattr(self, part)
-        if self.top[part] == stack.shape[0]:
-            setattr(self, part, torch.cat([stack, torch.zeros_like(stack)]))
+        names = ("u", "v", "scale", "a_index", "b_index") if part == "slot" else (part,)
+        if self.top[part] == getattr(self, names[0]).shape[0]:
+            for name in names:
+                stack = getattr(self, name)
+                setattr(self, name, torch.cat([stack, torch.zeros_like(stack)]))
         self.top[part] += 1
         return self.top[part] - 1
 
-    def grow_ids(self, count: int) -> None:
-        """Room for ids below `count`, doubling."""
-        have = self.u.shape[0]
-        if count > have:
-            more = max(count, 2 * have) - have
-            for name in ("u", "v", "scale", "a_index", "b_index"):
-                t = getattr(self, name)
-                setattr(self, name, torch.cat([t, t.new_zeros(more, *t.shape[1:])]))
 
-    def pad_rank(self, rank: int) -> None:
-        """Zero-pad every stored matrix to `rank`: zeros add nothing to any product."""
-        gap = rank - self.rank
-        self.A = torch.cat([self.A, self.A.new_zeros(self.A.shape[0], gap, self.d_in)], dim=1)
-        self.B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], self.d_out, gap)], dim=2)
-        self.u = torch.cat([self.u, self.u.new_zeros(self.u.shape[0], self.n_layers, gap)], dim=2)
-        self.rank = rank
+class GroupBanks(nn.Module):
+    """One group of projections in every layer: its banks, one per rank bucket, and which of
+    them the call in progress uses (`active`)."""
+
+    def __init__(self, group: Group, n_layers: int, device, dtype):
+        super().__init__()
+        self.group, self.n_layers, self.device, self.dtype = group, n_layers, device, dtype
+        self.buckets = nn.ModuleDict()
+        self.active: list[Bank] = []
+
+    def banks(self) -> list[Bank]:
+        return [cast(Bank, b) for b in self.buckets.values()]
+
+    def bank(self, rank: int) -> Bank:
+        """The bank an adapter of `rank` goes to, made if it is the first of its bucket."""
+        size = bucket(rank)
+        if str(size) not in self.buckets:
+            d_out = sum(self.group.d_outs)
+            self.buckets[str(size)] = Bank(self.n_layers, self.group.d_in, d_out, size, self.device, self.dtype)
+        return cast(Bank, self.buckets[str(size)])
+
+    def select(self, ids: list[int] | None) -> None:
+        """Each row of the call to the bank of its adapter's bucket. Where one bank serves every
+        row that has a share here, it computes the whole batch (the others' rows at its zero
+        slot): no row is gathered or scattered. Where several do, each computes its own rows."""
+        for bank in self.active:
+            bank.select(None)
+        self.active = []
+        if ids is None:
+            return
+        per_bank = [(bank, [bank.slot_of(i) for i in ids]) for bank in self.banks()]
+        used = [(bank, slots) for bank, slots in per_bank if any(slots)]
+        for bank, slots in used:
+            if len(used) == 1:
+                bank.select(torch.tensor(slots, device=bank.u.device))
+            else:
+                rows = [i for i, s in enumerate(slots) if s]
+                here = torch.tensor([slots[i] for i in rows], device=bank.u.device)
+                bank.select(here, torch.tensor(rows, device=bank.u.device))
+            self.active.append(bank)
 
 
 class LayerDown:
-    """h = (u * A) x of one layer's group for each row, computed once for all members (q, k and
-    v read the same x), scoped to the owner's call like the adapter's own (layer.SharedInput)."""
+    """h = (u * A) x of one layer's group for each bank the call uses, computed once for all
+    members (q, k and v read the same x), scoped to the owner's call like the adapter's own
+    (layer.SharedInput)."""
 
-    def __init__(self, bank: Bank, layer: int):
-        self.bank, self.layer = bank, layer
+    def __init__(self, banks: GroupBanks, layer: int):
+        self.banks, self.layer = banks, layer
         self.shared = SharedInput()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shared.get(x, self._down)
+    def __call__(self, x: torch.Tensor) -> list[tuple[Bank, torch.Tensor]]:
+        return self.shared.get(x, self._down)  # type: ignore[arg-type, return-value]
 
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.bank.rows_a is not None
-        return torch.bmm(x, self.bank.rows_a[:, self.layer].transpose(1, 2).to(x.dtype))
+    def _down(self, x: torch.Tensor) -> list[tuple[Bank, torch.Tensor]]:
+        found = []
+        for bank in self.banks.active:
+            assert bank.rows_a is not None
+            xs = x if bank.rows is None else x[bank.rows]
+            found.append((bank, torch.bmm(xs, bank.rows_a[:, self.layer].transpose(1, 2).to(x.dtype))))
+        return found
 
 
 class BankedLinear(nn.Module):
-    """A frozen projection plus, for each row, its adapter's rows of (v B) diag(u) A x."""
+    """A frozen projection plus, for each row, its adapter's rows of (v B) diag(u) A x, from each
+    group the projection is a member of (one, unless mappings overlap)."""
 
-    def __init__(self, base: nn.Module, down: LayerDown, rows: slice):
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.rows = rows
-        self._down = (down,)  # a reference: shared by the layer's members
+        self._parts: list[tuple[LayerDown, slice]] = []  # references: a LayerDown is shared by its group's members
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.base(x)
-        down = self._down[0]
-        b = down.bank.rows_b
-        if b is None:
-            return z
-        return torch.baddbmm(z, down(x), b[:, down.layer, self.rows].transpose(1, 2).to(x.dtype))
+        for down, rows in self._parts:
+            for bank, h in down(x):
+                assert bank.rows_b is not None
+                up = bank.rows_b[:, down.layer, rows].transpose(1, 2).to(x.dtype)
+                if bank.rows is None:
+                    z = torch.baddbmm(z, h, up)
+                else:
+                    z = z.index_add(0, bank.rows, torch.bmm(h, up))
+        return z
 
 
 class MultiAdapterModel(nn.Module):
     """A base model and any number of loaded adapters: `forward(..., adapter_ids=ids)` and
     `generate(..., adapter_ids=ids)` with one id per row (0: no adapter); `add` and `remove`
-    load and unload adapters at run time. Ranks above `max_rank` are refused: the banks are
-    padded to the largest rank loaded, so one large adapter would slow every row."""
+    load and unload adapters at run time. Every group the library adapts is served (q/k/v, o,
+    the MLP's input and output, and any mapping of projections an adapter names); ranks above
+    `max_rank` are refused."""
 
-    def __init__(self, model: nn.Module, targets=("qkv",), dtype=torch.float32, max_rank: int = MAX_RANK):
+    def __init__(self, model: nn.Module, dtype=torch.float32, max_rank: int = MAX_RANK):
         super().__init__()
         self.max_rank = max_rank
         self.model: Any = model.requires_grad_(False)  # a transformers model: its generate is used too
         self.dtype = dtype
         self.names: list[str | None] = []
         self.layers = find_layers(model)
+        # every layer's own projections by path, before any is wrapped: groups are found and checked here
+        self.projections = [{n: m for n, m in layer.named_modules() if is_projection(m)} for layer in self.layers]
         indices = list(range(len(self.layers)))
-        self.groups: dict[str, Group] = {g.name: g for g in find_groups(self.layers, indices, targets)}
-        self.identity = base_identity(model, self.groups.values())
-        self.banks = nn.ModuleDict()
-        device = next(model.parameters()).device
-        for g in self.groups.values():
-            self.banks[g.name] = bank = Bank(len(self.layers), g.d_in, sum(g.d_outs), device, dtype)
-            for i in indices:
-                down = LayerDown(bank, i)
-                down.shared.attach(self.layers[i].get_submodule(g.owner))
-                for name, rows in zip(g.members, g.rows()):
-                    replace_submodule(
-                        self.layers[i], name, BankedLinear(self.layers[i].get_submodule(name), down, rows)
-                    )
-
-    def bank(self, group: str) -> Bank:
-        return cast(Bank, self.banks[group])
+        self.aliases: dict[str, Group] = {}
+        for alias in GROUP_ALIASES:
+            with contextlib.suppress(TiedLoraError):  # a group this architecture does not have
+                self.aliases[alias] = find_groups(self.layers, indices, [alias])[0]
+        config = getattr(model, "config", None)
+        self.model_type = getattr(config, "model_type", None)
+        self.groups = nn.ModuleDict()  # GroupBanks by an index, made as adapters need them
+        self.keys: dict[tuple[str, ...], str] = {}  # a group's members -> its key in `groups`
+        self.held: dict[int, list[Bank]] = {}  # adapter id -> the banks holding its shares
+        self.device = next(model.parameters()).device
 
     def id_of(self, name: str) -> int:
         if name not in self.names:
@@ -215,45 +266,98 @@ class MultiAdapterModel(nn.Module):
         """`add` for an adapter already read (and checked) by `read_adapter`."""
         if not name or name in self.names:
             raise TiedLoraError(f"Adapter name {name!r} is empty or already loaded: choose another.")
-        self.check(adapter)
-        entries = {g: self._entry(g, adapter) for g in adapter.config.groups}
+        groups = self.check(adapter)
+        entries = {g: self._entry(group, g, adapter) for g, group in groups.items()}
         slot = self.names.index(None) if None in self.names else len(self.names)
         if slot == len(self.names):
             self.names.append(None)
         self.names[slot] = name
-        for g in self.groups:
-            if g in entries:
-                self.bank(g).put(slot + 1, entries[g])
-            else:
-                self.bank(g).clear(slot + 1)
-        return slot + 1
+        adapter_id = slot + 1
+        self.held[adapter_id] = []
+        for g, group in groups.items():
+            bank = self.group_banks(group).bank(adapter.config.rank)
+            bank.put(adapter_id, entries[g])
+            self.held[adapter_id].append(bank)
+        return adapter_id
 
-    def check(self, adapter: AdapterFile) -> None:
-        """The adapter (its tensors read or not yet) fits this base model and its max_rank."""
-        check_base(adapter, self.identity)
-        if adapter.config.rank > self.max_rank:
+    def check(self, adapter: AdapterFile) -> dict[str, Group]:
+        """The adapter (its tensors read or not yet) fits this base model and its max_rank; each
+        of its groups as found on this model. A refusal names what does not fit."""
+        config: TiedLoraConfig = adapter.config
+        found = {g: self.resolve(g, config) for g in config.groups}
+        identity = {
+            "model_type": self.model_type,
+            "layers": len(self.layers),
+            "groups": {g: None if group is None else group_record(group) for g, group in found.items()},
+        }
+        check_base(adapter, identity)
+        if config.rank > self.max_rank:
             raise TiedLoraError(
-                f"{adapter.folder} has rank {adapter.config.rank}, more than this model's max_rank of {self.max_rank} "
-                "(every row of a batch computes at the largest rank loaded); serve it with a larger max_rank."
+                f"{adapter.folder} has rank {config.rank}, more than this server's max_rank of {self.max_rank}; "
+                f"serve it with --max_rank {config.rank} or more."
             )
+        return cast(dict[str, Group], found)
+
+    def resolve(self, group: str, config: TiedLoraConfig) -> Group | None:
+        """Group `group` of an adapter as this model has it (None: it has no such projections):
+        an alias by the module names the library finds, a mapping by the names it gives, each a
+        projection of the same shape in every layer."""
+        if not isinstance(config.targets, dict):
+            return self.aliases.get(group)
+        members = tuple(config.targets[group])
+        if any(m not in layer for layer in self.projections for m in members):
+            return None
+        sizes = [[in_out(layer[m]) for m in members] for layer in self.projections]
+        shapes = {(s[0][0], tuple(d_out for _, d_out in s)) for s in sizes}
+        if len(shapes) != 1 or len({d_in for d_in, _ in sizes[0]}) != 1:
+            return None  # members of other sizes: no group of this model
+        d_in, d_outs = shapes.pop()
+        found = Group(group, members, d_in, d_outs)
+        found.owner  # noqa: B018 - members under one parent module, or the error that says they must be
+        return found
+
+    def group_banks(self, group: Group) -> GroupBanks:
+        """The banks of `group`'s projections, made (and its projections wrapped) on first use."""
+        key = self.keys.get(group.members)
+        if key is not None:
+            return cast(GroupBanks, self.groups[key])
+        key = self.keys[group.members] = f"g{len(self.keys)}"
+        self.groups[key] = banks = GroupBanks(group, len(self.layers), self.device, self.dtype)
+        for i, layer in enumerate(self.layers):
+            down = LayerDown(banks, i)
+            down.shared.attach(layer.get_submodule(group.owner))
+            for name, rows in zip(group.members, group.rows()):
+                wrapped = layer.get_submodule(name)
+                if not isinstance(wrapped, BankedLinear):
+                    wrapped = BankedLinear(self.projections[i][name])
+                    replace_submodule(layer, name, wrapped)
+                wrapped._parts.append((down, rows))
+        return banks
+
+    def bank(self, group: str, rank: int = SMALLEST_BUCKET) -> Bank:
+        """The bank of adapters of `rank` in the group named `group` (made by the first adapter that adapts it)."""
+        for key in self.keys.values():
+            banks = cast(GroupBanks, self.groups[key])
+            if banks.group.name == group:
+                return banks.bank(rank)
+        raise TiedLoraError(f"No adapter that adapts the group {group!r} has been loaded.")
 
     def remove(self, name: str) -> None:
         adapter_id = self.id_of(name)
         self.names[adapter_id - 1] = None
-        for g in self.groups:
-            self.bank(g).clear(adapter_id)
+        for bank in self.held.pop(adapter_id, []):
+            bank.clear(adapter_id)
 
-    def _entry(self, group: str, adapter: AdapterFile) -> Entry:
+    def _entry(self, g: Group, name: str, adapter: AdapterFile) -> Entry:
         """One adapter's share of a group's bank: its parts as `AdapterFile.value` gives them, each
         tied matrix once, unadapted layers pointing at the bank's zero row."""
         config: TiedLoraConfig = adapter.config
-        g = self.groups[group]
         d_out, r, L = sum(g.d_outs), config.rank, len(self.layers)
         sizes = config.part_shapes(g.d_in, d_out)
         adapted = config.layer_indices(L)
 
         def value(part: str, layer: int) -> torch.Tensor:
-            return adapter.value(group, part, layer, sizes[part])
+            return adapter.value(name, part, layer, sizes[part])
 
         mats, index = {}, {}
         for part in ("A", "B"):
@@ -281,21 +385,27 @@ class MultiAdapterModel(nn.Module):
     def _rows(self, adapter_ids, args, kwargs):
         """Every BankedLinear reads its rows' matrices, gathered for the call in progress; ids checked first."""
         batch = (args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))).shape[0]
-        device = next(self.model.parameters()).device
-        ids = None if adapter_ids is None else torch.as_tensor(adapter_ids, dtype=torch.long, device=device)
-        if ids is not None and (
-            ids.shape != (batch,)
-            or ids.min() < 0
-            or ids.max() > len(self.names)
-            or any(self.names[i - 1] is None for i in ids.tolist() if i)
+        given = None if adapter_ids is None else torch.as_tensor(adapter_ids, dtype=torch.long)
+        ids: list[int] | None = None if given is None else given.tolist()
+        if (
+            given is not None
+            and ids is not None
+            and (
+                given.dim() != 1
+                or len(ids) != batch
+                or min(ids) < 0
+                or max(ids) > len(self.names)
+                or any(self.names[i - 1] is None for i in ids if i)
+            )
         ):
             raise TiedLoraError(
                 f"adapter_ids {adapter_ids!r}: need one id per row ({batch}), each 0 (none) or a loaded adapter's id."
             )
-        for group in self.groups:
-            self.bank(group).select(ids)
+        banks = [cast(GroupBanks, b) for b in self.groups.values()]
+        for group in banks:
+            group.select(ids)
         try:
             yield
         finally:
-            for group in self.groups:
-                self.bank(group).select(None)
+            for group in banks:
+                group.select(None)

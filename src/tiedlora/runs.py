@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,10 @@ CHECKPOINTS = "checkpoint"
 LOG = "log.csv"
 PREDICTIONS = "predictions.jsonl"
 SAMPLES = "samples.jsonl"  # own data: a few generations beside the prompts and references
+# A folder name a client may give: a tenant's name, a job's name (one folder of `tiedlora train --jobs`'s --out).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A job's name: NAME, or <tenant>/<name>, whose run folder is <out>/<tenant>/<name>, served to that tenant alone.
+JOB_NAME = re.compile(rf"{NAME.pattern}(/{NAME.pattern})?")
 
 
 def is_run(folder: Path) -> bool:

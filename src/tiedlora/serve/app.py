@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
-from ..adapter_file import check_base, read_adapter
+from ..adapter_file import read_adapter
 from ..config import TiedLoraError
 from ..runs import adapter_folder
 from ..tokens import chat_ids
@@ -65,6 +65,20 @@ class Served:
     tokenizing: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tiedlora-tokenize")
     )
+
+    def public(self, text: str) -> str:
+        """`text` as a client may read it: the server's own folders (the base model's, the adapters root, the
+        state) named by what they are, never by their path."""
+        places = {self.config.model: self.model_name, str(self.root): "<adapters>"}
+        if self.config.state is not None:
+            places[self.config.state] = "<state>"
+        paths: dict[str, str] = {}
+        for where, label in places.items():
+            if where and Path(where).exists():
+                paths |= {str(Path(where).resolve()): label, where: label}
+        for path in sorted(paths, key=len, reverse=True):
+            text = text.replace(path, paths[path])
+        return text
 
     async def off_loop(self, work, *args):
         """Run `work` on the tokenizing thread: long prompts never hold up the event loop."""
@@ -224,7 +238,7 @@ async def respond(s: Served, request: Request, job: Job, body: Options, reply: R
                     break
                 event = await job.events.get()
             if isinstance(event, Failed):
-                yield sse(error_body(event.status, event.message))
+                yield sse(error_body(event.status, s.public(event.message)))
             elif body.stream_options is not None and body.stream_options.include_usage:
                 yield reply.chunk([], answer.tokens)
             yield "data: [DONE]\n\n"
@@ -362,7 +376,7 @@ async def register(s: Served, name: str, path: str, pin: bool) -> None:
     def read():
         folder = adapter_folder(s.root, path)
         adapter = read_adapter(folder)
-        check_base(adapter, s.engine.multi.identity)
+        s.engine.multi.check(adapter)
         return folder, adapter
 
     try:
@@ -488,7 +502,8 @@ class BodyLimit:
 
 async def api_error(request: Request, e: Exception):
     assert isinstance(e, ApiError)
-    return JSONResponse(error_body(e.status, e.message, e.param), status_code=e.status)
+    message = served(request).public(e.message)
+    return JSONResponse(error_body(e.status, message, e.param), status_code=e.status)
 
 
 async def invalid_request(request: Request, e: Exception):

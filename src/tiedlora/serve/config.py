@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,7 +21,13 @@ class ServeConfig:
     """The options of `tiedlora serve`."""
 
     model: str = SMOLLM2
-    """The base model; requests name it to use no adapter."""
+    """The base model: smollm2-135m (bundled), a local model folder, or a Hub id."""
+    served_model_name: str | None = None
+    """The base model's id in requests, /v1/models and fine-tuned models' names (default: --model, or a folder's
+    own name: no server path is shown to clients)."""
+    quantize: str | None = None
+    """Hold the base's decoder layers in 8bit or 4bit (NF4) with bitsandbytes, on a GPU or the CPU; adapters stay in
+    --dtype on top of them."""
     adapters: str = "runs"
     """Register every run folder (its best/) and adapter folder under it, named by relative path; each is
     read on its first request. Without this folder the base model is served alone."""
@@ -41,7 +48,8 @@ class ServeConfig:
     max_request_bytes: int = 1 << 20
     """Larger request bodies are refused (413)."""
     max_rank: int = MAX_RANK
-    """Adapters of a larger rank are refused (every row computes at the largest rank loaded)."""
+    """Adapters of a larger rank are refused (each row computes at its own adapter's rank, rounded up to a power of
+    two)."""
     device: str = "auto"
     """Where the base model and the adapter banks live: auto (the GPU when there is one), cpu, cuda or cuda:N."""
     dtype: str = "auto"
@@ -87,6 +95,13 @@ class ServeConfig:
             raise TiedLoraError("--training_processes must be 0 or more and --job_lease_s above 0.")
         if self.dtype not in DTYPES:
             raise TiedLoraError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
+        if self.quantize not in (None, "8bit", "4bit"):
+            raise TiedLoraError(f"--quantize {self.quantize!r}: choose 8bit or 4bit, or leave it unset.")
+        if self.served_model_name is not None and not check_model_id(self.served_model_name):
+            raise TiedLoraError(
+                f"--served_model_name {self.served_model_name[:80]!r}: use 1 to 256 printable characters without "
+                "':' (a fine-tuned model's name is ft:<base>:<tenant>:...)."
+            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise TiedLoraError(f"--device {self.device!r}: choose auto, cpu, cuda or cuda:N (N a GPU's index).")
         if len(self.pin or []) >= self.max_resident:
@@ -94,6 +109,15 @@ class ServeConfig:
                 f"--pin names {len(self.pin or [])} adapters, --max_resident is {self.max_resident}: pin at most "
                 f"{self.max_resident - 1}, so that every other adapter has a place to load into."
             )
+
+    @property
+    def model_id(self) -> str:
+        """The base model's public id: --served_model_name, else --model as given, but a local folder by its own
+        name, so that no server path reaches a client."""
+        if self.served_model_name is not None:
+            return self.served_model_name
+        path = Path(self.model)
+        return path.resolve().name if self.model != SMOLLM2 and path.exists() else self.model
 
     def placement(self) -> tuple[torch.device, torch.dtype]:
         """(device, dtype) with "auto" resolved on this machine; a GPU asked for but absent is an error."""
@@ -110,3 +134,8 @@ class ServeConfig:
             )
         dtype = DTYPES[self.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         return device, dtype
+
+
+def check_model_id(name: str) -> bool:
+    """A base model id clients can send and read back, and that splits out of `ft:` names."""
+    return 0 < len(name) <= 256 and name.strip() == name and name.isprintable() and ":" not in name

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TiedLoraError
+from ..runs import NAME
 
-TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a folder name under --adapters
 DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 
 
@@ -96,7 +96,7 @@ def read_tenants(path: Path) -> dict[str, list[str]]:
         raise TiedLoraError(f"--tenants {path} must hold a JSON object of tenant names to key lists, e.g. {example}.")
     seen: dict[str, str] = {}
     for tenant, keys in tenants.items():
-        if not TENANT.fullmatch(tenant):
+        if not NAME.fullmatch(tenant):
             raise TiedLoraError(
                 f"--tenants {path}: tenant {tenant[:64]!r} must be a folder name (letters, digits, '.', '_', '-')."
             )

@@ -82,7 +82,7 @@ class Registry:
                 try:
                     self._add(name, folder, pin=name in pin)
                 except TiedLoraError as e:
-                    refused[name] = str(e)
+                    refused[name] = named(e, name, folder)
         finally:
             self.publish()
         return refused
@@ -133,11 +133,11 @@ class Registry:
             try:
                 self.load(name)
             except TiedLoraError as e:
-                self.refused[name] = str(e)
+                self.refused[name] = why = named(e, name, self.folders[name])
                 del self.folders[name]
                 self.pinned.discard(name)
                 self.publish()
-                raise
+                raise TiedLoraError(why) from None
         self.recent.move_to_end(name)
         self.users[name] += 1
         return self.multi.id_of(name)
@@ -166,6 +166,15 @@ class Registry:
             del self.recent[name]
             self.multi.remove(name)
             self.metrics.resident.set(len(self.recent))
+
+
+def named(error: Exception, name: str, folder: Path) -> str:
+    """Why adapter `name` cannot be served, as a client may read it: its folder (a path on the
+    server) named by the adapter's name instead."""
+    text = str(error)
+    for path in sorted({str(folder), str(Path(folder).resolve())}, key=len, reverse=True):
+        text = text.replace(path, name)
+    return text
 
 
 def check_name(name: str) -> None:

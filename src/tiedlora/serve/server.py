@@ -13,6 +13,7 @@ from typing import Any
 from ..config import TiedLoraError
 from ..models import load_model
 from ..multi import MultiAdapterModel
+from ..quantize import quantize
 from ..runs import discover
 from .config import ServeConfig
 from .engine import Engine
@@ -35,12 +36,15 @@ def build_from(config: ServeConfig) -> tuple[Engine, Any]:
     keys = Keys.from_options(config.api_key or os.environ.get("TIEDLORA_API_KEY"), config.tenants)
     device, dtype = config.placement()
     lm, tokenizer = load_model(config.model, dtype=dtype)
-    multi = MultiAdapterModel(lm.to(device), dtype=dtype, max_rank=config.max_rank)
+    lm = lm.to(device)
+    if config.quantize is not None:  # on the device: bitsandbytes quantizes where the weights are
+        quantize(lm, config.quantize)
+    multi = MultiAdapterModel(lm, dtype=dtype, max_rank=config.max_rank)
     engine = Engine(multi, tokenizer, config)
     found, refused = discover(root)
     if not root.is_dir():
         print(
-            f"tiedlora serve: no folder {root}: serving {config.model} alone; adapters put there can be loaded at "
+            f"tiedlora serve: no folder {root}: serving {config.model_id} alone; adapters put there can be loaded at "
             "run time.",
             file=sys.stderr,
         )
@@ -51,7 +55,7 @@ def build_from(config: ServeConfig) -> tuple[Engine, Any]:
         line = f"tiedlora serve: skipped {name}: {why}"
         print(line.encode("utf-8", "backslashreplace").decode(), file=sys.stderr)
     context = getattr(lm.config, "max_position_embeddings", None)
-    return engine, create_app(Served(engine, tokenizer, config.model, root, context, config, keys))
+    return engine, create_app(Served(engine, tokenizer, config.model_id, root, context, config, keys))
 
 
 def serve(config: ServeConfig, builder=build_from) -> None:
@@ -73,7 +77,7 @@ def serve(config: ServeConfig, builder=build_from) -> None:
     if warning is not None:
         print(warning, file=sys.stderr)
     print(
-        f"tiedlora serve: {config.model} with {len(engine.adapters)} adapters on http://{host}:{bound}/v1",
+        f"tiedlora serve: {config.model_id} with {len(engine.adapters)} adapters on http://{host}:{bound}/v1",
         file=sys.stderr,
         flush=True,
     )

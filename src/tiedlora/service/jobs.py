@@ -16,21 +16,20 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import TiedLoraError
 from ..serve.app import CallerBy, ServedBy
 from ..serve.schemas import ApiError
 from ..tasks.own import held_out
 from ..train import TrainConfig
+from ..train.auto import job_options
+from ..train.config import DEFAULT_TARGETS
 from .files import StoreBy, checked_rows, owner
 from .store import ENDED, Store, new_id
 
 router = APIRouter()
 
-LR = 1e-3  # the learning rate a multiplier of 1 means: tied adapters train well there in few steps
-AUTO = {"n_epochs": 3, "learning_rate_multiplier": 1.0}
-MAX_BATCH = 8  # "auto" batch size: at most this many rows a step, and fewer for a small file
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -55,6 +54,7 @@ class Adapter(BaseModel):
     model_config = ConfigDict(extra="forbid")
     config: str = "tl6"
     rank: int = 8
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
 
 
 class JobBody(BaseModel):
@@ -99,37 +99,37 @@ def hyperparameters_of(body: JobBody) -> Hyperparameters:
 
 def train_options(body: JobBody, train_rows: int, max_rank: int) -> tuple[dict, dict]:
     """(the hyperparameters as the job reports them, the job's `tiedlora train` options), each
-    checked; `train_rows`: the rows it trains on (its validation's held out)."""
+    checked; `train_rows`: the rows it trains on (its validation's held out). `auto` takes the
+    trainer's (`train.auto`): epochs and batch size by the rows, the learning rate tuned for the
+    configuration and rank, which a multiplier scales."""
     given = hyperparameters_of(body)
-    epochs = AUTO["n_epochs"] if given.n_epochs == "auto" else given.n_epochs
-    if not 1 <= epochs <= 50:
-        raise ApiError(400, f"n_epochs is {epochs}; it must be 1 to 50 (or auto).", "hyperparameters.n_epochs")
-    batch = min(MAX_BATCH, train_rows) if given.batch_size == "auto" else given.batch_size
-    if not 1 <= batch <= 256:
+    adapter = body.adapter or Adapter()
+    if not 1 <= adapter.rank <= max_rank:
+        raise ApiError(
+            400, f"adapter.rank is {adapter.rank}; this server serves ranks 1 to {max_rank}.", "adapter.rank"
+        )
+    n_epochs = None if given.n_epochs == "auto" else given.n_epochs
+    if n_epochs is not None and not 1 <= n_epochs <= 50:
+        raise ApiError(400, f"n_epochs is {n_epochs}; it must be 1 to 50 (or auto).", "hyperparameters.n_epochs")
+    batch = None if given.batch_size == "auto" else given.batch_size
+    if batch is not None and not 1 <= batch <= 256:
         raise ApiError(400, f"batch_size is {batch}; it must be 1 to 256 (or auto).", "hyperparameters.batch_size")
+    options: dict[str, Any] = job_options(train_rows, adapter.config, adapter.rank, n_epochs, batch)
     multiplier = given.learning_rate_multiplier
-    multiplier = AUTO["learning_rate_multiplier"] if multiplier == "auto" else multiplier
+    multiplier = 1.0 if multiplier == "auto" else multiplier
     if not 0 < multiplier <= 10 or not math.isfinite(multiplier):
         raise ApiError(
             400,
             f"learning_rate_multiplier is {multiplier}; it must be above 0 and at most 10 (or auto).",
             "hyperparameters.learning_rate_multiplier",
         )
-    adapter = body.adapter or Adapter()
-    if not 1 <= adapter.rank <= max_rank:
-        raise ApiError(
-            400, f"adapter.rank is {adapter.rank}; this server serves ranks 1 to {max_rank}.", "adapter.rank"
-        )
-    per_epoch = max(1, train_rows // min(batch, train_rows))
-    options: dict[str, Any] = dict(config=adapter.config, rank=adapter.rank, epochs=epochs, batch_size=batch)
-    options.update(lr=LR * multiplier)
-    options.update(warmup_steps=math.ceil(0.1 * per_epoch * epochs), val_every=per_epoch, checkpoint_every=per_epoch)
-    options.update(patience=epochs + 1, samples=0, seed=body.seed)  # no early stop before the epochs asked for
+    options.update(lr=options["lr"] * multiplier, targets=adapter.targets, samples=0, seed=body.seed)
     try:
         TrainConfig(**options, data="unchecked.jsonl")  # every option checked now, not in the worker
     except TiedLoraError as e:
-        raise ApiError(400, str(e).replace("--config", "adapter.config").replace("--", ""), "adapter") from None
-    shown = dict(n_epochs=epochs, batch_size=batch, learning_rate_multiplier=multiplier)
+        message = str(e).replace("--config", "adapter.config").replace("--", "")
+        raise ApiError(400, message, "adapter.targets" if "targets" in message else "adapter") from None
+    shown = dict(n_epochs=options["epochs"], batch_size=options["batch_size"], learning_rate_multiplier=multiplier)
     return shown, options
 
 
@@ -156,7 +156,7 @@ def job_object(row: dict) -> dict:
         "integrations": [],
         "metadata": None,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
-        "adapter": {k: v for k, v in json.loads(row["options"]).items() if k in ("config", "rank")},
+        "adapter": {k: v for k, v in json.loads(row["options"]).items() if k in ("config", "rank", "targets")},
     }
 
 

@@ -44,6 +44,7 @@ class TrainingProcesses:
             *("--state", str(self.state), "--model", c.model, "--name", self.model_name, "--worker", worker),
             *("--parent", str(os.getpid()), "--max_running", str(c.max_running_jobs)),
             *("--lease", str(c.job_lease_s), "--precision", c.train_precision),
+            *(("--quantize", c.quantize) if c.quantize else ()),  # jobs train on the base as it is served
         ]
 
     def keep(self, i: int) -> None:

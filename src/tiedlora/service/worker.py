@@ -45,6 +45,7 @@ class Worker:
         lease: float = 30.0,
         poll: float = 0.5,
         precision: str = "auto",
+        quantize: str | None = None,
         event_every: float = 1.0,
     ):
         self.store, self.state, self.model, self.id = store, Path(state), model, worker
@@ -52,7 +53,8 @@ class Worker:
         self.joint = JointTraining(
             base,
             self.state / "runs",
-            shared={"precision": precision, "model": model_path or model},  # run.json names the base trained on
+            # run.json names the base trained on
+            shared={"precision": precision, "model": model_path or model, "quantize": quantize},
             max_active=max_running,
             resume=True,  # a job's folder is its own: empty for a new job, its checkpoints for one taken up again
             quiet=True,
@@ -191,22 +193,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max_running", type=int, default=8)
     p.add_argument("--lease", type=float, default=30.0)
     p.add_argument("--precision", default="auto")
+    p.add_argument("--quantize", choices=("8bit", "4bit"), help="the base's layers in 8 or 4 bits, as it is served")
     args = p.parse_args(argv)
     if args.parent is not None:
         exit_with(args.parent)
     from ..models import load_model
+    from ..quantize import quantize
 
     store = Store(os.environ[STORE_ENV])
+    model, tokenizer = load_model(args.model)
+    if args.quantize:
+        quantize(model, args.quantize)
     worker = Worker(
         store,
         Path(args.state),
-        load_model(args.model),
+        (model, tokenizer),
         args.name,
         args.worker,
         model_path=args.model,
         max_running=args.max_running,
         lease=args.lease,
         precision=args.precision,
+        quantize=args.quantize,
     )
     print(f"tiedlora worker {args.worker}: training jobs of {args.name}", file=sys.stderr, flush=True)
     worker.serve(threading.Event())

@@ -11,6 +11,7 @@ import torch
 from ..config import TiedLoraError
 from ..loss import encode_rows
 from ..tokens import pad_id
+from .auto import steps_per_epoch
 from .config import TrainConfig
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def load_data(task: TaskLike, tokenizer, cfg: TrainConfig) -> Data:
             "left none; raise --max_length or use --too_long cut."
         )
     if cfg.epochs is not None:
-        cfg.max_steps = cfg.epochs * (len(train_examples) // min(cfg.batch_size, len(train_examples)))
+        cfg.max_steps = cfg.epochs * steps_per_epoch(len(train_examples), cfg.batch_size)
     return Data(train_rows, val_rows, train_examples, val_examples, long, pad_id(tokenizer))
 
 

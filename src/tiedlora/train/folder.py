@@ -14,7 +14,7 @@ from ..atomic import write_atomic
 from ..config import TiedLoraError
 from ..runs import LOG, RUN, clean_stale, run_options, write_json
 from ..version import __version__
-from .config import RESUMABLE, TrainConfig
+from .config import RESUMABLE, UNRECORDED, TrainConfig
 
 
 def versions() -> dict:
@@ -35,7 +35,8 @@ def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
     mine = dataclasses.asdict(cfg)
     if run_file.is_file():
         # An option added after that run was written ran at its default, which keeps the old behaviour.
-        theirs = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | (run_options(folder) or {})
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | UNRECORDED
+        theirs = defaults | (run_options(folder) or {})
         if not resume:
             raise TiedLoraError(f"{folder} already holds a run: pass --resume to continue it, or choose another --out.")
         changed = sorted(k for k in set(mine) | set(theirs) if k not in RESUMABLE and mine.get(k) != theirs.get(k))

@@ -38,9 +38,9 @@ class Diverged(TiedLoraError):
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over `warmup_steps`, then cosine decay to 0 at `max_steps` (step counts from 0)."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return cfg.peak_lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.peak_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclass
@@ -268,7 +268,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
         print(long_examples(data, cfg))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
     checkpoints = Checkpoints(folder)
     state = resume_state(checkpoints, resume, model, optimizer, cfg, procs.main)
     loss_fn, optimizer = procs.wrap(model, optimizer)

@@ -20,7 +20,6 @@ import copy
 import itertools
 import json
 import os
-import re
 import threading
 import time
 import zlib
@@ -39,7 +38,7 @@ from ..layer import AdaptedLinear
 from ..layout import replace_submodule
 from ..loss import TokenLoss, answer_tokens, collate, pack_rows, packed_batch
 from ..model import apply, has_adapter, root
-from ..runs import RESULTS, read_json
+from ..runs import JOB_NAME, RESULTS, is_run, read_json
 from .checkpoints import Checkpoints, resume_state
 from .config import TrainConfig
 from .data import load_data, micro_batches, step_batches
@@ -47,7 +46,6 @@ from .folder import Log, prepare_folder
 from .loop import Diverged, Run, diverged, long_examples, lr_at, record_step, test_and_record
 from .processes import Processes
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Options of the base model and of the processes, the same for every tenant: given once, on the
 # command line (or to JointTraining), never per job.
 SHARED = ("model", "quantize", "precision", "fsdp", "out")
@@ -84,15 +82,23 @@ def read_jobs(path: str | Path) -> tuple[list[Job], dict[str, str]]:
         except json.JSONDecodeError as e:
             refused[f"line {n}"] = f"{path} line {n} is not JSON ({e.msg})."
             continue
-        if not isinstance(job, dict) or not isinstance(job.get("name"), str) or not NAME.fullmatch(job["name"]):
+        if not isinstance(job, dict) or not isinstance(job.get("name"), str) or not JOB_NAME.fullmatch(job["name"]):
             refused[f"line {n}"] = (
-                f"{path} line {n}: each job needs a \"name\" of letters, digits, '.', '_' or '-' "
-                "(at most 64, not starting with '.', '_' or '-'), the folder its run is written to."
+                f"{path} line {n}: each job needs a \"name\", the folder its run is written to: letters, digits, '.', "
+                "'_' or '-' (at most 64, not starting with '.', '_' or '-'), or <tenant>/<name> of two such (its "
+                "folder <out>/<tenant>/<name>, served to that tenant's keys alone)."
             )
             continue
         name, options = job.pop("name"), job
         if name in refused or any(j.name == name for j in jobs):
             refused[f"line {n}"] = f"{path} line {n}: the name {name!r} is taken by an earlier line; names are unique."
+            continue
+        nested = next((j.name for j in jobs if name.startswith(f"{j.name}/") or j.name.startswith(f"{name}/")), None)
+        if nested is not None:
+            refused[f"line {n}"] = (
+                f"{path} line {n}: the name {name!r} and {nested!r} (an earlier line) would put one run folder inside "
+                "the other; name a tenant's jobs <tenant>/<name> only."
+            )
             continue
         for key in ("data", "validation"):
             if isinstance(options.get(key), str) and not Path(options[key]).is_absolute():
@@ -118,8 +124,14 @@ def check_options(job: Job) -> None:
 
 
 def fresh_folder(cfg: TrainConfig, resume: bool) -> Path:
-    """The tenant's run folder, as a solo run prepares its own; an earlier refusal's error.json goes."""
+    """The tenant's run folder, as a solo run prepares its own; an earlier refusal's error.json goes.
+    A `<tenant>/<name>` job's tenant folder must not be a run itself (nothing would find the runs in it)."""
     folder = Path(cfg.out)
+    if is_run(folder.parent):
+        raise TiedLoraError(
+            f"{folder.parent} holds a run of its own: a job named {folder.parent.name}/{folder.name} cannot put its "
+            "run folder inside it; name it otherwise."
+        )
     if folder.is_dir() and [p.name for p in folder.iterdir()] == [ERROR]:
         discard(folder / ERROR)  # an earlier attempt refused before its run began
     folder = prepare_folder(cfg, resume)
@@ -201,7 +213,7 @@ class Tenant:
         folder = procs.on_main(lambda: fresh_folder(cfg, resume))
         self.finished = read_json(folder / RESULTS) if resume and (folder / RESULTS).is_file() else None
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
         self.checkpoints = Checkpoints(folder)
         self.state = resume_state(self.checkpoints, resume, model, self.optimizer, cfg, main=False)
         self.run = Run(cfg, model, tokenizer, task, data, procs, folder, quiet=True, scored_on=base.model)
