@@ -493,7 +493,10 @@ def test_jobs_named_tenant_slash_name_are_served_to_that_tenant_alone(tiny_folde
     engine, app = build(str(tiny_folder), out, tenants=str(keys), max_tokens_limit=4)
     try:
         with TestClient(app) as client:
-            for tenant, mine, theirs in (("acme", "acme/support", "globex/faq"), ("globex", "globex/faq", "acme/support")):
+            for tenant, mine, theirs in (
+                ("acme", "acme/support", "globex/faq"),
+                ("globex", "globex/faq", "acme/support"),
+            ):
                 auth = {"Authorization": f"Bearer {tenant}-key-0123456789"}
                 listed = [m["id"] for m in client.get("/v1/models", headers=auth).json()["data"]]
                 assert listed == [tiny_folder.name, mine]
