@@ -6,7 +6,8 @@ A page runs in a folder of its own that holds the data files its blocks name (`a
 `globex.jsonl`, ...: rows of a made-up task). Before a block runs, these substitutions make it
 fit the test machine (and nothing else changes): a command's `smollm2-135m` (a server's
 `--model` with `--served_model_name smollm2-135m`, so its clients' requests stay as written), a
-`load_model("smollm2-135m")` and `meta-llama/Llama-2-7b-hf` become the tiny model's folder; port 8000 a free port; `curl` fails on an HTTP error
+`load_model("smollm2-135m")` and `meta-llama/Llama-2-7b-hf` become the tiny model's folder; port
+8000 a free port; `curl` fails on an HTTP error
 (`--fail-with-body -sS`); every `tiedlora train` gets a budget of a few steps appended (flags given
 later win). A `tiedlora serve` line starts the server in the background, as a user would in a
 second terminal: the next lines run once it listens, and it is stopped (its process group, by
