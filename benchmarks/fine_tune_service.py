@@ -1,14 +1,19 @@
 """One fine-tune through `tiedlora serve --state`, end to end with the official `openai` client, on
-the real SmolLM2-135M: upload, create, poll, events, the first completion on the new model.
+the real SmolLM2-135M: upload, create, poll, events, then the base model and the fine-tuned one
+scored on held-out questions through the same client.
 
     python benchmarks/fine_tune_service.py --out /tmp/ft --json benchmarks/fine_tune_service_cpu.json
 
 Starts the server as a user would (`python -m tiedlora serve --model smollm2-135m --state ...`
 with a tenants file, `--port 0`), uploads --rows SQuAD validation rows from ../shared/data as
 prompt/completion lines ("Context: ... Question: ... Answer:" and the first answer), creates a
-job, polls it every second, and prints the transcript: each call with the seconds since the
-upload began, every event (the loss curve among them), and the base model's and the fine-tuned
-model's answer to a question the job did not train on.
+job with every hyperparameter and the adapter left at their defaults (`auto`; --epochs,
+--batch_size, --multiplier and --config set them), polls it every second, and prints the
+transcript: each call with the seconds since the upload began, and every event (the loss curve
+among them). Then 50 questions whose context paragraphs no training row shares (from the end of
+the file; `--held_out FILE` of SQuAD rows instead) go to the base model and to the fine-tuned one,
+greedy, 16 tokens, the answer's first line scored by SQuAD's exact match and F1 against every
+reference answer.
 """
 
 from __future__ import annotations
@@ -22,20 +27,23 @@ import threading
 import time
 from pathlib import Path
 
+from hyperparameters import DATA, split, squad_line  # benchmarks/hyperparameters.py: the same rows and split
 from timing import cpu_name  # benchmarks/timing.py, beside this script
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "validation.jsonl"
 KEY = "acme-key-benchmark-0123456789"
 
 
-def squad_lines(rows: list[dict]) -> list[dict]:
-    return [
-        {
-            "prompt": f"Context: {r['context'][:600]}\nQuestion: {r['question']}\nAnswer:",
-            "completion": " " + r["answers"]["text"][0],
-        }
-        for r in rows
-    ]
+def scores(client, model: str, held: list[dict]) -> dict:
+    """Exact match and F1 of `model`'s greedy answers to the held-out questions (the first line of each)."""
+    from tiedlora.tasks import metrics
+
+    answers = []
+    for start in range(0, len(held), 16):
+        prompts = [squad_line(r)["prompt"] for r in held[start : start + 16]]
+        reply = client.completions.create(model=model, prompt=prompts, max_tokens=16, temperature=0)
+        answers += [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+    found = metrics.squad([a.strip().split("\n")[0] for a in answers], [r["answers"]["text"] for r in held])
+    return {"exact_match": round(found["exact_match"], 2), "f1": round(found["f1"], 2), "first": answers[0]}
 
 
 def start_server(out: Path, model: str, precision: str) -> tuple[subprocess.Popen, int]:
@@ -79,9 +87,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--config", default="tl6")
+    p.add_argument("--epochs", type=int, help="n_epochs (default: auto)")
+    p.add_argument("--batch_size", type=int, help="batch_size (default: auto)")
+    p.add_argument("--multiplier", type=float, help="learning_rate_multiplier (default: auto)")
+    p.add_argument("--config", help="the adapter's configuration (default: the API's, tl6)")
+    p.add_argument("--held_out", help="a JSON-lines file of SQuAD rows to score on instead")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--json")
     args = p.parse_args()
@@ -90,8 +100,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
-    train, held_out = squad_lines(rows[: args.rows]), squad_lines(rows[args.rows : args.rows + 1])[0]
-    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    train, held = split(rows, args.rows)
+    if args.held_out:
+        held = [json.loads(line) for line in Path(args.held_out).read_text().splitlines() if line.strip()]
+    (out / "train.jsonl").write_text("".join(json.dumps(squad_line(r)) + "\n" for r in train))
 
     booted = time.perf_counter()
     process, port = start_server(out, args.model, args.precision)
@@ -108,13 +120,16 @@ def main() -> None:
 
         upload = client.files.create(file=open(out / "train.jsonl", "rb"), purpose="fine-tune")
         say("files.create", {"id": upload.id, "bytes": upload.bytes})
+        given = {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate_multiplier": args.multiplier}
+        hyperparameters = {k: v for k, v in given.items() if v is not None}
+        extra = {"extra_body": {"adapter": {"config": args.config}}} if args.config else {}
         job = client.fine_tuning.jobs.create(
             model=args.model,
             training_file=upload.id,
             suffix="squad",
             seed=0,
-            hyperparameters={"n_epochs": args.epochs, "batch_size": args.batch_size},
-            extra_body={"adapter": {"config": args.config, "rank": 8}},
+            **({"hyperparameters": hyperparameters} if hyperparameters else {}),
+            **extra,
         )
         say("fine_tuning.jobs.create", {"id": job.id, "status": job.status})
         status = job.status
@@ -127,13 +142,13 @@ def main() -> None:
         if status != "succeeded":
             raise SystemExit(f"the job {status}: {job.error}")
         say("fine_tuning.jobs.retrieve", {"fine_tuned_model": job.fine_tuned_model})
-        answers = {}
-        for name in (args.model, job.fine_tuned_model):
-            reply = client.completions.create(model=name, prompt=held_out["prompt"], max_tokens=16, temperature=0)
-            answers[name] = reply.choices[0].text
-            say("completions.create", {"model": name, "text": reply.choices[0].text})
-            if name == job.fine_tuned_model:
-                figures["upload_to_first_completion_s"] = round(time.perf_counter() - t0, 1)
+        reply = client.completions.create(
+            model=job.fine_tuned_model, prompt=squad_line(held[0])["prompt"], max_tokens=16
+        )
+        say("completions.create", {"model": job.fine_tuned_model, "text": reply.choices[0].text})
+        figures["upload_to_first_completion_s"] = round(time.perf_counter() - t0, 1)
+        held_out = {name: scores(client, name, held) for name in (args.model, job.fine_tuned_model)}
+        say("held-out scores", held_out)
         events = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data][::-1]
         checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     finally:
@@ -144,13 +159,14 @@ def main() -> None:
         model=args.model,
         rows=args.rows,
         hyperparameters=job.hyperparameters.model_dump(),
-        adapter={"config": args.config, "rank": 8},
+        adapter=job.model_extra.get("adapter") if job.model_extra else None,
         trained_tokens=job.trained_tokens,
         events=[{"t": e.created_at - job.created_at, "message": e.message} for e in events],
         loss_curve=[e.data for e in events if e.type == "metrics"],
         checkpoints=[{"step": c.step_number, "metrics": c.metrics.model_dump()} for c in checkpoints],
-        reference=held_out["completion"],
-        answers=answers,
+        held_out_rows=len(held),
+        before=held_out[args.model],
+        after=held_out[job.fine_tuned_model],
         transcript=transcript,
         precision=args.precision,
         cpu=cpu_name(),

@@ -287,6 +287,8 @@ def test_a_training_process_that_dies_fails_its_jobs_and_serving_goes_on(served,
         done = wait_for(lambda: ended(acme, job.id))
         assert done.status == "failed" and done.error.code == "training_process_died"
         assert "killed: out of memory?" in done.error.message
+        events = acme.fine_tuning.jobs.list_events(job.id, limit=100).data
+        assert not [m for m in [done.error.message, *(e.message for e in events)] if str(tmp_path) in m]  # no path
         assert http.get("/health").status_code == 200
         base = acme.models.list().data[0].id
         assert acme.completions.create(model=base, prompt="1+1=", max_tokens=2).choices
@@ -469,3 +471,23 @@ def test_two_servers_share_one_postgresql(served, postgres):
     engine_a.close()
     engine_b.close()
     assert len(trainers) >= 1
+
+
+def test_a_jobs_errors_name_its_files_by_id_never_a_server_path(tmp_path):
+    """What the trainer says of a job's data copy or run folder reaches its tenant with the file's id
+    and the words for the folder, not where they lie on the server."""
+    from tiedlora.service.worker import Worker
+
+    worker = Worker.__new__(Worker)
+    worker.state = tmp_path / "state"
+    job = {"id": "ftjob-1", "training_file": "file-a", "validation_file": "file-b"}
+    data = tmp_path / "state" / "data" / "ftjob-1"
+    said = worker.told(
+        job,
+        f"{data / 'data.jsonl'} line 3: bad; {data / 'validation.jsonl'} is empty; see "
+        f"{tmp_path / 'state' / 'runs' / 'ftjob-1' / 'checkpoint'} and {tmp_path / 'state' / 'x'}",
+    )
+    assert said == (
+        "training_file file-a line 3: bad; validation_file file-b is empty; see the job's run folder/checkpoint "
+        "and <state>/x"
+    )

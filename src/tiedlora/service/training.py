@@ -61,9 +61,9 @@ class TrainingProcesses:
             if self.closing.is_set():
                 return
             why = "killed: out of memory?" if code == -signal.SIGKILL else f"exit code {code}"
-            message = f"The training process stopped ({why}); the server goes on. Its log: {log_path}."
-            print(f"tiedlora serve: {message}", file=sys.stderr, flush=True)
-            for job_id in self.store.held_by(worker):
+            message = f"The training process stopped ({why}); the server goes on."
+            print(f"tiedlora serve: {message} Its log: {log_path}.", file=sys.stderr, flush=True)
+            for job_id in self.store.held_by(worker):  # the log's path is the server's, not the tenant's
                 self.store.fail(worker, job_id, "training_process_died", message)
             wait = (
                 RESTART_AFTER_S[0] if time.time() - started > RESTART_AFTER_S[1] else min(2 * wait, RESTART_AFTER_S[1])

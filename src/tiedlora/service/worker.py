@@ -156,12 +156,24 @@ class Worker:
             adapter = ((best / TENSORS).read_bytes(), (best / CONFIG).read_text(encoding="utf-8"))
             self.store.succeed(self.id, job, model_name(job), adapter, results["train_tokens"])
         elif error is not None:
-            self.store.fail(self.id, job_id, "training_failed", error)
+            self.store.fail(self.id, job_id, "training_failed", self.told(job, error))
 
     def failed(self, job: dict, code: str, message: str) -> None:
         """A claimed job that could not start here."""
         self.let_go(job["id"])
-        self.store.fail(self.id, job["id"], code, message)
+        self.store.fail(self.id, job["id"], code, self.told(job, message))
+
+    def told(self, job: dict, message: str) -> str:
+        """`message` as the job's tenant may read it: its data copies named by their file ids, its run
+        folder and this process's state folder by what they are, never by their path on this machine."""
+        data = self.state / "data" / job["id"]
+        places = {str(data / "data.jsonl"): f"training_file {job['training_file']}"}
+        if job["validation_file"] is not None:
+            places[str(data / "validation.jsonl")] = f"validation_file {job['validation_file']}"
+        places |= {str(self.state / "runs" / job["id"]): "the job's run folder", str(self.state): "<state>"}
+        for path in sorted(places, key=len, reverse=True):
+            message = message.replace(path, places[path]).replace(str(Path(path).resolve()), places[path])
+        return message
 
     def let_go(self, job_id: str) -> dict | None:
         """The job leaves this process: its bookkeeping and its copy of the data go; the job, if it was held."""
