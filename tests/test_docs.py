@@ -35,6 +35,7 @@ PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if 
 FENCE = re.compile(r"(?:<!-- not run: (?P<why>[^>]*?) -->\n)?```(?P<lang>\w*)\n(?P<code>.*?)```", re.S)
 RUNNABLE = {"sh": "sh", "bash": "sh", "shell": "sh", "python": "python"}
 BUDGET = "--max_steps 2 --val_every 1 --val_rows 2 --test_rows 2 --max_new_tokens 4 --batch_size 4 --micro_batch_size 2"
+EVAL_BUDGET = "--limit 4 --max_new_tokens 4"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "ADMIN_KEY": "admin-key-0123456789"}
 
 
@@ -62,6 +63,7 @@ def substitute(code: str, model: str, port: int) -> str:
     code = code.replace("meta-llama/Llama-2-7b-hf", model)
     code = re.sub(r"\b8000\b", str(port), code)
     code = re.sub(r"(?m)(^|\s)curl ", r"\1curl --fail-with-body -sS ", code)
+    code = re.sub(r"(?m)^(tiedlora eval [^#\n]*?)(\s+#.*)?$", rf"\1 {EVAL_BUDGET}\2", code)
     return re.sub(r"(?m)^(tiedlora train [^#\n]*?)(\s+#.*)?$", rf"\1 --model {model} {BUDGET}\2", code)
 
 
@@ -114,9 +116,20 @@ class Server:
                 self.process.wait(30)
 
 
-def data_rows(n: int, offset: int = 0) -> str:
+def data_rows(n: int, offset: int = 0, chat: bool = False) -> str:
     rows = [{"prompt": f"Q: what is {i + offset} plus {i}? A:", "completion": f" {2 * i + offset}"} for i in range(n)]
+    if chat:
+        rows = [
+            {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            for r in rows
+        ]
     return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+# The data files the pages name, as a user would have them: (rows, offset, chat)
+DATA = {"acme.jsonl": (40, 0, False), "globex.jsonl": (30, 7, False), "initech.jsonl": (30, 5, False)}
+DATA |= {"my.jsonl": (30, 3, False), "other.jsonl": (10, 9, False), "globex_val.jsonl": (6, 11, False)}
+DATA |= {"chats.jsonl": (30, 2, True), "held_out.jsonl": (6, 13, True)}
 
 
 def run_shell(line: str, cwd: Path, env: dict) -> None:
@@ -130,8 +143,8 @@ def run_shell(line: str, cwd: Path, env: dict) -> None:
 def test_documented_blocks_run_as_written(page, tiny_folder, tmp_path):
     found = blocks(page)
     assert any(why is None for _, _, why in found), f"{page.name} has no block that runs"
-    for name, n, offset in (("acme.jsonl", 40, 0), ("globex.jsonl", 30, 7), ("my.jsonl", 30, 3)):
-        (tmp_path / name).write_text(data_rows(n, offset))
+    for name, (n, offset, chat) in DATA.items():
+        (tmp_path / name).write_text(data_rows(n, offset, chat))
     port = free_port()
     env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{ENV['PATH']}"}
     server: Server | None = None
