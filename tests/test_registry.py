@@ -143,8 +143,8 @@ def test_without_an_adapters_folder_the_base_model_is_served_and_adapters_come_l
     root = tmp_path / "later"
     with serving(tiny_folder, root) as (engine, client):
         assert "serving" in capsys.readouterr().err
-        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [str(tiny_folder)]
-        assert complete(client, str(tiny_folder)).status_code == 200
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [tiny_folder.name]
+        assert complete(client, tiny_folder.name).status_code == 200
         shutil.copytree(adapter, root / "new")
         assert client.post("/v1/adapters", json={"name": "new", "path": "new"}).status_code == 200
         assert complete(client, "new").status_code == 200

@@ -72,7 +72,9 @@ def test_train_eval_merge_export_cycle(tiny_folder, tmp_path, capsys):
     assert main(["train", *flags(tiny_folder, run, val_metric=True), "--quiet"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["task"] == "squad" and results["config"] == "tl6" and results["steps"] == 6
-    assert results["params"] == 32 * 4 + 64 * 4 + 2 * (4 + 64)
+    # tl6 r4 on every group by default: tied A (r x d_in) and B (d_out x r), u (r) and v (d_out) in each of 2 layers
+    group = {"qkv": (32, 64), "o": (32, 32), "mlp_in": (32, 128), "mlp_out": (64, 32)}
+    assert results["params"] == sum(4 * d_in + d_out * 4 + 2 * (4 + d_out) for d_in, d_out in group.values()) == 2208
     assert list(results["metrics"]) == ["exact_match", "f1"]
     assert results["data"]["train"]["rule"] and results["data"]["test_rows_used"] == 3
     assert set(results["versions"]) == {"tiedlora", "torch", "transformers", "python"}

@@ -23,8 +23,8 @@ class ServeConfig:
     model: str = SMOLLM2
     """The base model: smollm2-135m (bundled), a local model folder, or a Hub id."""
     served_model_name: str | None = None
-    """The base model's id in requests, /v1/models and fine-tuned models' names (default: --model, or a folder's
-    own name: no server path is shown to clients)."""
+    """The base model's id in requests, in /v1/models and in the ft: names of the models its jobs make (default:
+    --model, or a folder's own name: no server path is shown to clients)."""
     quantize: str | None = None
     """Hold the base's decoder layers in 8bit or 4bit (NF4) with bitsandbytes, on a GPU or the CPU; adapters stay in
     --dtype on top of them."""
