@@ -5,6 +5,7 @@ test part, never seen in training or model selection), then serve the adapter it
 and scoring take about 5 minutes on 2 cores in fp32 (`--precision auto`: bf16 autocast where the
 CPU computes bf16 natively, which is faster)."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -59,6 +60,9 @@ def serve(adapters: Path) -> tuple[subprocess.Popen, int, list[str]]:
 
 
 def main():
+    precision = argparse.ArgumentParser(description="make demo")
+    precision.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    DEMO["precision"] = precision.parse_args().precision
     started = time.time()
     for name, rank in (("llama2-7b", 8), ("gpt-2b-001", 4)):
         params(name, rank)
