@@ -116,13 +116,14 @@ def load_model(name: str, dtype: torch.dtype | None = None):
     return model, tokenizer
 
 
-def parameter_table(name: str, rank: int) -> list[dict]:
-    """Trainable parameters of every preset on model `name` at `rank`, and their share of
-    LoRA's: the paper's P%, counted on the model's shapes (no weights are loaded)."""
+def parameter_table(name: str, rank: int, targets: list[str] | None = None) -> list[dict]:
+    """Trainable parameters of every preset on model `name` at `rank` (on `targets`, default the
+    paper's q/k/v), and their share of LoRA's: the paper's P%, counted on the model's shapes (no
+    weights are loaded)."""
     model = shape_model(name)
     counts = {}
     for preset in PRESETS:
-        apply(model, TiedLoraConfig.preset(preset, rank=rank))
+        apply(model, TiedLoraConfig.preset(preset, rank=rank, **({} if targets is None else {"targets": targets})))
         counts[preset] = trainable_parameters(model)
         remove(model)
     return [
