@@ -58,7 +58,8 @@ def compare(args) -> None:
 
     from tiedlora.models import load_model
     from tiedlora.train import TrainConfig, train
-    from tiedlora.train.tenants import Job, train_jobs
+    from tiedlora.train.jobs_file import JobSpec
+    from tiedlora.train.tenants import train_jobs
 
     out = Path(args.out)
     paths = write_tenant_data(out / "data", args.tenants, args.rows, short=False)
@@ -87,7 +88,7 @@ def compare(args) -> None:
     base = load_model("smollm2-135m")
     shared = {"precision": args.precision}
     summary = train_jobs(
-        [Job(n, {k: v for k, v in j.items() if k != "precision"}) for n, j in jobs.items()],
+        [JobSpec(n, {k: v for k, v in j.items() if k != "precision"}) for n, j in jobs.items()],
         base,
         out / "joint",
         shared=shared,
@@ -122,7 +123,8 @@ def scale(args) -> None:
 
     from tiedlora.model import adapter_parameters
     from tiedlora.models import load_model
-    from tiedlora.train.tenants import Job, JointTraining
+    from tiedlora.train.jobs_file import JobSpec
+    from tiedlora.train.tenants import JointTraining
 
     out = Path(args.out)
     paths = write_tenant_data(out / "data", args.count, args.rows, short=True)
@@ -131,7 +133,7 @@ def scale(args) -> None:
     options = dict(config="tl5", rank=8, batch_size=args.rows, micro_batch_size=args.micro_batch_size, max_steps=1)
     options.update(val_every=1, val_rows=2, samples=0, max_length=64, lr=1e-3, warmup_steps=1)
     jobs = [
-        Job(f"t{i:04d}", {**options, "data": path, "validation": val, "seed": i})
+        JobSpec(f"t{i:04d}", {**options, "data": path, "validation": val, "seed": i})
         for i, (path, val) in enumerate(zip(paths, held_out))
     ]
     base = load_model("smollm2-135m")

@@ -6,7 +6,7 @@ from torch import nn
 
 import tiedlora
 from tiedlora import Part, TiedLoraConfig
-from tiedlora.layer import GroupAdapter
+from tiedlora.layer import GroupAdapter, drop, tensor_key
 from tiedlora.model import root
 
 from conftest import randomize, tiny_model
@@ -142,14 +142,34 @@ def test_tied_gradient_is_the_sum_over_layers(tokens):
 
 
 def test_dropout_only_when_asked(tokens):
-    plain = tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl6", rank=4))
-    assert all(site.adapter.dropout is None for site in root(plain).sites)
+    plain = randomize(tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl6", rank=4)))
+    assert all(site.adapter.dropout == 0 for site in root(plain).sites)
+    before = plain.eval()(tokens).logits
+    assert torch.equal(plain.train()(tokens).logits, before)  # no dropout in training either
     dropped = randomize(tiedlora.apply(tiny_model("llama"), TiedLoraConfig.preset("tl6", rank=4, dropout=0.5)))
     dropped.train()
     torch.manual_seed(0)
     a = dropped(tokens).logits
     dropped.eval()
     assert not torch.allclose(a, dropped(tokens).logits)
+
+
+def test_an_examples_dropout_masks_are_its_own():
+    """With row seeds (as the trainer sets them), an example's mask is a function of its seed and
+    the site alone: the same beside another example, padded further, or packed after another in
+    one row; another site or seed draws another mask; and the kept entries are scaled by 1/(1-p)."""
+    key = tensor_key("qkv", "dropout", 0)
+    x, other = torch.randn(1, 5, 16) + 3, torch.randn(1, 7, 16)
+    alone = drop(x, 0.5, key, [[(11, 5)]])
+    padded = torch.cat([torch.cat([x, torch.zeros(1, 2, 16)], 1), other])
+    beside = drop(padded, 0.5, key, [[(11, 5)], [(12, 7)]])
+    assert torch.equal(beside[0, :5], alone[0])
+    packed = drop(torch.cat([other, x], 1), 0.5, key, [[(12, 7), (11, 5)]])
+    assert torch.equal(packed[0, 7:], alone[0]) and torch.equal(packed[0, :7], beside[1])
+    assert not torch.equal(drop(x, 0.5, tensor_key("qkv", "dropout", 1), [[(11, 5)]]), alone)
+    assert not torch.equal(drop(x, 0.5, key, [[(13, 5)]]), alone)
+    kept = alone != 0
+    assert 0.3 < kept.float().mean() < 0.7 and torch.allclose(alone[kept], 2 * x[kept])
 
 
 def test_bf16_base_with_fp32_adapter(tokens):

@@ -17,10 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from tiedlora.cli import main
+from tiedlora.layer import GroupAdapter
 from tiedlora.loss import TokenLoss
 from tiedlora.models import load_model
 from tiedlora.train import TrainConfig, train
-from tiedlora.train.tenants import Job, JointTraining, read_jobs, train_jobs
+from tiedlora.train.jobs_file import JobSpec, read_jobs
+from tiedlora.train.tenants import JointTraining, train_jobs
 
 from conftest import latest_step
 
@@ -59,7 +61,7 @@ def together(tiny_folder, out, jobs: dict[str, dict], **kwargs) -> dict:
     base = load_model(str(tiny_folder))
     shared = {"model": str(tiny_folder), "precision": "fp32"}
     return train_jobs(
-        [Job(n, {**COMMON, **o}) for n, o in jobs.items()], base, out, shared=shared, quiet=True, **kwargs
+        [JobSpec(n, {**COMMON, **o}) for n, o in jobs.items()], base, out, shared=shared, quiet=True, **kwargs
     )
 
 
@@ -78,12 +80,15 @@ def assert_close_adapters(a_folder, b_folder, tolerance: float = 1e-4) -> float:
     return worst / scale
 
 
-def test_each_tenant_trained_together_equals_its_solo_run(tiny_folder, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_each_tenant_trained_together_equals_its_solo_run(tiny_folder, tmp_path, dropout):
     """The central property: 3 tenants (lora r4, tl5 r8, tl6 r2; 24, 12 and 40 rows; batches 8,
     4 and 12) in one batch give each the adapter, losses and run folder of its solo run. The
     differences are float rounding from other rows sharing the matmuls (they do not change
-    the math: rows are independent and padding is masked), about 1e-7 of the weights."""
-    jobs = job_options(tmp_path)
+    the math: rows are independent and padding is masked), about 1e-7 of the weights. With
+    adapter dropout, each example's masks come from its own run's seed (`layer.drop`), so they are
+    the solo run's too, and a tenant trained beside others equals it trained alone."""
+    jobs = {name: {**options, "dropout": dropout} for name, options in job_options(tmp_path).items()}
     summary = together(tiny_folder, tmp_path / "joint", jobs)
     assert {n: s["status"] for n, s in summary.items()} == dict.fromkeys(jobs, "succeeded")
     for name, options in jobs.items():
@@ -105,6 +110,9 @@ def test_each_tenant_trained_together_equals_its_solo_run(tiny_folder, tmp_path)
         assert (a["params"], a["steps"], a["best_step"]) == (b["params"], b["steps"], b["best_step"])
         configs = [json.loads((f / "run.json").read_text())["config"] for f in (solo, mine)]
         assert [{**c, "out": None} for c in configs[:1]] == [{**c, "out": None} for c in configs[1:]]
+    if dropout:
+        together(tiny_folder, tmp_path / "alone", {"acme": jobs["acme"]})
+        assert_close_adapters(tmp_path / "alone" / "acme" / "best", tmp_path / "joint" / "acme" / "best")
 
 
 @pytest.mark.parametrize("max_rows", [None, 100])
@@ -119,7 +127,7 @@ def test_tenants_share_forward_passes_of_at_most_max_rows(tiny_folder, tmp_path,
     shared = {"precision": "fp32"}
     joint = JointTraining((model, tokenizer), tmp_path / "joint", shared=shared, max_rows=max_rows, quiet=True)
     for name, options in jobs.items():
-        joint.add(Job(name, {**COMMON, **options, "max_steps": 1, "val_every": 10}))
+        joint.add(JobSpec(name, {**COMMON, **options, "max_steps": 1, "val_every": 10}))
     joint.admit()
     joint.step(joint.active)
     if max_rows is None:
@@ -143,7 +151,10 @@ def test_a_packing_tenant_beside_others_equals_its_solo_packed_run(tiny_folder, 
 
     monkeypatch.setattr(TokenLoss, "forward", spy)
     options = job_options(tmp_path)
-    jobs = {"initech": {**options["initech"], "packing": True}, "acme": options["acme"]}
+    jobs = {
+        "initech": {**options["initech"], "packing": True, "dropout": 0.1},
+        "acme": {**options["acme"], "dropout": 0.1},
+    }
     summary = together(tiny_folder, tmp_path / "joint", jobs, max_rows=100)
     assert {n: s["status"] for n, s in summary.items()} == dict.fromkeys(jobs, "succeeded")
     # each of 4 micro batches a step: initech's 3 examples in 1 packed row, acme's 2 in 2 rows
@@ -157,21 +168,19 @@ def test_a_packing_tenant_beside_others_equals_its_solo_packed_run(tiny_folder, 
 
 def test_a_tenants_dropout_trains_after_its_validation(tiny_folder, tmp_path, monkeypatch):
     """Validation and test run on the base routed to one tenant, in eval mode; the frames
-    holding the adapters (and their dropout modules) are not the base's submodules, so the
-    routed projections draw the adapter's dropout in the base's mode: every step draws
-    dropout, no validation does."""
+    holding the adapters are not the base's submodules, so the routed projections pass the
+    base's mode to the adapter's down-projection: every step draws dropout, no validation does."""
     modes: list[bool | str] = []
-    dropout = torch.nn.functional.dropout
+    project = GroupAdapter.project
 
-    def spy(x, p=0.5, training=True, inplace=False):
-        if p == 0.3:  # the adapter's, not the base's own
-            modes.append(training)
-        return dropout(x, p, training, inplace)
+    def spy(self, x, training, rows):
+        modes.append(training)
+        return project(self, x, training, rows)
 
-    monkeypatch.setattr(torch.nn.functional, "dropout", spy)
+    monkeypatch.setattr(GroupAdapter, "project", spy)
     options = {**COMMON, **job_options(tmp_path)["globex"], "dropout": 0.3, "val_every": 1, "max_steps": 3}
     train_jobs(
-        [Job("globex", options)],
+        [JobSpec("globex", options)],
         load_model(str(tiny_folder)),
         tmp_path / "out",
         shared={"precision": "fp32"},
@@ -206,9 +215,9 @@ def test_a_failing_tenant_fails_alone(tiny_folder, tmp_path):
     for job in jobs:
         job.options = {**COMMON, **job.options}
 
-    def poison(name, step, loss, tokens, val_loss):
-        if name == "diverges" and step == 2:
-            model = next(t for t in joint.active if t.name == name).run.model
+    def poison(report):
+        if report.name == "diverges" and report.step == 2:
+            model = next(t for t in joint.active if t.name == report.name).run.model
             with torch.no_grad():
                 next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
 
@@ -253,22 +262,23 @@ def test_jobs_join_as_others_leave_and_can_be_added_and_cancelled(tiny_folder, t
     together: dict[int, list[str]] = {}  # joint step -> the tenants in it
     ended: dict[str, str | None] = {}
 
-    def on_step(name, step, loss, tokens, val_loss):
+    def on_step(report):
+        name, step = report.name, report.step
         seen.append((name, step))
         together.setdefault(joint.steps, []).append(name)
-        assert loss > 0 and tokens > 0
+        assert report.loss > 0 and report.tokens > 0
         if (name, step) == ("acme", 1):
-            joint.add(Job("late", {**COMMON, **jobs["globex"], "max_steps": 2}))
+            joint.add(JobSpec("late", {**COMMON, **jobs["globex"], "max_steps": 2}))
         if (name, step) == ("initech", 2):
             joint.cancel("initech")
 
     base = load_model(str(tiny_folder))
     joint = JointTraining(
         base, tmp_path / "out", shared={"precision": "fp32"}, max_active=2, quiet=True, on_step=on_step,
-        on_finish=lambda name, folder, results, error: ended.setdefault(name, error),
+        on_finish=lambda report: ended.setdefault(report.name, report.error),
     )  # fmt: skip
     for name in ("acme", "initech", "globex"):
-        joint.add(Job(name, {**COMMON, **jobs[name]}))
+        joint.add(JobSpec(name, {**COMMON, **jobs[name]}))
     summary = joint.run()
     assert {n: s["status"] for n, s in summary.items()} == {
         "acme": "succeeded", "initech": "cancelled", "globex": "succeeded", "late": "succeeded"
@@ -308,7 +318,7 @@ def test_resume_after_a_kill_continues_every_tenant_from_its_checkpoint(tiny_fol
     base = load_model(str(tiny_folder))
     shared = {"model": str(tiny_folder), "precision": "fp32"}
     summary = train_jobs(resumed, base, killed, shared=shared, resume=True, quiet=True,
-                         on_step=lambda name, step, loss, tokens, val_loss: steps.append((name, step)))  # fmt: skip
+                         on_step=lambda report: steps.append((report.name, report.step)))  # fmt: skip
     assert not refused and {s["status"] for s in summary.values()} == {"succeeded"}, summary
     for name in jobs:
         assert [s for n, s in steps if n == name] == list(range(start[name] + 1, 9)), name
@@ -383,7 +393,8 @@ import json, os, sys
 from torch.distributed.tensor import DTensor
 from tiedlora.layout import find_layers
 from tiedlora.models import load_model
-from tiedlora.train.tenants import read_jobs, train_jobs
+from tiedlora.train.jobs_file import read_jobs
+from tiedlora.train.tenants import train_jobs
 
 jobs_file, model, out = sys.argv[1:]
 base = load_model(model)
@@ -397,13 +408,14 @@ if os.environ["RANK"] == "0":
 
 
 def test_jobs_on_two_processes_match_one_process(tiny_folder, tmp_path):
-    """`torchrun --nproc_per_node 2 -m tiedlora train --jobs`: each process takes its share of
+    """`torchrun --nproc_per_node 2 -m tiedlora train --jobs` (adapter dropout 0.1: an example's
+    masks do not depend on the process that draws them): each process takes its share of
     every tenant's micro batches and the tenants' gradients are summed over the processes in one
     all-reduce (DDP's arithmetic), so each tenant's losses and adapter are those of one process;
     the main process alone writes the folders. With --fsdp each process holds half of every
     decoder layer's weights (gathered for each forward), and the tenants' runs are the same."""
     jobs = {n: o for n, o in job_options(tmp_path).items() if n != "initech"}
-    lines = [{"name": n, **COMMON, **o, "samples": 0} for n, o in jobs.items()]
+    lines = [{"name": n, **COMMON, **o, "samples": 0, "dropout": 0.1} for n, o in jobs.items()]
     (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     def flags(out):
@@ -440,7 +452,7 @@ def test_frames_share_the_base_leaves_and_keep_their_adapters_apart(tiny_folder,
     every projection, norm and embedding is the base's own object; the adapters put on two frames
     each change that frame's forward alone, and the base's forward not at all."""
     from tiedlora import TiedLoraConfig, apply
-    from tiedlora.train.tenants import frame_of
+    from tiedlora.train.routing import frame_of
 
     from conftest import randomize
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json as jsonlib
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -61,10 +60,11 @@ def train(
             several passes (default: the largest --micro_batch_size of the jobs, the memory of a solo run).
     """
     if jobs is not None:
+        from .train.processes import main_process
         from .train.tenants import train_jobs_file
 
         summary = train_jobs_file(jobs, options, max_active=max_active, max_rows=max_rows, resume=resume, quiet=quiet)
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process speaks for all
+        if main_process():
             print(jsonlib.dumps(summary, indent=2))
         failed = sum(t["status"] != "succeeded" for t in summary.values())
         if failed:

@@ -8,9 +8,11 @@ each member adds its rows of (alpha/r * v * B) h. Tied parts live once, outside 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import cast
 
 import torch
@@ -54,6 +56,49 @@ def up_factor(v: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | float) -> 
     """(alpha/r) diag(v) B, d_out x r: the up-projection's product, formed here alone like
     `down_factor`; `scale` is alpha/r (a tensor of one per leading index in the banks)."""
     return (scale * v).unsqueeze(-1) * B
+
+
+def add_update(z: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """z + h up^T in one kernel (addmm), no separate delta tensor to allocate and add: a member's
+    output from its base output z, its group's h and its rows of the up factor."""
+    return torch.addmm(z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1]), up.to(h.dtype).t()).view(z.shape)
+
+
+# RowSeeds = per row of the batch in flight, the (seed, length) of each example laid in it, in order.
+RowSeeds = list[list[tuple[int, int]]]
+# The trainer sets it around a training forward, so that each example's dropout masks come from its
+# own seed: a tenant's masks are then the same whoever shares its batch, and a solo run draws the
+# same ones. Without it (a user's own loop, the Trainer) dropout is torch's, as PEFT's.
+ROW_SEEDS: ContextVar[RowSeeds | None] = ContextVar("tiedlora_row_seeds", default=None)
+
+
+@contextlib.contextmanager
+def row_seeds(rows: RowSeeds | None):
+    token = ROW_SEEDS.set(rows)
+    try:
+        yield
+    finally:
+        ROW_SEEDS.reset(token)
+
+
+def drop(x: torch.Tensor, p: float, key: str, rows: RowSeeds | None) -> torch.Tensor:
+    """Inverted dropout of x. With `rows` (x is batch x tokens x d_in), each example's mask is
+    drawn from a generator seeded by its seed and `key` (which layer and group): it depends on
+    nothing else in the batch, nor on how many tokens of padding follow it."""
+    if rows is None:
+        return F.dropout(x, p, True)
+    if x.dim() != 3 or len(rows) != x.shape[0]:
+        raise ValueError(f"row seeds for {len(rows)} rows, but the input has shape {tuple(x.shape)}")
+    masks = []
+    for row in rows:
+        parts = []
+        for seed, length in row:
+            generator = torch.Generator(device=x.device).manual_seed(zlib.crc32(f"{seed}/{key}".encode()))
+            parts.append(torch.rand(length, x.shape[-1], generator=generator, device=x.device) >= p)
+        fill = x.shape[1] - sum(length for _, length in row)
+        parts.append(torch.ones(fill, x.shape[-1], dtype=torch.bool, device=x.device))  # padding: any mask
+        masks.append(torch.cat(parts))
+    return x * torch.stack(masks).to(x.dtype) / (1 - p)
 
 
 def new_parameter(part: Part, shape, seed: int, key: str, device, dtype) -> nn.Parameter:
@@ -109,13 +154,16 @@ class TiedParameters(nn.ModuleDict):
 class GroupAdapter(nn.Module):
     """One group of one layer: its own (untied) parts, and the shared down-projection."""
 
-    def __init__(self, tied: nn.ParameterDict, own: dict[str, nn.Parameter], scale: float, dropout: float):
+    def __init__(
+        self, tied: nn.ParameterDict, own: dict[str, nn.Parameter], scale: float, dropout: float, key: str = ""
+    ):
         super().__init__()
         for name, p in own.items():
             self.register_parameter(name, p)
         self._tied = (tied,)  # a reference, not a submodule: the tied tensors are owned at the root
         self.scale = scale
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = dropout
+        self.key = key  # which layer and group: seeds its dropout masks (`drop`)
         self.enabled = True
         self.shared = SharedInput()
 
@@ -130,10 +178,15 @@ class GroupAdapter(nn.Module):
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """h = (u * A) x, computed once per input for all members (Q, K and V read the same x)."""
-        return self.shared.get(x, self._down)
+        return self.shared.get(x, lambda x: self.project(x, self.training, ROW_SEEDS.get()))
 
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x if self.dropout is None else self.dropout(x), self.down_weight().to(x.dtype))
+    def project(self, x: torch.Tensor, training: bool, rows: RowSeeds | None) -> torch.Tensor:
+        """h = (u * A) dropout(x), the group's one down-projection of an input (dropout only in
+        training; `rows`: x's examples' seeds, see `drop`). The joint trainer calls it too, with a
+        tenant's rows of the batch."""
+        if self.dropout and training:
+            x = drop(x, self.dropout, self.key, rows)
+        return F.linear(x, self.down_weight().to(x.dtype))
 
     def down_weight(self) -> torch.Tensor:
         """diag(u) A, shared by the group's members."""
@@ -179,10 +232,7 @@ class AdaptedLinear(nn.Module):
         adapter = self.adapter
         if self.merged or not adapter.enabled:
             return z
-        h = adapter.down(x)
-        # z + h B'^T in one kernel (addmm), no separate delta tensor to allocate and add
-        up = adapter.up_weight(self.rows).to(x.dtype).t()
-        return torch.addmm(z.reshape(-1, z.shape[-1]), h.reshape(-1, h.shape[-1]), up).view(z.shape)
+        return add_update(z, adapter.down(x), adapter.up_weight(self.rows))
 
     @torch.no_grad()
     def fold(self, sign: int) -> None:

@@ -56,7 +56,7 @@ def apply(model: nn.Module, config: TiedLoraConfig, *, device=None, dtype=torch.
         root[g.name] = tied
         for i in indices:
             own = {p: part(p, i) for p in PARTS if not config.parts[p].tied}
-            adapter = GroupAdapter(tied, own, config.scale, config.dropout)
+            adapter = GroupAdapter(tied, own, config.scale, config.dropout, tensor_key(g.name, "dropout", i))
             owner = layers[i].get_submodule(g.owner)
             owner.add_module(f"{ATTRIBUTE}_{g.name}", adapter)
             adapted = []

@@ -123,7 +123,8 @@ def parameter_table(name: str, rank: int, targets: list[str] | None = None) -> l
     model = shape_model(name)
     counts = {}
     for preset in PRESETS:
-        apply(model, TiedLoraConfig.preset(preset, rank=rank, **({} if targets is None else {"targets": targets})))
+        options: dict[str, Any] = {} if targets is None else {"targets": targets}
+        apply(model, TiedLoraConfig.preset(preset, rank=rank, **options))
         counts[preset] = trainable_parameters(model)
         remove(model)
     return [

@@ -1,6 +1,6 @@
 """The HTTP layer: a FastAPI app with OpenAI's /v1/models, /v1/completions and
 /v1/chat/completions, /v1/adapters (and vLLM's /v1/load_lora_adapter) to load and unload
-adapters at run time, and /metrics. Requests are checked here and become engine jobs; every
+adapters at run time, and /metrics. Requests are checked here and become engine requests; every
 refusal is OpenAI's error body naming the field. Prompts are tokenised on a thread of their
 own, never on the event loop, and request bodies are capped, so no request stalls the others.
 Handlers read the adapter registry only through its immutable snapshot (`Engine.view`), and send
@@ -26,9 +26,10 @@ from ..adapter_file import read_adapter
 from ..config import TiedLoraError
 from ..runs import adapter_folder
 from ..tokens import chat_ids
+from . import engine
 from .batch import Sampling
 from .config import ServeConfig
-from .engine import Done, Engine, Event, Failed, Job
+from .engine import Done, Engine, Event, Failed
 from .keys import ADMIN, Caller, Keys
 from .registry import Full, Taken, check_name
 from .schemas import (
@@ -215,17 +216,19 @@ class Answer:
         return len(self.finishes) == len(self.texts)
 
 
-async def respond(s: Served, request: Request, job: Job, body: Options, reply: Reply, echo: list[str]):
+async def respond(
+    s: Served, request: Request, generation: engine.Request, body: Options, reply: Reply, echo: list[str]
+):
     """The completion as JSON, or as server-sent events; a worker error before the first token
     is still an error response. Decoding stops as soon as the client goes away, streamed or not."""
-    s.engine.submit(job)
-    answer = Answer(len(job.rows), echo)
+    s.engine.submit(generation)
+    answer = Answer(len(generation.rows), echo)
     try:
-        event = await job.events.get()
+        event = await generation.events.get()
         if isinstance(event, Failed):
             raise ApiError(event.status, event.message)
     except BaseException:
-        job.cancel()
+        generation.cancel()
         raise
 
     async def stream(event: Event):
@@ -236,36 +239,37 @@ async def respond(s: Served, request: Request, job: Job, body: Options, reply: R
                 yield reply.chunk([reply.choice(event.index, text, finish, event.logprobs, True)])
                 if answer.complete:
                     break
-                event = await job.events.get()
+                event = await generation.events.get()
             if isinstance(event, Failed):
                 yield sse(error_body(event.status, s.public(event.message)))
             elif body.stream_options is not None and body.stream_options.include_usage:
                 yield reply.chunk([], answer.tokens)
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel()
+            generation.cancel()
 
     if body.stream:
         return StreamingResponse(stream(event), media_type="text/event-stream")
-    watcher = asyncio.create_task(cancel_when_gone(request, job))
+    watcher = asyncio.create_task(cancel_when_gone(request, generation))
     try:
         answer.add(event)
         while not answer.complete:
-            answer.add(await job.events.get())
+            answer.add(await generation.events.get())
     finally:
         watcher.cancel()
-        job.cancel()
+        generation.cancel()
     choices = [
-        reply.choice(i, answer.texts[i], answer.finishes[i], answer.logprobs[i], False) for i in range(len(job.rows))
+        reply.choice(i, answer.texts[i], answer.finishes[i], answer.logprobs[i], False)
+        for i in range(len(generation.rows))
     ]
     return reply.whole(choices, answer.tokens)
 
 
-async def cancel_when_gone(request: Request, job: Job) -> None:
+async def cancel_when_gone(request: Request, generation: engine.Request) -> None:
     """Wait for the client to disconnect (the body is read, so the next message says so)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancel()
+    generation.cancel()
 
 
 @router.get("/v1/models")
@@ -305,13 +309,13 @@ async def completions(body: CompletionBody, request: Request, s: ServedBy, who: 
     await s.known(body.model)
     sampling = check_options(s, who, body, prompts, body.max_tokens, scoring)
     sampling.logprobs, sampling.prompt_logprobs = body.logprobs, scoring
-    job = Job.of(body.model, adapter_of(s, body), prompts, sampling, body.n)
+    generation = engine.Request.of(body.model, adapter_of(s, body), prompts, sampling, body.n)
     echo = []
     if body.echo:
         texts = [s.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
-        echo = [texts[i // body.n] for i in range(len(job.rows))]
+        echo = [texts[i // body.n] for i in range(len(generation.rows))]
     reply = Reply(body.model, False, sum(map(len, prompts)), s.tokenizer, body.logprobs is not None)
-    return await respond(s, request, job, body, reply, echo)
+    return await respond(s, request, generation, body, reply, echo)
 
 
 def encode_chat(s: Served, body: ChatBody) -> list[int]:
@@ -346,8 +350,10 @@ async def chat_completions(body: ChatBody, request: Request, s: ServedBy, who: C
     wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     sampling = check_options(s, who, body, [ids], wanted)
     sampling.logprobs = (top or 0) if body.logprobs else None
-    job = Job.of(body.model, adapter_of(s, body), [ids], sampling, body.n)
-    return await respond(s, request, job, body, Reply(body.model, True, len(ids), s.tokenizer, body.logprobs), [])
+    generation = engine.Request.of(body.model, adapter_of(s, body), [ids], sampling, body.n)
+    return await respond(
+        s, request, generation, body, Reply(body.model, True, len(ids), s.tokenizer, body.logprobs), []
+    )
 
 
 async def on_worker(s: Served, change):

@@ -43,12 +43,12 @@ from .registry import Full, Registry, View
 
 
 class Row(Sequence):
-    """One choice of one request: its job, its place in the response and its adapter."""
+    """One choice of one request: the request, its place in the response and its adapter."""
 
-    def __init__(self, job: Job, index: int, prompt: list[int], sampling: Sampling):
+    def __init__(self, request: Request, index: int, prompt: list[int], sampling: Sampling):
         super().__init__(prompt, sampling)
-        self.job, self.index = job, index
-        self.adapter_id = 0  # the model's id for job.adapter, set when the row is admitted
+        self.request, self.index = request, index
+        self.adapter_id = 0  # the model's id for request.adapter, set when the row is admitted
         self.admitted = False
         self.sent_logprobs = 0
         self.counted = 0  # tokens already timed, for the latency metrics
@@ -93,7 +93,7 @@ class Change:
 
 
 @dataclass
-class Job:
+class Request:
     """One request as the worker sees it; `push` is the only way results leave the worker.
     Events: `Text` for any choice, then one `Done` per choice; or one `Failed`."""
 
@@ -107,16 +107,16 @@ class Job:
     finished: int = 0
 
     @classmethod
-    def of(cls, model: str, adapter: str | None, prompts: list[list[int]], sampling: Sampling, n: int = 1) -> Job:
-        """A job for the running event loop, whose handler awaits its events: `n` choices per
+    def of(cls, model: str, adapter: str | None, prompts: list[list[int]], sampling: Sampling, n: int = 1) -> Request:
+        """A request for the running event loop, whose handler awaits its events: `n` choices per
         prompt, in OpenAI's order (all of the first prompt's, then the next's); a seeded request's
         choices take seeds seed, seed + 1, ..., so they differ and repeat."""
-        job = cls(model, adapter, asyncio.get_running_loop())
+        request = cls(model, adapter, asyncio.get_running_loop())
         for p, ids in enumerate(prompts):
             for i in range(n):
                 seed = None if sampling.seed is None else (sampling.seed + i) % 2**63
-                job.rows.append(Row(job, p * n + i, ids, replace(sampling, seed=seed)))
-        return job
+                request.rows.append(Row(request, p * n + i, ids, replace(sampling, seed=seed)))
+        return request
 
     def cancel(self) -> None:
         """The client went away: the worker drops its rows at their next step."""
@@ -148,13 +148,13 @@ class Engine:
         self.max_batch, self.prefill_tokens = config.max_batch, config.prefill_tokens
         self.metrics = metrics or Metrics()
         self.registry = Registry(multi, config.max_resident, self.metrics)
-        self.inbox: queue.SimpleQueue[Job | Change | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Request | Change | None] = queue.SimpleQueue()
         self.waiting: deque[Row] = deque()
         self.batch = Batch(multi, tokenizer, self.emit, self.adapter_ids, chunk=config.prefill_tokens)
         self.lock = threading.Lock()  # held by the worker through each step and change (a test may hold it to pause it)
         self.closed = False
         self.restarts = 0
-        self.in_hand: list[Job | Change | None] = []
+        self.in_hand: list[Request | Change | None] = []
         self.may_restart = threading.Event()  # cleared by a test to hold the supervisor
         self.may_restart.set()
         self.thread = self.start_worker()
@@ -205,10 +205,10 @@ class Engine:
         """Register many adapters in one change; why each refused one was refused."""
         return self.change(lambda: self.registry.register_all(folders, pin)).result()
 
-    def submit(self, job: Job) -> None:
-        self.send(job)
+    def submit(self, request: Request) -> None:
+        self.send(request)
 
-    def send(self, item: Job | Change) -> None:
+    def send(self, item: Request | Change) -> None:
         """Into the worker's inbox; once it has stopped, answered at once (a 503, or an error)."""
         self.inbox.put(item)
         if self.closed and not self.thread.is_alive():
@@ -222,8 +222,8 @@ class Engine:
         self.supervisor.join()
         self.shut(self.drain())  # anything sent while the worker was stopping
 
-    def drain(self) -> list[Job | Change | None]:
-        arrived: list[Job | Change | None] = []
+    def drain(self) -> list[Request | Change | None]:
+        arrived: list[Request | Change | None] = []
         try:
             while True:
                 arrived.append(self.inbox.get_nowait())
@@ -243,9 +243,9 @@ class Engine:
             if None in arrived:
                 self.shut(arrived)
                 return
-            for job in arrived:
-                if isinstance(job, Job):
-                    self.waiting.extend(job.rows)
+            for request in arrived:
+                if isinstance(request, Request):
+                    self.waiting.extend(request.rows)
             with self.lock:
                 for change in arrived:
                     if isinstance(change, Change):
@@ -277,18 +277,18 @@ class Engine:
             row.fail(why)
             self.emit(row, "")
 
-    def shut(self, arrived: list[Job | Change | None]) -> None:
+    def shut(self, arrived: list[Request | Change | None]) -> None:
         """close(): every request and change still queued or running gets an answer, so no
         handler waits for ever."""
         rows = [*self.waiting, *cast(list[Row], [*self.batch.pending, *self.batch.rows])]
-        rows += [row for job in arrived if isinstance(job, Job) for row in job.rows]
+        rows += [row for request in arrived if isinstance(request, Request) for row in request.rows]
         self.waiting.clear()
         for row in rows:
-            row.job.fail(503, "The server is shutting down; retry the request.")
+            row.request.fail(503, "The server is shutting down; retry the request.")
         self.refuse(arrived, "The server is shutting down.")
 
     @staticmethod
-    def refuse(arrived: list[Job | Change | None], why: str) -> None:
+    def refuse(arrived: list[Request | Change | None], why: str) -> None:
         """Resolve every change among `arrived` not yet applied with a TiedLoraError saying `why`."""
         for change in arrived:
             if isinstance(change, Change) and change.future.set_running_or_notify_cancel():
@@ -302,31 +302,31 @@ class Engine:
                 break
             if not row.cancelled:
                 try:
-                    row.adapter_id = 0 if row.job.adapter is None else self.registry.acquire(row.job.adapter)
+                    row.adapter_id = 0 if row.request.adapter is None else self.registry.acquire(row.request.adapter)
                 except Full:  # every resident adapter is in use (pins leave one place): a running row frees one
                     continue
                 except TiedLoraError as e:  # its folder: missing, refused by the reader, or dropped for that
-                    row.job.fail(404, str(e))
+                    row.request.fail(404, str(e))
                     self.waiting.remove(row)
                     continue
                 except Exception as e:  # noqa: BLE001 - a fault of ours while loading it: this request alone fails
-                    row.job.fail(
-                        500, f"Loading adapter {row.job.adapter!r} failed ({type(e).__name__}: {str(e)[:200]})."
+                    row.request.fail(
+                        500, f"Loading adapter {row.request.adapter!r} failed ({type(e).__name__}: {str(e)[:200]})."
                     )
                     self.waiting.remove(row)
                     continue
                 row.admitted = True
-                self.metrics.prompt_tokens.labels(row.job.model).inc(len(row.prompt))
+                self.metrics.prompt_tokens.labels(row.request.model).inc(len(row.prompt))
                 self.batch.add(row)
             self.waiting.remove(row)
 
     def emit(self, seq: Sequence, text: str) -> None:
         row = cast(Row, seq)
-        job, now = row.job, time.perf_counter()
+        request, now = row.request, time.perf_counter()
         new = len(row.tokens) - row.counted
         if new:
             if row.last_token is None:
-                self.metrics.time_to_first_token.observe(now - job.arrived)
+                self.metrics.time_to_first_token.observe(now - request.arrived)
             else:
                 for _ in range(new):
                     self.metrics.inter_token_latency.observe((now - row.last_token) / new)
@@ -334,15 +334,15 @@ class Engine:
         logprobs = row.logprobs[row.sent_logprobs :]
         row.sent_logprobs = len(row.logprobs)
         if row.finish is None:
-            job.push(Text(row.index, text, logprobs))
+            request.push(Text(row.index, text, logprobs))
             return
-        if row.admitted and job.adapter is not None:
-            self.registry.release(job.adapter)
-        self.metrics.generation_tokens.labels(job.model).inc(len(row.tokens))
-        job.finished += 1
+        if row.admitted and request.adapter is not None:
+            self.registry.release(request.adapter)
+        self.metrics.generation_tokens.labels(request.model).inc(len(row.tokens))
+        request.finished += 1
         if row.finish == "error":
-            job.fail(500, f"Generation failed for this request: {row.error}.")
+            request.fail(500, f"Generation failed for this request: {row.error}.")
         else:
-            job.push(Done(row.index, text, logprobs, row.finish, len(row.tokens)))
-        if job.finished == len(job.rows):
-            self.metrics.requests.labels(job.model, row.finish).inc()
+            request.push(Done(row.index, text, logprobs, row.finish, len(row.tokens)))
+        if request.finished == len(request.rows):
+            self.metrics.requests.labels(request.model, row.finish).inc()

@@ -24,7 +24,8 @@ from ..adapter_file import CONFIG, TENSORS
 from ..atomic import discard, write_atomic
 from ..config import TiedLoraError
 from ..runs import BEST
-from ..train.tenants import Job, JointTraining
+from ..train.jobs_file import JobSpec
+from ..train.tenants import FinishReport, JointTraining, StepReport
 from .jobs import model_name
 from .store import STORE_ENV, Store
 
@@ -60,6 +61,7 @@ class Worker:
             quiet=True,
             on_step=self.stepped,
             on_finish=self.finished,
+            keep_ended=False,
         )
         self.held: dict[str, dict] = {}  # the jobs this process trains, by id
         self.last_event: dict[str, float] = {}
@@ -113,12 +115,12 @@ class Worker:
             self.held[job["id"]] = job
         if job["attempts"] == 1:
             self.store.add_event(job["id"], "Fine-tuning job started")
-        self.joint.add(Job(job["id"], options))
+        self.joint.add(JobSpec(job["id"], options))
 
-    def stepped(self, job_id: str, step: int, loss: float, tokens: int, val_loss: float | None) -> None:
+    def stepped(self, report: StepReport) -> None:
+        job_id, step, loss, val_loss, total = report.name, report.step, report.loss, report.val_loss, report.total_steps
         job = self.held.get(job_id)
-        tenant = next((t for t in self.joint.active if t.name == job_id), None)
-        if job is None or tenant is None:
+        if job is None:
             return
         if job_id not in self.last_event and job["attempts"] > 1:
             self.store.add_event(
@@ -126,7 +128,6 @@ class Worker:
                 f"Resumed by another training process from its checkpoint at step {step - 1}",
                 data={"step": step - 1},
             )
-        total = tenant.run.cfg.max_steps
         now = time.time()
         if val_loss is not None or step == total or now - self.last_event.get(job_id, 0.0) >= self.event_every:
             self.last_event[job_id] = now
@@ -136,27 +137,26 @@ class Worker:
                 data["valid_loss"] = val_loss
                 message += f", validation loss={val_loss:.4f}"
             self.store.add_event(job_id, message, kind="metrics", data=data)
-        if not self.store.progress(self.id, job_id, tenant.state["tokens"]):
+        if not self.store.progress(self.id, job_id, report.tokens):
             self.joint.cancel(job_id)
             return
-        latest = tenant.checkpoints.latest()
-        if latest is not None and latest.name == f"step-{step}":
+        if report.checkpoint:
             metrics = {"step": step, "train_loss": loss} | ({"valid_loss": val_loss} if val_loss is not None else {})
             self.store.add_checkpoint(job_id, step, metrics)
             self.store.add_event(job_id, f"Checkpoint created at step {step}")
 
-    def finished(self, job_id: str, folder: Path, results: dict | None, error: str | None) -> None:
+    def finished(self, report: FinishReport) -> None:
         """The trainer let the job go: its model stored if it succeeded, its error if it failed
         (cancelled: the API has recorded it already)."""
-        job = self.let_go(job_id)
+        job = self.let_go(report.name)
         if job is None:
             return
-        if results is not None:
-            best = folder / BEST
+        if report.results is not None:
+            best = report.folder / BEST
             adapter = ((best / TENSORS).read_bytes(), (best / CONFIG).read_text(encoding="utf-8"))
-            self.store.succeed(self.id, job, model_name(job), adapter, results["train_tokens"])
-        elif error is not None:
-            self.store.fail(self.id, job_id, "training_failed", self.told(job, error))
+            self.store.succeed(self.id, job, model_name(job), adapter, report.results["train_tokens"])
+        elif report.error is not None:
+            self.store.fail(self.id, report.name, "training_failed", self.told(job, report.error))
 
     def failed(self, job: dict, code: str, message: str) -> None:
         """A claimed job that could not start here."""

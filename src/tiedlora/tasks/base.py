@@ -26,7 +26,8 @@ MAX_LINE_BYTES = 4 << 20  # the longest row of the five data sets is a few kB; a
 # The offline split, for sources without a train split: a row goes to the first split whose
 # bound its group's share is under, so 80/10/10.
 OFFLINE = {"train": 0.8, "validation": 0.9, "test": 1.0}
-# The share of train held out as validation where a task has no labelled validation split.
+# The share of train rows held out as validation where a task has no labelled validation split,
+# and of own data's rows where no validation file is given.
 HELD_OUT = 0.1
 
 

@@ -22,11 +22,10 @@ from pathlib import Path
 from ..runs import SAMPLES
 from ..tokens import chat_ids, prompt_ids
 from . import metrics
-from .base import DataError, Rows, Scorer, json_lines, share
+from .base import HELD_OUT, DataError, Rows, Scorer, json_lines, share
 
 ROLES = ("system", "user", "assistant")
 METRICS = ("exact_match", "f1", "rougeL", "bleu")
-HELD_OUT = 0.1  # the share of rows held out for validation when no validation file is given
 FORMS = (
     'one object per row: {"prompt": str, "completion": str} or '
     '{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} with an assistant turn'

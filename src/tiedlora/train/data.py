@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import TiedLoraError
-from ..loss import encode_rows
+from ..layer import RowSeeds
+from ..loss import encode_rows, pack_rows
 from ..tokens import pad_id
 from .auto import steps_per_epoch
 from .config import TrainConfig
@@ -67,3 +69,18 @@ def micro_batches(indices: list[int], examples: list[dict], cfg: TrainConfig, wo
     bounds = [round(j * len(ordered) / parts) for j in range(parts + 1)]
     chunks = [ordered[bounds[j] : bounds[j + 1]] for j in range(parts)]
     return chunks[rank::world]
+
+
+def example_seed(seed: int, step: int, index: int) -> int:
+    """The seed of training example `index`'s dropout masks at step `step` of a run seeded `seed`:
+    a function of the run alone, never of the process, the micro batch or who shares the batch."""
+    return zlib.crc32(f"{seed}/{step}/{index}".encode())
+
+
+def laid_out(chunk: list[int], examples: list[dict], cfg: TrainConfig, step: int) -> tuple[list[list[dict]], RowSeeds]:
+    """The rows a micro batch's examples are laid in (end to end in rows of --max_length with
+    --packing, else one to a row) and each row's (seed, length) per example, for dropout."""
+    seeds = {id(examples[i]): example_seed(cfg.seed, step, i) for i in chunk}
+    laid = [examples[i] for i in chunk]
+    rows = pack_rows(laid, cfg.max_length) if cfg.packing else [[e] for e in laid]
+    return rows, [[(seeds[id(e)], len(e["input_ids"])) for e in row] for row in rows]

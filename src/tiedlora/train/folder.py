@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_atomic
+from ..atomic import discard, write_atomic
 from ..config import TiedLoraError
-from ..runs import LOG, RUN, clean_stale, run_options, write_json
+from ..runs import LOG, RUN, clean_stale, is_run, run_options, write_json
 from ..version import __version__
 from .config import RESUMABLE, UNRECORDED, TrainConfig
 
@@ -26,6 +26,9 @@ def versions() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+
+
+ERROR = "error.json"  # why a joint run's job failed, in its folder
 
 
 def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
@@ -57,6 +60,22 @@ def prepare_folder(cfg: TrainConfig, resume: bool) -> Path:
     clean_stale(folder)
     if not run_file.is_file():
         write_json(run_file, {"config": mine, "versions": versions()})
+    return folder
+
+
+def fresh_folder(cfg: TrainConfig, resume: bool) -> Path:
+    """The tenant's run folder, as a solo run prepares its own; an earlier refusal's error.json goes.
+    A `<tenant>/<name>` job's tenant folder must not be a run itself (nothing would find the runs in it)."""
+    folder = Path(cfg.out)
+    if is_run(folder.parent):
+        raise TiedLoraError(
+            f"{folder.parent} holds a run of its own: a job named {folder.parent.name}/{folder.name} cannot put its "
+            "run folder inside it; name it otherwise."
+        )
+    if folder.is_dir() and [p.name for p in folder.iterdir()] == [ERROR]:
+        discard(folder / ERROR)  # an earlier attempt refused before its run began
+    folder = prepare_folder(cfg, resume)
+    discard(folder / ERROR)
     return folder
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,32 +13,21 @@ import torch
 from torch import nn
 
 from ..adapter_file import load, save
-from ..config import TiedLoraError
-from ..loss import answer_tokens, collate, mean_loss, pack
+from ..layer import row_seeds
+from ..loss import TokenLoss, mean_loss
 from ..model import apply, trainable_parameters
 from ..quantize import quantize
-from ..runs import BEST, CHECKPOINTS, RESULTS, read_json, write_json, write_jsonl
-from .checkpoints import Checkpoints, resume_state
+from ..runs import BEST, RESULTS, read_json, write_json, write_jsonl
+from .checkpoints import Checkpoints, TrainState, resume_state
 from .config import TrainConfig
-from .data import Data, load_data, micro_batches, step_batches
+from .data import Data, load_data
 from .folder import Log, prepare_folder, versions
 from .processes import Processes
+from .step import Diverged, Figures, Trainee, lr_at, step_trainees
 
 if TYPE_CHECKING:
     from ..evaluate import Scorer
     from ..tasks import TaskLike
-
-
-class Diverged(TiedLoraError):
-    """A non-finite loss or gradient: training stops and the last good checkpoint stays."""
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay to 0 at `max_steps` (step counts from 0)."""
-    if step < cfg.warmup_steps:
-        return cfg.peak_lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.peak_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclass
@@ -80,90 +67,48 @@ class Run:
         return self.scorer().scores(self.task, rows)
 
 
-def diverged(cfg: TrainConfig, step: int, total: torch.Tensor, params) -> Diverged | None:
-    """The error to stop with if step `step`'s loss `total` or a gradient is not finite."""
-    bad_loss = not torch.isfinite(total)
-    if not bad_loss and all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-        return None
-    what = (
-        f"the training loss became {total.item()}"
-        if bad_loss
-        else f"a gradient became non-finite (loss {total.item():.4g})"
-    )
-    return Diverged(
-        f"{what} at step {step + 1} (lr {lr_at(step, cfg):.3g}); the last good checkpoint stays in "
-        f"{Path(cfg.out) / CHECKPOINTS}; lower --lr and start again, or --resume from it."
-    )
+def train_step(run: Run, loss_fn, optimizer, params, step: int) -> Figures:
+    """One optimizer step of a run alone: the one step (`step.step_trainees`) of one trainee, its
+    examples' dropout seeds set for the model's adapted layers; returns (loss, input tokens,
+    answer tokens)."""
+    trainee = Trainee(run.folder.name, run.cfg, run.data, step, optimizer, params)
+    outcome = step_trainees([trainee], loss_fn, run.procs, lambda parts: row_seeds(parts[0][2]))[trainee.name]
+    if isinstance(outcome, Diverged):
+        raise outcome
+    return outcome
 
 
-def train_step(run: Run, loss_fn, optimizer, params, step: int):
-    """One optimizer step over global batch `step`; returns (loss, input tokens, answer tokens)."""
-    cfg, data, procs = run.cfg, run.data, run.procs
-    torch.manual_seed(cfg.seed * 100_003 + step * procs.world + procs.rank)  # dropout masks: a function of the step
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, cfg)
-    loss_fn.train()
-    indices = step_batches(len(data.train), cfg, step)
-    n_tokens = answer_tokens([data.train[i] for i in indices])
-    mine = micro_batches(indices, data.train, cfg, procs.world, procs.rank)
-    total = torch.zeros((), device=procs.device)
-    for j, chunk in enumerate(mine):
-        examples = [data.train[i] for i in chunk]
-        batch = (
-            pack(examples, data.pad, cfg.max_length, procs.device)
-            if cfg.packing
-            else collate(examples, data.pad, procs.device)
-        )
-        last = j == len(mine) - 1
-        sync = procs.accelerator.no_sync(loss_fn) if not last and not procs.fsdp else contextlib.nullcontext()
-        with sync, torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=procs.bf16):
-            loss = loss_fn(**batch) / n_tokens
-            procs.accelerator.backward(loss * procs.world)  # DDP averages over processes; the loss is a global mean
-        total += loss.detach()
-    if procs.fsdp:  # the adapter is not sharded: average its gradients as DDP would
-        procs.sum_gradients(params)
-        for p in params:
-            p.grad /= procs.world
-    total = procs.accelerator.reduce(total, reduction="sum")
-    bad = diverged(cfg, step, total, params)
-    if bad is not None:
-        raise bad
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total.item(), sum(len(data.train[i]["input_ids"]) for i in indices), n_tokens
-
-
-def validate(run: Run, loss_fn, state: dict) -> dict:
+def validate(run: Run, loss_fn, state: TrainState) -> dict:
     """Validation loss (and the headline metric if asked); keeps the best adapter and counts
     validations without improvement for early stopping. Returns the log's validation columns."""
     from tqdm.auto import tqdm
 
     cfg, data, procs = run.cfg, run.data, run.procs
     loss_fn.eval()
-    step = state["step"]
+    step = state.step
     val_loss = mean_loss(loss_fn, data.val, data.pad, cfg.micro_batch_size, procs.device)
     headline, metric = "", None
     if cfg.val_metric or cfg.early_stop_on == "metric":
         headline, metric = next(iter(run.score(data.val_rows[: cfg.val_rows]).items()))
     value = -metric if metric is not None and cfg.early_stop_on == "metric" else val_loss
-    if state["best"] is None or value < state["best"]:
-        state.update(best=value, best_step=step, bad_evals=0)
+    if state.best is None or value < state.best:
+        state.best, state.best_step, state.bad_evals = value, step, 0
         if procs.main:
             save(run.model, run.folder / BEST)
     else:
-        state["bad_evals"] += 1
-        if state["bad_evals"] >= cfg.patience:
-            state["stopped"] = f"early stop: no better validation {cfg.early_stop_on} in {cfg.patience} validations"
+        state.bad_evals += 1
+        if state.bad_evals >= cfg.patience:
+            state.stopped = f"early stop: no better validation {cfg.early_stop_on} in {cfg.patience} validations"
     if not run.quiet and procs.main:
         tqdm.write(
             f"step {step}: validation loss {val_loss:.4f}"
             + (f", {headline} {metric:.2f}" if metric is not None else "")
-            + (" (best)" if state["best_step"] == step else "")
+            + (" (best)" if state.best_step == step else "")
         )
     return {"val_loss": round(val_loss, 6), "val_metric": "" if metric is None else metric}
 
 
-def test_and_record(run: Run, state: dict, started: float) -> dict:
+def test_and_record(run: Run, state: TrainState, started: float) -> dict:
     """Score the best adapter by its task's test (own data: on the validation rows, by loss and
     perplexity, the metric if one was chosen, and a few sample generations); write the file the
     task keeps its predictions in (predictions.jsonl; samples.jsonl for own data) and results.json."""
@@ -180,12 +125,12 @@ def test_and_record(run: Run, state: dict, started: float) -> dict:
         "model": cfg.model,
         "params": trainable_parameters(run.model),
         "metrics": scores,
-        "steps": state["step"],
-        "best_step": state["best_step"],
-        "validation": {"on": cfg.early_stop_on, "best": abs(state["best"]) if state["best"] is not None else None},
-        "stopped": state["stopped"] or "max_steps",
-        "train_tokens": state["tokens"],
-        "train_time_s": round(state["elapsed_s"], 1),
+        "steps": state.step,
+        "best_step": state.best_step,
+        "validation": {"on": cfg.early_stop_on, "best": abs(state.best) if state.best is not None else None},
+        "stopped": state.stopped or "max_steps",
+        "train_tokens": state.tokens,
+        "train_time_s": round(state.elapsed_s, 1),
         "wall_time_s": round(time.time() - started, 1),
         "precision": "bf16" if procs.bf16 else "fp32",
         "processes": procs.world,
@@ -215,16 +160,19 @@ def long_examples(data: Data, cfg: TrainConfig) -> str:
     return f"tiedlora train: {data.long} of {total} training examples exceed --max_length {cfg.max_length}; {fate}."
 
 
-def record_step(run: Run, loss_fn, optimizer, checkpoints: Checkpoints, log: Log, state: dict, figures: tuple) -> dict:
+def record_step(
+    run: Run, loss_fn, optimizer, checkpoints: Checkpoints, log: Log, state: TrainState, figures: tuple
+) -> tuple[dict, bool]:
     """After an optimizer step (`figures`: its loss, input and answer tokens, seconds): the state
     moves on, validation runs when due, the log gets its row and a checkpoint is written when
-    due; the same for a run alone and for each tenant of a joint one. Returns the log's row."""
+    due; the same for a run alone and for each tenant of a joint one. Returns the log's row, and
+    whether a checkpoint was written."""
     cfg = run.cfg
     loss, n_inputs, n_answers, dt = figures
-    state["step"] += 1
-    state["tokens"] += n_answers
-    state["elapsed_s"] += dt
-    step = state["step"]
+    state.step += 1
+    state.tokens += n_answers
+    state.elapsed_s += dt
+    step = state.step
     row = {
         "step": step,
         "loss": round(loss, 6),
@@ -232,15 +180,16 @@ def record_step(run: Run, loss_fn, optimizer, checkpoints: Checkpoints, log: Log
         "tokens_per_s": round(n_inputs / dt, 1),
         "val_loss": "",
         "val_metric": "",
-        "elapsed_s": round(state["elapsed_s"], 2),
+        "elapsed_s": round(state.elapsed_s, 2),
     }
     if step % cfg.val_every == 0 or step == cfg.max_steps:
         row.update(validate(run, loss_fn, state))
     log.write(**row)
     checkpoint_every = cfg.checkpoint_every or cfg.val_every
-    if run.procs.main and (step % checkpoint_every == 0 or step == cfg.max_steps or state["stopped"]):
+    due = step % checkpoint_every == 0 or step == cfg.max_steps or state.stopped is not None
+    if due and run.procs.main:
         checkpoints.write(run.model, optimizer, state)
-    return row
+    return row, due and run.procs.main
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=None) -> dict:
@@ -271,24 +220,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
     checkpoints = Checkpoints(folder)
     state = resume_state(checkpoints, resume, model, optimizer, cfg, procs.main)
-    loss_fn, optimizer = procs.wrap(model, optimizer)
+    loss_fn = TokenLoss(procs.place(model))
     run = Run(cfg, model, tokenizer, task, data, procs, folder, quiet)
-    log = Log(folder, state["step"], procs.main)
+    log = Log(folder, state.step, procs.main)
     bar = tqdm(
         total=cfg.max_steps,
-        initial=state["step"],
+        initial=state.step,
         desc=f"{cfg.task} {cfg.config} r{cfg.rank}",
         unit="step",
         disable=quiet or not procs.main,
         dynamic_ncols=True,
     )
     try:
-        while state["step"] < cfg.max_steps and state["stopped"] is None:
+        while state.step < cfg.max_steps and state.stopped is None:
             t0 = time.time()
-            loss, n_inputs, n_answers = train_step(run, loss_fn, optimizer, params, state["step"])
+            loss, n_inputs, n_answers = train_step(run, loss_fn, optimizer, params, state.step)
             dt = time.time() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_at(state['step'], cfg):.2e}", tok_s=f"{n_inputs / dt:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_at(state.step, cfg):.2e}", tok_s=f"{n_inputs / dt:.0f}")
             record_step(run, loss_fn, optimizer, checkpoints, log, state, (loss, n_inputs, n_answers, dt))
             procs.accelerator.wait_for_everyone()
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,9 +12,14 @@ from torch import nn
 
 from ..config import TiedLoraError
 from ..layout import find_layers
-from ..loss import TokenLoss
 from ..model import adapter_parameters, has_adapter
 from .config import TrainConfig
+
+
+def main_process() -> bool:
+    """Is this the process that writes run folders and speaks for all? Under torchrun, rank 0
+    (read from the environment, so it answers before the processes have started); alone, yes."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 @dataclass
@@ -75,12 +81,6 @@ class Processes:
         """`model` on this process's device, its decoder layers sharded over the processes under --fsdp."""
         model.to(self.device)
         return shard_layers(model) if self.fsdp else model
-
-    def wrap(self, model: nn.Module, optimizer):
-        """The loss module and optimizer as the engine needs them."""
-        if self.fsdp:
-            return TokenLoss(self.place(model)), self.accelerator.prepare(optimizer)
-        return self.accelerator.prepare(TokenLoss(model), optimizer)
 
 
 def native_bf16(device: torch.device) -> bool:

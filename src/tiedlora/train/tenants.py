@@ -15,186 +15,58 @@ own answer tokens and its AdamW steps alone, so its gradient is the one its solo
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import itertools
-import json
-import os
 import threading
 import time
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..atomic import discard, json_bytes, write_atomic
+from ..atomic import json_bytes, write_atomic
 from ..config import TiedLoraError
-from ..layer import AdaptedLinear
 from ..layout import replace_submodule
-from ..loss import TokenLoss, answer_tokens, collate, pack_rows, packed_batch
+from ..loss import TokenLoss
 from ..model import apply, has_adapter, root
-from ..runs import JOB_NAME, RESULTS, is_run, read_json
+from ..runs import RESULTS, read_json
 from .checkpoints import Checkpoints, resume_state
 from .config import TrainConfig
-from .data import load_data, micro_batches, step_batches
-from .folder import Log, prepare_folder
-from .loop import Diverged, Run, diverged, long_examples, lr_at, record_step, test_and_record
-from .processes import Processes
+from .data import load_data
+from .folder import ERROR, Log, fresh_folder
+from .jobs_file import JobSpec, check_job, read_jobs
+from .loop import Run, long_examples, record_step, test_and_record
+from .processes import Processes, main_process
+from .routing import Members, Route, Routed, Segment, frame_of
+from .step import Diverged, Figures, Parts, Trainee, step_trainees
 
-# Options of the base model and of the processes, the same for every tenant: given once, on the
-# command line (or to JointTraining), never per job.
-SHARED = ("model", "quantize", "precision", "fsdp", "out")
 SUMMARY = "jobs.json"
-ERROR = "error.json"
-
-Members = dict[str, AdaptedLinear]  # a tenant's adapted projections by their path in the model
 
 
-@dataclass
-class Job:
-    """One tenant: a run folder name and its `tiedlora train --data` options."""
+@dataclass(frozen=True)
+class StepReport:
+    """A tenant's step, as whoever follows the joint run (the fine-tuning worker) reads it."""
 
     name: str
-    options: dict[str, Any]
+    step: int
+    total_steps: int
+    loss: float
+    val_loss: float | None  # None where the step did not validate
+    tokens: int  # answer tokens trained on so far
+    checkpoint: bool  # this step wrote a checkpoint (`checkpoint/step-<step>`)
 
 
-def read_jobs(path: str | Path) -> tuple[list[Job], dict[str, str]]:
-    """The jobs of a JSON-lines file, and the lines refused (by name, or `line N` where the
-    name itself is unusable) with why; relative `data` and `validation` paths are read from
-    the file's folder."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TiedLoraError(f"--jobs {path}: cannot read it ({e}); give a JSON-lines file of jobs.") from None
-    jobs: list[Job] = []
-    refused: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            job = json.loads(line)
-        except json.JSONDecodeError as e:
-            refused[f"line {n}"] = f"{path} line {n} is not JSON ({e.msg})."
-            continue
-        if not isinstance(job, dict) or not isinstance(job.get("name"), str) or not JOB_NAME.fullmatch(job["name"]):
-            refused[f"line {n}"] = (
-                f"{path} line {n}: each job needs a \"name\", the folder its run is written to: letters, digits, '.', "
-                "'_' or '-' (at most 64, not starting with '.', '_' or '-'), or <tenant>/<name> of two such (its "
-                "folder <out>/<tenant>/<name>, served to that tenant's keys alone)."
-            )
-            continue
-        name, options = job.pop("name"), job
-        if name in refused or any(j.name == name for j in jobs):
-            refused[f"line {n}"] = f"{path} line {n}: the name {name!r} is taken by an earlier line; names are unique."
-            continue
-        nested = next((j.name for j in jobs if name.startswith(f"{j.name}/") or j.name.startswith(f"{name}/")), None)
-        if nested is not None:
-            refused[f"line {n}"] = (
-                f"{path} line {n}: the name {name!r} and {nested!r} (an earlier line) would put one run folder inside "
-                "the other; name a tenant's jobs <tenant>/<name> only."
-            )
-            continue
-        for key in ("data", "validation"):
-            if isinstance(options.get(key), str) and not Path(options[key]).is_absolute():
-                local = path.parent / options[key]
-                options[key] = str(local) if local.exists() or key == "validation" else options[key]
-        jobs.append(Job(name, options))
-    return jobs, refused
+@dataclass(frozen=True)
+class FinishReport:
+    """A job's end: `results` (results.json's content) if it succeeded, `error` if it failed,
+    neither if it was cancelled."""
 
-
-def check_options(job: Job) -> None:
-    """A job's own options: those of a solo --data run, except what every tenant shares."""
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(job.options) - known)
-    if unknown:
-        raise TiedLoraError(f"job {job.name!r}: unknown option {unknown[0]!r}; a job takes tiedlora train's options.")
-    shared = sorted(set(job.options) & set(SHARED))
-    if shared:
-        raise TiedLoraError(
-            f"job {job.name!r} sets {shared[0]!r}, which every tenant shares: give it once, on the command line."
-        )
-    if not isinstance(job.options.get("data"), str):
-        raise TiedLoraError(f'job {job.name!r} needs "data": the path of its .jsonl, .csv or .parquet rows.')
-
-
-def fresh_folder(cfg: TrainConfig, resume: bool) -> Path:
-    """The tenant's run folder, as a solo run prepares its own; an earlier refusal's error.json goes.
-    A `<tenant>/<name>` job's tenant folder must not be a run itself (nothing would find the runs in it)."""
-    folder = Path(cfg.out)
-    if is_run(folder.parent):
-        raise TiedLoraError(
-            f"{folder.parent} holds a run of its own: a job named {folder.parent.name}/{folder.name} cannot put its "
-            "run folder inside it; name it otherwise."
-        )
-    if folder.is_dir() and [p.name for p in folder.iterdir()] == [ERROR]:
-        discard(folder / ERROR)  # an earlier attempt refused before its run began
-    folder = prepare_folder(cfg, resume)
-    discard(folder / ERROR)
-    return folder
-
-
-def frame_of(model: nn.Module) -> nn.Module:
-    """A copy of `model`'s module tree sharing its parameters, buffers and leaf modules (the
-    projections, norms and embeddings themselves): a tenant's adapter goes on a frame (it replaces
-    projections inside their parents, which are the frame's own), where it is saved, loaded and
-    counted as a solo run's, and the frame's forward is the base's with that adapter alone.
-    Sharing the leaves keeps a frame to about a fifth of the module objects, the most of a
-    tenant's memory (0.82 MB of module objects per SmolLM2 frame copied whole)."""
-    shared: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    shared |= {id(m): m for m in model.modules() if next(m.children(), None) is None}
-    return copy.deepcopy(model, memo=shared)
-
-
-class Route:
-    """Which rows of the batch in flight go through which tenant's adapter."""
-
-    def __init__(self):
-        self.segments: list[tuple[Members, slice]] = []
-
-    @contextlib.contextmanager
-    def __call__(self, segments: list[tuple[Members, slice]]):
-        self.segments = segments
-        try:
-            yield
-        finally:
-            self.segments = []
-
-
-class Routed(nn.Module):
-    """A base projection shared by the tenants: W x once for the whole batch, then each tenant's
-    (alpha/r) diag(v) B diag(u) A x on its own rows, from its frame's adapter (as
-    `AdaptedLinear` computes it: one addmm onto W x)."""
-
-    def __init__(self, base: nn.Module, path: str, route: Route):
-        super().__init__()
-        self.base, self.path = base, path
-        self._route = (route,)  # shared by every routed projection, not a submodule
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.base(x)
-        segments = self._route[0].segments
-        if not segments:
-            return z
-        parts = []
-        for members, rows in segments:
-            member = members.get(self.path)
-            zs = z[rows]
-            if member is None:  # this tenant leaves this projection alone
-                parts.append(zs)
-                continue
-            adapter, xs = member.adapter, x[rows]
-            # dropout in the base's mode (training steps, not validation): the frames are not its submodules
-            xs = xs if adapter.dropout is None else F.dropout(xs, adapter.dropout.p, self.training)
-            h = F.linear(xs, adapter.down_weight().to(x.dtype))
-            up = adapter.up_weight(member.rows).to(x.dtype).t()
-            parts.append(torch.addmm(zs.reshape(-1, zs.shape[-1]), h.reshape(-1, h.shape[-1]), up).view(zs.shape))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)  # one: a tenant's validation or test
+    name: str
+    status: str  # succeeded, failed or cancelled
+    folder: Path
+    results: dict | None
+    error: str | None
 
 
 class Tenant:
@@ -218,18 +90,20 @@ class Tenant:
         self.state = resume_state(self.checkpoints, resume, model, self.optimizer, cfg, main=False)
         self.run = Run(cfg, model, tokenizer, task, data, procs, folder, quiet=True, scored_on=base.model)
         self.loss_fn = base
-        self.log = Log(folder, self.state["step"], procs.main, tensorboard=False)
+        self.log = Log(folder, self.state.step, procs.main, tensorboard=False)
         self.members: Members = {path: m for site in root(model).sites for path, m in site.members}
         self.long = long_examples(data, cfg) if data.long else None
 
-    def record(self, figures: tuple) -> float | None:
-        """The step recorded (validated, logged, checkpointed when due); its validation loss, if it validated."""
-        row = record_step(self.run, self.loss_fn, self.optimizer, self.checkpoints, self.log, self.state, figures)
-        return row["val_loss"] if row["val_loss"] != "" else None
+    def record(self, figures: tuple) -> StepReport:
+        """The step recorded (validated, logged, checkpointed when due), as its report says."""
+        run, state = self.run, self.state
+        row, written = record_step(run, self.loss_fn, self.optimizer, self.checkpoints, self.log, state, figures)
+        val_loss = row["val_loss"] if row["val_loss"] != "" else None
+        return StepReport(self.name, state.step, run.cfg.max_steps, figures[0], val_loss, state.tokens, written)
 
     @property
     def done(self) -> bool:
-        return self.state["step"] >= self.run.cfg.max_steps or self.state["stopped"] is not None
+        return self.state.step >= self.run.cfg.max_steps or self.state.stopped is not None
 
 
 class JointTraining:
@@ -239,9 +113,9 @@ class JointTraining:
     tenants, so activations take no more memory than the largest solo run's); more rows are
     split over several passes, which changes no gradient. A job
     whose options, data or loss go wrong fails alone: `error.json` in its folder, its line in
-    `jobs.json` beside the run folders, and `on_finish`. `on_step(name, step, loss, tokens,
-    val_loss)` follows each tenant's every step (val_loss None where it did not validate);
-    `on_finish(name, folder, results, error)` each end (results and error both None: cancelled)."""
+    `jobs.json` beside the run folders, and `on_finish`. `on_step` gets each tenant's every step
+    (a `StepReport`), `on_finish` each end (a `FinishReport`). With `keep_ended=False` (a long-lived
+    worker) an ended job leaves the trainer's memory once reported; else `run` returns it in the summary."""
 
     def __init__(
         self,
@@ -253,8 +127,9 @@ class JointTraining:
         max_rows: int | None = None,
         resume: bool = False,
         quiet: bool = False,
-        on_step: Callable[[str, int, float, int, float | None], None] | None = None,
-        on_finish: Callable[[str, Path, dict | None, str | None], None] | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
+        on_finish: Callable[[FinishReport], None] | None = None,
+        keep_ended: bool = True,
     ):
         model, self.tokenizer = base
         if has_adapter(model):
@@ -266,12 +141,12 @@ class JointTraining:
         if max_rows is not None and max_rows < 1:
             raise TiedLoraError(f"--max_rows {max_rows} must be at least 1 (or unset: the largest --micro_batch_size).")
         self.max_active, self.max_rows, self.resume, self.quiet = max_active, max_rows, resume, quiet
-        self.on_step, self.on_finish = on_step, on_finish
+        self.on_step, self.on_finish, self.keep_ended = on_step, on_finish, keep_ended
         self.frame = frame_of(model)  # taken before any projection is routed
         self.route = Route()
         self.loss_fn = TokenLoss(model)
         self.routed: dict[str, Routed] = {}
-        self.waiting: list[Job] = []
+        self.waiting: list[JobSpec] = []
         self.active: list[Tenant] = []
         self.cancelled: set[str] = set()
         self.status: dict[str, dict] = {}
@@ -281,11 +156,10 @@ class JointTraining:
 
     @property
     def main(self) -> bool:
-        """The process that writes folders and speaks (under torchrun: rank 0; before the first
-        job starts the processes, every one, none having written anything yet)."""
-        return self.procs is None or self.procs.main
+        """The process that writes folders and speaks (under torchrun: rank 0)."""
+        return main_process() if self.procs is None else self.procs.main
 
-    def add(self, job: Job) -> None:
+    def add(self, job: JobSpec) -> None:
         with self.lock:
             if job.name in self.status and self.status[job.name]["status"] in ("waiting", "training"):
                 raise TiedLoraError(f"job {job.name!r} is already waiting or training; names are unique.")
@@ -296,7 +170,8 @@ class JointTraining:
     def cancel(self, name: str) -> None:
         """The job leaves before its next step (its checkpoints stay); no-op once it ended."""
         with self.lock:
-            self.cancelled.add(name)
+            if self.status.get(name, {}).get("status") in ("waiting", "training"):
+                self.cancelled.add(name)
 
     def refuse(self, key: str, message: str) -> None:
         """A line of the jobs file that names no usable job."""
@@ -308,9 +183,7 @@ class JointTraining:
         """Train until no job waits or trains; the summary (also in `jobs.json`) by name."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(
-            desc="tenants", unit="step", disable=self.quiet or os.environ.get("RANK", "0") != "0", dynamic_ncols=True
-        )
+        bar = tqdm(desc="tenants", unit="step", disable=self.quiet or not self.main, dynamic_ncols=True)
         try:
             while True:
                 self.admit()
@@ -327,9 +200,9 @@ class JointTraining:
                         continue
                     loss, n_inputs, n_answers = outcome
                     with self.alone(tenant):
-                        val_loss = tenant.record((loss, n_inputs, n_answers, dt))
+                        report = tenant.record((loss, n_inputs, n_answers, dt))
                     if self.on_step:
-                        self.on_step(tenant.name, tenant.state["step"], loss, n_answers, val_loss)
+                        self.on_step(report)
                     if tenant.done:
                         self.finish(tenant)
                 bar.update(len(figures))
@@ -351,10 +224,13 @@ class JointTraining:
                     return
                 job = self.waiting.pop(0)
                 if job.name in self.cancelled:
+                    self.cancelled.discard(job.name)
                     self.status[job.name].update(status="cancelled")
+                    if not self.keep_ended:
+                        del self.status[job.name]
                     continue
             try:
-                check_options(job)
+                check_job(job)
                 cfg = TrainConfig(**{**self.shared, **job.options, "out": str(self.out / job.name)})
                 if self.procs is None:
                     self.procs = Processes.start(cfg)
@@ -374,83 +250,21 @@ class JointTraining:
                     replace_submodule(self.model, path, self.routed[path])
             self.active.append(tenant)
             with self.lock:
-                self.status[job.name].update(status="training", steps=tenant.state["step"])
+                self.status[job.name].update(status="training", steps=tenant.state.step)
             self.write_summary()
 
-    def step(self, tenants: list[Tenant]) -> dict[str, tuple[float, int, int] | Diverged]:
-        """One optimizer step of every tenant: each contributes its global batch of this step,
-        cut into its micro batches (length-sorted, as alone); micro batch j of the joint step is
-        every tenant's micro batch j, in passes of at most `max_rows` rows, each row through its
-        tenant's adapter, each tenant's loss over its own answer tokens."""
+    def step(self, tenants: list[Tenant]) -> dict[str, Figures | Diverged]:
+        """One optimizer step of every tenant (`step.step_trainees`), each row through its tenant's
+        adapter, each tenant's loss over its own answer tokens."""
         procs = self.procs
         assert procs is not None
-        plans = []
-        for t in tenants:
-            cfg, step, train = t.run.cfg, t.state["step"], t.run.data.train
-            for group in t.optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            indices = step_batches(len(train), cfg, step)
-            chunks = micro_batches(indices, train, cfg, procs.world, procs.rank)  # this process's share
-            n_inputs = sum(len(train[i]["input_ids"]) for i in indices)
-            plans.append((t, chunks, answer_tokens([train[i] for i in indices]), n_inputs))
-        totals = {t.name: torch.zeros((), device=procs.device) for t in tenants}
-        # dropout masks: a function of who trains at which step, so a resumed run draws the same ones
-        key = json.dumps([procs.rank] + [(t.name, t.run.cfg.seed, t.state["step"]) for t in tenants]).encode()
-        self.loss_fn.train()
-        limit = self.max_rows or max(t.run.cfg.micro_batch_size for t in tenants)
-        for j in range(max(len(chunks) for _, chunks, _, _ in plans)):
-            rows = [(t, n_answers, i) for t, chunks, n_answers, _ in plans if j < len(chunks) for i in chunks[j]]
-            for c, start in enumerate(range(0, len(rows), limit)):
-                torch.manual_seed(zlib.crc32(key + f"/{j}/{c}".encode()))  # distinct for every pass
-                self.forward_backward(rows[start : start + limit], totals)
-        procs.sum_gradients([p for t in tenants for p in t.params])
-        if procs.world > 1:
-            summed = torch.stack([totals[t.name] for t in tenants])
-            torch.distributed.all_reduce(summed)
-            totals = dict(zip((t.name for t in tenants), summed))
-        figures: dict[str, tuple[float, int, int] | Diverged] = {}
-        for t, _, n_answers, n_inputs in plans:
-            total = totals[t.name]
-            bad = diverged(t.run.cfg, t.state["step"], total, t.params)
-            if bad is not None:
-                figures[t.name] = bad
-            else:
-                t.optimizer.step()
-                figures[t.name] = (total.item(), n_inputs, n_answers)
-            t.optimizer.zero_grad(set_to_none=True)
-        return figures
+        trainees = [Trainee(t.name, t.run.cfg, t.run.data, t.state.step, t.optimizer, t.params) for t in tenants]
+        members = {t.name: t.members for t in tenants}
 
-    def forward_backward(self, rows: list[tuple[Tenant, int, int]], totals: dict[str, torch.Tensor]) -> None:
-        """One forward and backward pass over `rows` (tenant, its answer tokens this step, example
-        index), each tenant's rows contiguous; each tenant's loss divided by its own answer tokens.
-        A pass holding a tenant that trains with --packing is packed throughout: that tenant's
-        examples end to end in rows of its --max_length, as alone, the others' one to a row."""
-        procs = self.procs
-        assert procs is not None
-        owners: list[tuple[Tenant, int, list[dict]]] = []  # each tenant's examples in this pass
-        for t, n_answers, i in rows:
-            if not owners or owners[-1][0] is not t:
-                owners.append((t, n_answers, []))
-            owners[-1][2].append(t.run.data.train[i])
-        pad = rows[0][0].run.data.pad
-        if any(t.run.cfg.packing for t, _, _ in owners):
-            laid = [
-                pack_rows(ex, t.run.cfg.max_length) if t.run.cfg.packing else [[e] for e in ex] for t, _, ex in owners
-            ]
-            batch = packed_batch([row for tenant_rows in laid for row in tenant_rows], pad, procs.device)
-            counts = [len(tenant_rows) for tenant_rows in laid]
-        else:
-            batch = collate([e for _, _, ex in owners for e in ex], pad, procs.device)
-            counts = [len(ex) for _, _, ex in owners]
-        ends = list(itertools.accumulate(counts))
-        spans = [slice(end - n, end) for end, n in zip(ends, counts)]
-        segments = [(t.members, span) for (t, _, _), span in zip(owners, spans)]
-        with self.route(segments), torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=procs.bf16):
-            per_row = self.loss_fn(**batch, per_row=True)
-            losses = [per_row[span].sum() / n_answers for (_, n_answers, _), span in zip(owners, spans)]
-        torch.stack(losses).sum().backward()
-        for (t, _, _), loss in zip(owners, losses):
-            totals[t.name] += loss.detach()
+        def through(parts: Parts):
+            return self.route([Segment(members[t.name], span, seeds) for t, span, seeds in parts])
+
+        return step_trainees(trainees, self.loss_fn, procs, through, self.max_rows)
 
     def finish(self, tenant: Tenant, error: str | None = None, cancelled: bool = False) -> None:
         """The tenant leaves the batch: scored and recorded if it trained to its end; its last
@@ -468,11 +282,11 @@ class JointTraining:
         if error is not None and procs.main:
             write_atomic(tenant.run.folder / ERROR, json_bytes({"error": error}))
         status = "cancelled" if cancelled else "failed" if error is not None else "succeeded"
-        self.ended(tenant.name, status, tenant.run.folder, results, error, steps=tenant.state["step"])
+        self.ended(tenant.name, status, tenant.run.folder, results, error, steps=tenant.state.step)
 
     def alone(self, tenant: Tenant):
         """The base model routed to `tenant`'s adapter on every row, for its validation and test."""
-        return self.route([(tenant.members, slice(None))])
+        return self.route([Segment(tenant.members, slice(None))])
 
     def fail(self, name: str, error: str) -> None:
         """A job refused before it trained: its options or its data."""
@@ -494,7 +308,11 @@ class JointTraining:
                 self.status[name].update(steps=results["steps"], metrics=results["metrics"])
         self.write_summary()
         if self.on_finish:
-            self.on_finish(name, folder, results, error)
+            self.on_finish(FinishReport(name, status, folder, results, error))
+        if not self.keep_ended:
+            with self.lock:
+                self.status.pop(name, None)
+                self.cancelled.discard(name)
 
     def write_summary(self) -> None:
         if not self.main:
@@ -512,7 +330,7 @@ class JointTraining:
 
 
 def train_jobs(
-    jobs: list[Job],
+    jobs: list[JobSpec],
     base: tuple[nn.Module, Any],
     out: str | Path,
     *,
