@@ -34,11 +34,12 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints-vllm.txt
 demo: install
 	$(BIN)/python examples/demo.py
 
-# Lint, format and types first: they fail within a minute (mypy takes ~40 s without its cache), before the tests do.
+# Lint, format, types and the tiers' import contract (pyproject.toml) first: they fail within a minute (mypy takes ~40 s without its cache), before the tests do.
 test: install $(VLLM_VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # The docs/ pages as a site in build/site; --strict turns every warning, a broken link among them, into a failure

@@ -5,7 +5,7 @@
 # the same budget.
 #   1. r = 8 at both learning rates for every configuration, plus Table 3's cells (LoRA on
 #      layer 0, 15 or 29 alone);
-#   2. each configuration's learning rate chosen on validation at r = 8 (tiedlora.sweep.chosen_lrs);
+#   2. each configuration's learning rate chosen on validation at r = 8 (tiedlora.paper.sweep.chosen_lrs);
 #   3. r = 2, 32, 128 at that learning rate, until DEADLINE seconds have passed;
 #   4. with SEEDS (e.g. "1 2"), lora, tl5 and tl6 at r = 8 again at each of those seeds (the
 #      seed sets the adapter's init and the data order), at the same learning rates, each seed in
@@ -50,7 +50,7 @@ for task in gsm8k dialogsum iwslt2017-de-en squad hellaswag; do
   (
     shards "$OUT_DIR" "$task" --configs all --ranks 8 --layers 0,15,29 --lrs 1e-3,1e-2
     [ "$(left)" -gt 0 ] || exit 0
-    lrs=$($PYTHON -c "from tiedlora.sweep import chosen_lrs; print(chosen_lrs('$OUT_DIR/$task', 8))")
+    lrs=$($PYTHON -c "from tiedlora.paper.sweep import chosen_lrs; print(chosen_lrs('$OUT_DIR/$task', 8))")
     echo "$task: learning rates chosen on validation at r = 8: $lrs"
     for seed in $SEEDS; do
       shards "$OUT_DIR/seed$seed" "$task" --configs lora,tl5,tl6 --ranks 8 --lrs "$lrs" --seed "$seed"

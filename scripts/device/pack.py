@@ -12,7 +12,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from tiedlora.report import best, select
+from tiedlora.paper.report import best, select
 from tiedlora.runs import load_results
 
 

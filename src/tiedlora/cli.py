@@ -46,7 +46,7 @@ def train(
     **options,
 ) -> None:
     """Train an adapter, then score it on the test split. Options left unset come from the
-    task's paper recipe (configs/paper/<task>.yaml), then from the defaults shown. With --jobs,
+    task's paper recipe (paper/configs/<task>.yaml), then from the defaults shown. With --jobs,
     many tenants' adapters train together on one base model loaded once.
 
     Args:
@@ -108,7 +108,7 @@ def sweep(
         quiet: No line per cell.
     """
     from .config import PRESETS
-    from .sweep import CELL_FIELDS, grid, parse_lrs, parse_shard, run_sweep
+    from .paper.sweep import CELL_FIELDS, grid, parse_lrs, parse_shard, run_sweep
     from .tasks import TASKS
     from .train import TrainConfig
 
@@ -134,7 +134,7 @@ def report(sweep: str, *, out: str, source: str | None = None, intervals: bool =
         source: Where the test rows are, if not where each run read them (the intervals rescore its predictions).
         intervals: Bootstrap 95 % intervals from each run's predictions.jsonl and test rows.
     """
-    from .report import report as write
+    from .paper.report import report as write
 
     written = write(sweep, out, source, intervals)
     print(f"wrote {out}: table2, table3 (md, csv), {', '.join(Path(f).name for f in written['figures'])}, summary.md")
@@ -269,8 +269,8 @@ def parser():
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     from .evaluate import EvalConfig
+    from .paper.sweep import CELL_FIELDS
     from .serve.config import ServeConfig
-    from .sweep import CELL_FIELDS
     from .train import TrainConfig
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..tasks import TaskLike
 
 PRECISIONS = ("auto", "bf16", "fp32")
-RECIPES = Path(__file__).parents[1] / "configs" / "paper"  # the paper's recipe per task, as YAML
+RECIPES = Path(__file__).parents[1] / "paper" / "configs"  # the paper's recipe per task, as YAML (data, not code)
 # What may change between a run and its resumption without changing the result.
 RESUMABLE = ("out", "test_rows", "eval_batch_size", "max_new_tokens")
 # Every group: better than q, k, v alone on SmolLM2 at the same steps (docs/training.md has the figures).
@@ -201,7 +201,7 @@ class TrainConfig:
 
 
 def from_recipe(options: dict) -> TrainConfig:
-    """The config of a run: the task's paper recipe (configs/paper/<task>.yaml), then `options`.
+    """The config of a run: the task's paper recipe (paper/configs/<task>.yaml), then `options`.
     Own data (--data) starts from TrainConfig's defaults instead."""
     recipe = RECIPES / f"{options.get('task', TrainConfig.task)}.yaml"
     base = yaml.safe_load(recipe.read_text()) if recipe.is_file() and options.get("data") is None else {}

@@ -1,6 +1,6 @@
 """The vLLM plugin: tiedlora adapters resolved by name, read by the one reader, exported
 losslessly to PEFT LoRA once each in a bounded cache; and vLLM's CPU build serving them with the
-same greedy answers as the adapter alone. The hostile folders of tests/test_hostile.py go
+same greedy answers as the adapter alone. The hostile folders of tests/quality/test_hostile.py go
 through this plugin's reader too."""
 
 import os
@@ -22,7 +22,7 @@ from tiedlora.serve.vllm_plugin import ExportCache
 
 from conftest import llama_folder, randomize, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, TiedLoraError
-from .models import load_model
+from ..config import PRESETS, TiedLoraError
+from ..models import load_model
+from ..runs import RESULTS, is_run, load_runs, read_json, write_json
+from ..train import Diverged, TrainConfig, from_recipe, train
 from .report import select
-from .runs import RESULTS, is_run, load_runs, read_json, write_json
-from .train import Diverged, TrainConfig, from_recipe, train
 
 CELL_FIELDS = ("task", "config", "rank", "lr", "layers", "model", "out")  # set per cell, not by the budget
 

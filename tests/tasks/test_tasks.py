@@ -19,7 +19,7 @@ from tiedlora import tasks
 from tiedlora.tasks import DataError, metrics
 from tiedlora.tasks.base import BUNDLED
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # Metrics, by hand.

@@ -7,8 +7,8 @@ import pytest
 
 from tiedlora import TiedLoraError
 from tiedlora.cli import main
-from tiedlora.report import report
-from tiedlora.sweep import Cell, grid, parse_shard
+from tiedlora.paper.report import report
+from tiedlora.paper.sweep import Cell, grid, parse_shard
 
 # (task, config, rank, lr, layer) -> (validation loss, test metric, params). Test metrics that
 # disagree with validation check that every choice is made on validation.
@@ -78,7 +78,7 @@ def test_table_2_places_every_number(sweep, tmp_path):
 
 
 def test_a_task_near_zero_does_not_blow_up_the_relative_gap():
-    from tiedlora.report import gaps
+    from tiedlora.paper.report import gaps
 
     rows = [
         {"task": t, "config": c, "metric_at_lora_rank": m, "P%_at_lora_rank": p}
@@ -96,7 +96,7 @@ def test_a_task_near_zero_does_not_blow_up_the_relative_gap():
 
 
 def test_a_configuration_missing_at_loras_best_rank_on_one_task_is_averaged_over_the_others():
-    from tiedlora.report import gaps
+    from tiedlora.paper.report import gaps
 
     rows = [
         {"task": t, "config": c, "metric_at_lora_rank": m, "P%_at_lora_rank": p}
@@ -280,7 +280,7 @@ def test_a_diverged_cell_is_recorded_and_the_sweep_goes_on(tiny_folder, tmp_path
 
 
 def test_learning_rates_per_configuration(tmp_path):
-    from tiedlora.sweep import chosen_lrs, parse_lrs
+    from tiedlora.paper.sweep import chosen_lrs, parse_lrs
 
     assert parse_lrs("1e-3,1e-2") == [1e-3, 1e-2]
     assert parse_lrs("lora:1e-3,tl6:1e-2,tl6:3e-3") == {"lora": [1e-3], "tl6": [1e-2, 3e-3]}
@@ -322,7 +322,7 @@ def test_learning_rates_per_configuration(tmp_path):
 def test_a_cell_out_of_memory_is_left_for_a_rerun(tiny_folder, tmp_path, monkeypatch, capsys):
     import torch
 
-    import tiedlora.sweep as sweep
+    import tiedlora.paper.sweep as sweep
 
     real = sweep.train
 

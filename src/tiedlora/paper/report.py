@@ -16,10 +16,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from .atomic import write_atomic
-from .config import PRESETS, TiedLoraError
+from ..atomic import write_atomic
+from ..config import PRESETS, TiedLoraError
+from ..runs import PREDICTIONS, load_runs, read_predictions
 from .intervals import Headlines, difference, headlines, interval, mean_of
-from .runs import PREDICTIONS, load_runs, read_predictions
 
 # The paper's LLaMA-2 7B finding, for the summary: tl6 1.36 % below LoRA on average with 12.5 % of its parameters.
 PAPER = "The paper (LLaMA-2 7B): tl6 is 1.36 % below LoRA on average, with 12.5 % of LoRA's parameters or fewer."
@@ -407,7 +407,7 @@ class Resampler:
         return self.done[id(run)]
 
     def resample(self, run: dict) -> Headlines | None:
-        from .tasks import TASKS
+        from ..tasks import TASKS
 
         path = self.folders[id(run)] / PREDICTIONS
         if not path.is_file() or run["task"] not in TASKS:

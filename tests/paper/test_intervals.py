@@ -12,9 +12,9 @@ import sacrebleu
 
 from tiedlora import TiedLoraError
 from tiedlora.cli import main
-from tiedlora.intervals import difference, headlines, interval, resampled_rows
-from tiedlora.report import report
-from tiedlora.sweep import Cell
+from tiedlora.paper.intervals import difference, headlines, interval, resampled_rows
+from tiedlora.paper.report import report
+from tiedlora.paper.sweep import Cell
 from tiedlora.tasks import TASKS
 
 
