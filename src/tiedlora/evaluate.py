@@ -18,6 +18,7 @@ from .loss import TokenLoss, encode_rows, mean_loss
 from .models import SMOLLM2, load_model
 from .runs import open_adapter, write_json
 from .tasks import TaskLike, task_for
+from .tasks.own import OwnDataOptions
 from .tokens import pad_batch, pad_id
 
 __all__ = ["EvalConfig", "Scorer", "choice_loglik", "evaluate", "evaluate_adapter", "generate", "loglik"]
@@ -103,7 +104,7 @@ def choice_loglik(model, tokenizer, task: TaskLike, rows: list[dict], batch_size
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(OwnDataOptions):
     """Every option of `tiedlora eval`."""
 
     task: str | None = None
@@ -130,14 +131,6 @@ class EvalConfig:
     """Data source (default: the run's, or bundled)."""
     chat: bool = False
     """Use the chat template."""
-    metric: str | None = None
-    """With --data: exact_match, f1, rougeL or bleu on generated answers."""
-    prompt_field: str = "prompt"
-    """With --data: the column holding the prompt."""
-    completion_field: str = "completion"
-    """With --data: the column holding the completion."""
-    messages_field: str = "messages"
-    """With --data: the column holding a conversation."""
     max_length: int = 1024
     """With --data: longer examples lose the start of their prompt in the loss."""
     samples: int = 5
@@ -159,10 +152,7 @@ class EvalConfig:
             self.task,
             self.data,
             split="train" if self.split == "test" else self.split,
-            prompt_field=self.prompt_field,
-            completion_field=self.completion_field,
-            messages_field=self.messages_field,
-            metric=self.metric,
+            **self.own_options(),
             samples=self.samples,
         )
 

@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..runs import SAMPLES
@@ -25,6 +26,27 @@ from . import metrics
 from .base import HELD_OUT, DataError, Rows, Scorer, json_lines, share
 
 ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class OwnDataOptions:
+    """How own data's rows are read and scored: one declaration for `tiedlora train` and
+    `tiedlora eval` (their configs inherit it), so a file trains and scores alike."""
+
+    prompt_field: str = "prompt"
+    """With --data: the column holding the prompt."""
+    completion_field: str = "completion"
+    """With --data: the column holding the completion."""
+    messages_field: str = "messages"
+    """With --data: the column holding a conversation."""
+    metric: str | None = None
+    """With --data: also score generated answers against the references: exact_match, f1, rougeL or bleu."""
+
+    def own_options(self) -> dict:
+        """These options by name, as `task_for` and `OwnData` take them."""
+        return {f.name: getattr(self, f.name) for f in fields(OwnDataOptions)}
+
+
 METRICS = ("exact_match", "f1", "rougeL", "bleu")
 FORMS = (
     'one object per row: {"prompt": str, "completion": str} or '

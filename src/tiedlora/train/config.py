@@ -11,6 +11,7 @@ import yaml
 
 from ..config import TiedLoraConfig, TiedLoraError
 from ..models import SMOLLM2
+from ..tasks.own import OwnDataOptions
 from .auto import learning_rate
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ UNRECORDED = {"targets": ["qkv"]}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OwnDataOptions):
     """Every option of `tiedlora train`; the defaults are the paper's recipe."""
 
     task: str = "gsm8k"
@@ -40,14 +41,6 @@ class TrainConfig:
     """With --data: a validation file (default: 10% of the rows, chosen by the sha256 of each row)."""
     split: str = "train"
     """With a Hub data set: the split to train on."""
-    prompt_field: str = "prompt"
-    """With --data: the column holding the prompt."""
-    completion_field: str = "completion"
-    """With --data: the column holding the completion."""
-    messages_field: str = "messages"
-    """With --data: the column holding a conversation."""
-    metric: str | None = None
-    """With --data: also score generated answers against the references: exact_match, f1, rougeL or bleu."""
     too_long: str = "cut"
     """Examples longer than --max_length: cut (their prompt loses its start) or drop (left out)."""
     packing: bool = False
@@ -180,10 +173,7 @@ class TrainConfig:
             self.data,
             validation=self.validation,
             split=self.split,
-            prompt_field=self.prompt_field,
-            completion_field=self.completion_field,
-            messages_field=self.messages_field,
-            metric=self.metric,
+            **self.own_options(),
             samples=self.samples,
         )
 
