@@ -16,6 +16,7 @@ the round's now / before; above 1.03 the script exits 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import statistics
@@ -34,7 +35,8 @@ GROUPS = ["qkv", "o", "mlp_in", "mlp_out"]
 
 def checkout(ref: str, into: Path) -> None:
     """src/tiedlora at `ref`, as the package `tiedlora_before` in `into`."""
-    archive = subprocess.run(["git", "archive", ref, "src/tiedlora"], capture_output=True, check=True).stdout
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", ref, "src/tiedlora"], cwd=root, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     (into / "src" / "tiedlora").rename(into / "tiedlora_before")
 
@@ -52,16 +54,17 @@ class Version:
             spec = importlib.import_module(f"{package}.train.jobs_file").JobSpec
         except ModuleNotFoundError:
             spec = tenants.Job
+        fields = {f.name for f in dataclasses.fields(train_mod.TrainConfig)}
+        preset = "preset" if "preset" in fields else "config"  # the option's name before
         common = dict(
             precision="fp32", max_length=256, targets=GROUPS, dropout=dropout, seed=1, max_steps=1000, lr=1e-3
         )
         cfg = train_mod.TrainConfig(
             data=data[0],
-            config="tl6",
+            **{preset: "tl6"},
             rank=8,
             batch_size=8,
             micro_batch_size=4,
-            lr=1e-3,
             out=str(out / "solo"),
             **common,
         )
@@ -82,9 +85,7 @@ class Version:
         joint = tenants.JointTraining(models.load_model("smollm2-135m"), out / "joint", shared=common, quiet=True)
         jobs = [("a", "tl6", 8, 8), ("b", "tl5", 8, 4), ("c", "lora", 4, 8)]
         for (name, config, rank, batch), path in zip(jobs, data):
-            options = dict(
-                data=path, config=config, rank=rank, batch_size=batch, micro_batch_size=4, lr=1e-3, samples=0
-            )
+            options = dict(data=path, rank=rank, batch_size=batch, micro_batch_size=4, samples=0, **{preset: config})
             joint.add(spec(name, options))
         joint.admit()
         assert len(joint.active) == 3, joint.status

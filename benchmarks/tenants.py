@@ -66,7 +66,7 @@ def compare(args) -> None:
     options = dict(rank=8, batch_size=args.batch_size, micro_batch_size=8, max_steps=args.rows // args.batch_size)
     options.update(val_every=10_000, val_rows=8, samples=0, max_length=args.max_length, lr=1e-3, warmup_steps=1)
     options["precision"] = args.precision
-    jobs = {f"t{i}": {**options, "data": p, "config": CONFIGS[i % 3], "seed": i} for i, p in enumerate(paths)}
+    jobs = {f"t{i}": {**options, "data": p, "preset": CONFIGS[i % 3], "seed": i} for i, p in enumerate(paths)}
     figures: dict = {"tenants": args.tenants, "rows_each": args.rows, "steps_each": options["max_steps"]}
     figures["torch_threads"] = torch.get_num_threads()
 
@@ -130,7 +130,7 @@ def scale(args) -> None:
     paths = write_tenant_data(out / "data", args.count, args.rows, short=True)
     # a validation file each: 16 rows leave a 10 % hash hold-out empty for ~18 % of tenants, which are then refused
     held_out = write_tenant_data(out / "data", args.count, 2, short=True, suffix="-val", offset=args.count * args.rows)
-    options = dict(config="tl5", rank=8, batch_size=args.rows, micro_batch_size=args.micro_batch_size, max_steps=1)
+    options = dict(preset="tl5", rank=8, batch_size=args.rows, micro_batch_size=args.micro_batch_size, max_steps=1)
     options.update(val_every=1, val_rows=2, samples=0, max_length=64, lr=1e-3, warmup_steps=1)
     jobs = [
         JobSpec(f"t{i:04d}", {**options, "data": path, "validation": val, "seed": i})

@@ -87,7 +87,7 @@ def main() -> None:
         optimizers["ours"].zero_grad(set_to_none=True)
 
     cfg = TrainConfig(
-        task="squad", config="lora", rank=8, batch_size=args.rows, micro_batch_size=args.micro, precision="fp32"
+        task="squad", preset="lora", rank=8, batch_size=args.rows, micro_batch_size=args.micro, precision="fp32"
     )
     procs = Processes.start(cfg)
 

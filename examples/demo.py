@@ -27,7 +27,7 @@ from tiedlora.train.config import DEFAULT_TARGETS
 # tokens bound the base model's rambling.
 DEMO = dict(
     task="squad",
-    config="tl6",
+    preset="tl6",
     rank=8,
     lr=1e-2,
     max_steps=24,

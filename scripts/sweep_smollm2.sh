@@ -48,14 +48,14 @@ shards() {  # folder, task, then the grid flags: WORKERS shards of one sweep, in
 
 for task in gsm8k dialogsum iwslt2017-de-en squad hellaswag; do
   (
-    shards "$OUT_DIR" "$task" --configs all --ranks 8 --layers 0,15,29 --lrs 1e-3,1e-2
+    shards "$OUT_DIR" "$task" --presets all --ranks 8 --layers 0,15,29 --lrs 1e-3,1e-2
     [ "$(left)" -gt 0 ] || exit 0
     lrs=$($PYTHON -c "from tiedlora.paper.sweep import chosen_lrs; print(chosen_lrs('$OUT_DIR/$task', 8))")
     echo "$task: learning rates chosen on validation at r = 8: $lrs"
     for seed in $SEEDS; do
-      shards "$OUT_DIR/seed$seed" "$task" --configs lora,tl5,tl6 --ranks 8 --lrs "$lrs" --seed "$seed"
+      shards "$OUT_DIR/seed$seed" "$task" --presets lora,tl5,tl6 --ranks 8 --lrs "$lrs" --seed "$seed"
     done
-    shards "$OUT_DIR" "$task" --configs all --ranks 2,32,128 --lrs "$lrs"
+    shards "$OUT_DIR" "$task" --presets all --ranks 2,32,128 --lrs "$lrs"
   ) &
 done
 wait

@@ -143,7 +143,7 @@ def latest_step(folder) -> int:
 def small_run(tiny_folder, out, **extra) -> dict:
     """The options of a small training run: 6 steps of 4 SQuAD rows in micro batches of 2,
     validating every 2 steps."""
-    options = dict(task="squad", config="tl6", rank=4, model=str(tiny_folder), out=str(out), max_steps=6, batch_size=4)
+    options = dict(task="squad", preset="tl6", rank=4, model=str(tiny_folder), out=str(out), max_steps=6, batch_size=4)
     options.update(micro_batch_size=2, val_every=2, val_rows=4, train_rows=24, test_rows=2, max_new_tokens=3, lr=1e-2)
     return {**options, "warmup_steps": 2, **extra}
 

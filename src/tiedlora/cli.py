@@ -83,7 +83,7 @@ def sweep(
     *,
     out: str,
     tasks: str = "all",
-    configs: str = "all",
+    presets: str = "all",
     ranks: str = "2,8,32,128",
     lrs: str = "1e-4",
     layers: str = "",
@@ -98,7 +98,7 @@ def sweep(
     Args:
         out: The sweep folder.
         tasks: Comma-separated tasks, or all.
-        configs: Comma-separated configurations, or all.
+        presets: Comma-separated presets (configurations of the paper's Table 1), or all.
         ranks: Comma-separated ranks.
         lrs: Comma-separated learning rates (the report picks one per cell on validation), or config:lr
             pairs, e.g. lora:1e-3,tl6:1e-2 (table2 of `tiedlora report` gives those chosen).
@@ -119,7 +119,7 @@ def sweep(
         rank_list, layer_list = split(ranks, cast=int), split(layers, cast=int)
     except ValueError as e:
         raise TiedLoraError(f"--ranks and --layers take comma-separated numbers ({e}).") from None
-    cells = grid(split(tasks, TASKS), split(configs, PRESETS), rank_list, parse_lrs(lrs), layer_list)
+    cells = grid(split(tasks, TASKS), split(presets, PRESETS), rank_list, parse_lrs(lrs), layer_list)
     budget = {f.name: budget.get(f.name) for f in dataclasses.fields(TrainConfig) if f.name not in CELL_FIELDS}
     run_sweep(cells, out, model=model, budget=budget, shard=parse_shard(shard), quiet=quiet)
 
@@ -238,11 +238,6 @@ COMMANDS: dict[str, Callable[..., Any]] = {
 }
 
 
-def config_file(command: str) -> str:
-    """The flag that reads a command's options from YAML: --recipe where --config is TrainConfig's own."""
-    return "recipe" if command in ("train", "sweep") else "config"
-
-
 def add_options(parser, source, skip=()) -> None:
     """Every parameter of `source` (a function, or a dataclass's fields) as a flag, typed and
     documented from its signature and docstrings; booleans as --x / --no_x switches (where
@@ -281,7 +276,7 @@ def parser():
     for name, command in COMMANDS.items():
         doc = inspect.getdoc(command) or ""
         p = ArgumentParser(prog=f"tiedlora {name}", description=doc.split("\n\nArgs:")[0])
-        p.add_argument(f"--{config_file(name)}", action=ActionConfigFile, help="A YAML file of these options.")
+        p.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
         add_options(p, command)
         if name == "train":
             add_options(p, TrainConfig)
@@ -300,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     given are passed on (defaults=False), so unset ones take the function's defaults, or for
     train and sweep the task's paper recipe."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .config import PRESETS
+
+    named = [v for f, v in zip(argv, argv[1:]) if f == "--config"] + [a[9:] for a in argv if a.startswith("--config=")]
+    if any(v in PRESETS for v in named):  # `--config tl6`, as train took the preset before it was --preset
+        print(
+            f"tiedlora: --config reads a YAML file of options; the configuration is --preset {named[0]}.",
+            file=sys.stderr,
+        )
+        return 2
     try:
         args = parser().parse_args(argv, defaults=False)
     except ImportError as e:
@@ -309,9 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    options = {
-        k: v for k, v in args[args.command].as_dict().items() if k not in (config_file(args.command), "__path__")
-    }
+    options = {k: v for k, v in args[args.command].as_dict().items() if k not in ("config", "__path__")}
     try:
         COMMANDS[args.command](**options)
     except TiedLoraError as e:

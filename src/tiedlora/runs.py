@@ -64,6 +64,10 @@ def open_adapter(adapter: str, model_name: str | None, base: bool = False, as_tr
     return model, tokenizer, run
 
 
+# Options recorded under an earlier name: run folders (and stored jobs) written before keep theirs.
+RENAMED = {"config": "preset"}
+
+
 def run_options(folder: Path) -> dict | None:
     """The options a run folder was trained with, or None for a plain adapter folder."""
     if not is_run(folder):
@@ -74,7 +78,7 @@ def run_options(folder: Path) -> dict | None:
             f'{Path(folder) / RUN} is damaged: expected {{"config": {{...}}, "versions": {{...}}}}; '
             "restore it, or train again in another --out."
         )
-    return run["config"]
+    return {RENAMED.get(k, k): v for k, v in run["config"].items()}
 
 
 def clean_stale(folder: Path) -> None:

@@ -185,7 +185,7 @@ def test_grid_names_and_shards():
 SWEEP = [
     "--tasks",
     "squad,gsm8k",
-    "--configs",
+    "--presets",
     "lora,tl5",
     "--ranks",
     "2",
@@ -259,7 +259,7 @@ def test_a_diverged_cell_is_recorded_and_the_sweep_goes_on(tiny_folder, tmp_path
                 *flags,
                 "--tasks",
                 "squad",
-                "--configs",
+                "--presets",
                 "lora",
                 "--layers",
                 "",

@@ -34,7 +34,7 @@ def run_flags(tiny_folder, out):
     """40 steps, a checkpoint every step, so kills often land inside a checkpoint write."""
     return [
         "--task=squad",
-        "--config=tl6",
+        "--preset=tl6",
         "--rank=4",
         f"--model={tiny_folder}",
         f"--out={out}",
@@ -426,7 +426,7 @@ def test_a_diverging_learning_rate_is_reported(tiny_folder, tmp_path):
     options = small_run(
         tiny_folder,
         tmp_path / "run",
-        config="lora",
+        preset="lora",
         max_steps=40,
         micro_batch_size=4,
         val_every=40,

@@ -42,10 +42,10 @@ def write_rows(path, n: int, offset: int = 0):
 def job_options(tmp_path) -> dict[str, dict]:
     """Three tenants of different configurations, ranks, data sizes, batches and learning rates."""
     return {
-        "acme": dict(data=write_rows(tmp_path / "acme.jsonl", 24), config="lora", rank=4, batch_size=8, lr=3e-2),
-        "globex": dict(data=write_rows(tmp_path / "globex.jsonl", 12, 7), config="tl5", rank=8, batch_size=4, lr=5e-2),
+        "acme": dict(data=write_rows(tmp_path / "acme.jsonl", 24), preset="lora", rank=4, batch_size=8, lr=3e-2),
+        "globex": dict(data=write_rows(tmp_path / "globex.jsonl", 12, 7), preset="tl5", rank=8, batch_size=4, lr=5e-2),
         "initech": dict(
-            data=write_rows(tmp_path / "initech.jsonl", 40, 3), config="tl6", rank=2, batch_size=12, micro_batch_size=3
+            data=write_rows(tmp_path / "initech.jsonl", 40, 3), preset="tl6", rank=2, batch_size=12, micro_batch_size=3
         ),
     }
 
@@ -518,3 +518,21 @@ def test_jobs_named_tenant_slash_name_are_served_to_that_tenant_alone(tiny_folde
                 assert other.status_code == 404
     finally:
         engine.close()
+
+
+def test_a_long_lived_trainer_forgets_ended_jobs(tiny_folder, tmp_path):
+    """`keep_ended=False` (the fine-tuning worker): each job's end is reported once (a typed
+    FinishReport), then it leaves the trainer's memory: no status, no cancellation kept."""
+    jobs = job_options(tmp_path)
+    reports: list = []
+    joint = JointTraining(
+        load_model(str(tiny_folder)), tmp_path / "out", shared={"precision": "fp32"}, quiet=True,
+        on_finish=reports.append, keep_ended=False,
+    )  # fmt: skip
+    for name in ("acme", "globex"):
+        joint.add(JobSpec(name, {**COMMON, **jobs[name], "max_steps": 2, "samples": 0}))
+    joint.cancel("globex")
+    joint.cancel("nobody")  # not a job here: nothing is kept
+    joint.run()
+    assert sorted((r.name, r.status) for r in reports) == [("acme", "succeeded")]
+    assert joint.status == {} and joint.cancelled == set() and joint.active == [] and joint.waiting == []

@@ -204,7 +204,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_folde
     "change, message",
     [
         (dict(task="squadd"), "No task 'squadd'; the tasks are squad"),
-        (dict(config="tl9"), "Unknown preset 'tl9'"),
+        (dict(preset="tl9"), "Unknown preset 'tl9'"),
         (dict(model="no/such-model-here"), "Could not load --model 'no/such-model-here'"),
         (dict(lr=-1), "--lr -1.0 must be a positive number"),
         (dict(precision="fp16"), "--precision 'fp16': choose auto"),
@@ -215,6 +215,12 @@ def test_bad_options_are_one_clear_line(tiny_folder, tmp_path, capsys, change, m
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_config_naming_a_preset_says_preset(tiny_folder, tmp_path, capsys):
+    """`--config` reads YAML for every command; the preset, which train once took as --config, is --preset."""
+    assert main(["train", *flags(tiny_folder, tmp_path / "run"), "--config", "tl6"]) == 2
+    assert "the configuration is --preset tl6" in capsys.readouterr().err
 
 
 def test_run_folder_guards(tiny_folder, tmp_path, capsys):
@@ -335,3 +341,23 @@ def test_native_bf16_agrees_with_the_cpu_flags():
     with open("/proc/cpuinfo") as f:
         flags = next(line for line in f if line.startswith("flags")).split()
     assert native_bf16(torch.device("cpu")) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_a_run_folder_recording_config_resumes_as_preset(tiny_folder, tmp_path):
+    """Run folders written before `--config` was named `--preset` record the preset as "config":
+    they still resume (the options compare equal under today's names) and end as a fresh run does."""
+    out = tmp_path / "old"
+    options = small_run(tiny_folder, out, max_steps=4)
+    whole = train(TrainConfig(**options), quiet=True)
+    run = json.loads((out / "run.json").read_text())
+    run["config"]["config"] = run["config"].pop("preset")
+    (out / "run.json").write_text(json.dumps(run))
+    (out / "results.json").unlink()  # resumed from its last checkpoint, then scored again
+    resumed = train(TrainConfig(**options), resume=True, quiet=True)
+    assert resumed["steps"] == 4 and resumed["metrics"] == pytest.approx(whole["metrics"], rel=1e-5)
+    with pytest.raises(TiedLoraError, match="named 'preset' now"):
+        main_jobs = tmp_path / "jobs.jsonl"
+        main_jobs.write_text(json.dumps({"name": "a", "data": "x.jsonl", "config": "tl6"}) + "\n")
+        from tiedlora.train.jobs_file import check_job, read_jobs
+
+        check_job(read_jobs(main_jobs)[0][0])

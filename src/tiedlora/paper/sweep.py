@@ -22,7 +22,7 @@ from ..runs import RESULTS, is_run, load_runs, read_json, write_json
 from ..train import Diverged, TrainConfig, from_recipe, train
 from .report import select
 
-CELL_FIELDS = ("task", "config", "rank", "lr", "layers", "model", "out")  # set per cell, not by the budget
+CELL_FIELDS = ("task", "preset", "rank", "lr", "layers", "model", "out")  # set per cell, not by the budget
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def recipe(budget: dict, cell: Cell, model: str, out: Path) -> TrainConfig:
         {
             **options,
             "task": cell.task,
-            "config": cell.config,
+            "preset": cell.config,
             "rank": cell.rank,
             "lr": cell.lr,
             "model": model,
@@ -129,7 +129,7 @@ def run_sweep(cells: list[Cell], out, *, model: str, budget: dict, shard=(1, 1),
     out = Path(out)
     unknown = sorted({c.config for c in cells} - set(PRESETS))
     if unknown:
-        raise TiedLoraError(f"--configs names {unknown}: the configurations are {', '.join(PRESETS)}.")
+        raise TiedLoraError(f"--presets names {unknown}: the presets are {', '.join(PRESETS)}.")
     manifest = {"model": model, "budget": budget, "cells": [c.name for c in cells]}
     path = out / "sweep.json"
     if path.is_file():

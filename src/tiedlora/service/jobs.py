@@ -26,7 +26,7 @@ from ..train import TrainConfig
 from ..train.auto import job_options
 from ..train.config import DEFAULT_TARGETS
 from .files import StoreBy, checked_rows, owner
-from .store import ENDED, Store, new_id
+from .store import ENDED, Store, new_id, stored_options
 
 router = APIRouter()
 
@@ -156,8 +156,13 @@ def job_object(row: dict) -> dict:
         "integrations": [],
         "metadata": None,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
-        "adapter": {k: v for k, v in json.loads(row["options"]).items() if k in ("config", "rank", "targets")},
+        "adapter": adapter_shown(stored_options(row)),
     }
+
+
+def adapter_shown(options: dict) -> dict:
+    """The job's `adapter` as the API takes it: its configuration's preset, rank and targets."""
+    return {"config": options["preset"], "rank": options["rank"], "targets": options.get("targets")}
 
 
 @router.post("/v1/fine_tuning/jobs")

@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 
 from ..config import TiedLoraError
+from ..runs import RENAMED
 
 metadata = MetaData()
 
@@ -369,3 +370,8 @@ def safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "(an unreadable URL)"
+
+
+def stored_options(row) -> dict:
+    """A job's `tiedlora train` options as stored, under today's names (`runs.RENAMED`)."""
+    return {RENAMED.get(k, k): v for k, v in json.loads(row["options"]).items()}

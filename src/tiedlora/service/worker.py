@@ -13,7 +13,6 @@ last checkpoint (the trainer's exact resume).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -27,7 +26,7 @@ from ..runs import BEST
 from ..train.jobs_file import JobSpec
 from ..train.tenants import FinishReport, JointTraining, StepReport
 from .jobs import model_name
-from .store import STORE_ENV, Store
+from .store import STORE_ENV, Store, stored_options
 
 
 class Worker:
@@ -99,7 +98,7 @@ class Worker:
     def start(self, job: dict) -> None:
         folder = self.state / "data" / job["id"]
         folder.mkdir(parents=True, exist_ok=True)
-        options = json.loads(job["options"])
+        options = stored_options(job)
         for key, file_id in (("data", job["training_file"]), ("validation", job["validation_file"])):
             if file_id is None:
                 continue

@@ -51,7 +51,7 @@ def job_options(rows: int, config: str, rank: int, n_epochs=None, batch=None, lr
     batch = batch_size(rows) if batch is None else batch
     per_epoch = steps_per_epoch(rows, batch)
     return dict(
-        config=config,
+        preset=config,
         rank=rank,
         epochs=n_epochs,
         batch_size=batch,

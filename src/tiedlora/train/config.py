@@ -48,8 +48,8 @@ class TrainConfig(OwnDataOptions):
     example attends to another): no padding."""
     samples: int = 5
     """With --data: write this many validation generations to samples.jsonl beside the results."""
-    config: str = "tl6"
-    """The configuration: lora, vera, tl1, tl2, tl3, tl4, tl5 or tl6 (the paper's Table 1)."""
+    preset: str = "tl6"
+    """The configuration, as a preset of the paper's Table 1: lora, vera, tl1, tl2, tl3, tl4, tl5 or tl6."""
     rank: int = 8
     """The rank r."""
     alpha: float | None = None
@@ -137,7 +137,7 @@ class TrainConfig(OwnDataOptions):
         if self.targets is None:
             self.targets = list(DEFAULT_TARGETS)
         if self.lr is None:
-            self.lr = learning_rate(self.config, self.rank) if self.data is not None else PAPER_LR
+            self.lr = learning_rate(self.preset, self.rank) if self.data is not None else PAPER_LR
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise TiedLoraError(f"--lr {self.lr} must be a positive number, e.g. 1e-4.")
         if self.precision not in PRECISIONS:
@@ -179,7 +179,7 @@ class TrainConfig(OwnDataOptions):
 
     def adapter(self) -> TiedLoraConfig:
         return TiedLoraConfig.preset(
-            self.config,
+            self.preset,
             rank=self.rank,
             alpha=self.alpha,
             seed=self.seed,

@@ -74,6 +74,8 @@ def check_job(job: JobSpec) -> None:
     """A job's own options: those of a solo --data run, except what every tenant shares."""
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(job.options) - known)
+    if "config" in unknown:
+        raise TiedLoraError(f"job {job.name!r}: the option 'config' is named 'preset' now, e.g. \"preset\": \"tl6\".")
     if unknown:
         raise TiedLoraError(f"job {job.name!r}: unknown option {unknown[0]!r}; a job takes tiedlora train's options.")
     shared = sorted(set(job.options) & set(SHARED))

@@ -120,7 +120,7 @@ def test_and_record(run: Run, state: TrainState, started: float) -> dict:
     predictions = scores.pop("predictions")
     results = {
         "task": run.task.name,
-        "config": cfg.config,
+        "config": cfg.preset,
         "rank": cfg.rank,
         "model": cfg.model,
         "params": trainable_parameters(run.model),
@@ -226,7 +226,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, base=N
     bar = tqdm(
         total=cfg.max_steps,
         initial=state.step,
-        desc=f"{cfg.task} {cfg.config} r{cfg.rank}",
+        desc=f"{cfg.task} {cfg.preset} r{cfg.rank}",
         unit="step",
         disable=quiet or not procs.main,
         dynamic_ncols=True,
