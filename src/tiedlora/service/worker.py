@@ -70,7 +70,7 @@ class Worker:
         """Train what is claimed until `stop` is set."""
         threading.Thread(target=self.keep, args=(stop,), daemon=True, name="tiedlora-jobs").start()
         while not stop.is_set():
-            if self.joint.waiting or self.joint.active:
+            if self.joint.busy:
                 self.joint.run()
             else:
                 stop.wait(self.poll)

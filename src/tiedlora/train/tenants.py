@@ -155,6 +155,12 @@ class JointTraining:
         self.steps = 0  # joint steps taken (a test counts them)
 
     @property
+    def busy(self) -> bool:
+        """A job waits or trains: `run` has work."""
+        with self.lock:
+            return bool(self.waiting or self.active)
+
+    @property
     def main(self) -> bool:
         """The process that writes folders and speaks (under torchrun: rank 0)."""
         return main_process() if self.procs is None else self.procs.main
