@@ -38,16 +38,9 @@ def collate(examples: list[dict], pad: int, device) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def pack(examples: list[dict], pad: int, width: int, device) -> dict:
-    """Examples laid end to end in rows of at most `width` tokens, no attention mask: positions
-    restart at each example, from which transformers builds a mask that keeps every example to
-    itself. An example's first token predicts nothing across the seam (its label is -100), and a
-    row is filled up with one padding "example" whose labels are -100."""
-    return packed_batch(pack_rows(examples, width), pad, device)
-
-
 def pack_rows(examples: list[dict], width: int) -> list[list[dict]]:
-    """`examples` in order, grouped into rows of at most `width` tokens (a longer one alone)."""
+    """`examples` in order, grouped into rows of at most `width` tokens (a longer one alone), to
+    be laid end to end by `packed_batch`."""
     rows: list[list[dict]] = [[]]
     for e in examples:
         if rows[-1] and sum(len(x["input_ids"]) for x in rows[-1]) + len(e["input_ids"]) > width:
@@ -57,7 +50,10 @@ def pack_rows(examples: list[dict], width: int) -> list[list[dict]]:
 
 
 def packed_batch(rows: list[list[dict]], pad: int, device) -> dict:
-    """Rows of examples laid end to end, as `pack` describes, filled up to the longest row."""
+    """Rows of examples (`pack_rows`) laid end to end, no attention mask: positions restart at each
+    example, from which transformers builds a mask that keeps every example to itself. An
+    example's first token predicts nothing across the seam (its label is -100), and a row is filled
+    up to the longest with one padding "example" whose labels are -100."""
     length = max(sum(len(e["input_ids"]) for e in row) for row in rows)
     ids, labels, positions = [], [], []
     for row in rows:

@@ -65,7 +65,7 @@ def test_a_bad_upload_is_a_400_naming_the_line_and_field_and_nothing_is_stored(s
                 jsonl([{"messages": [{"role": "user", "content": "Hi"}]}]),
                 "line 1: field 'messages' has no assistant turn",
             ),
-            (jsonl(ROWS) + b"{not json\n", "line 3 is not JSON"),
+            (jsonl(ROWS) + b"{not json\n", "line 3: not JSON"),
             (b"\xff\xfe", "not UTF-8"),
             (b"\n\n", "holds no rows"),
         ]
@@ -136,3 +136,40 @@ def test_a_store_that_cannot_open_names_the_option(tiny_folder, tmp_path):
                 model=str(tiny_folder), state=str(tmp_path / "s"), store="postgresql://u:secret@nowhere.invalid/db"
             )
         )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"prompt": "a", "completion": " b"}\n\n{"prompt": "c", "completion": " d"}\n',
+        b'{"prompt": "a", "completion": " b"}\r\n{"prompt": "c", "completion": " d"}\r\n',
+        b'{"prompt": "a", "completion": " b"}\r{"prompt": "c", "completion": " d"}\r',
+        '{"prompt": "a\u2028b\u0085", "completion": " c"}\n'.encode(),
+        b'{"prompt": "a\\ud800", "completion": " b"}\n',
+        b'{"prompt": "a", "completion": " b", "n": ' + b"9" * 5000 + b"}\n",
+        b"[" * 100_000 + b"]" * 100_000 + b"\n",
+    ],
+)
+def test_an_upload_is_accepted_exactly_when_training_reads_it(served, tmp_path, content):
+    """The upload and `tiedlora train --data` read rows with one reader: what the service accepts
+    trains, and what training would refuse is a 400 naming the line at upload."""
+    from tiedlora.service.files import FIELDS
+    from tiedlora.tasks import DataError
+    from tiedlora.tasks.own import read_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content)
+    try:
+        read_rows(str(path), "train", FIELDS)
+        trains, why = True, ""
+    except DataError as e:
+        trains, why = False, str(e).split(", line ")[1].split(":")[0]
+    engine, app = served()
+    with TestClient(app) as http:
+        head = {"Authorization": f"Bearer {ACME}"}
+        files = {"file": ("rows.jsonl", content)}
+        reply = http.post("/v1/files", headers=head, files=files, data={"purpose": "fine-tune"})
+    engine.close()
+    assert (reply.status_code == 200) == trains, reply.text
+    if not trains:
+        assert reply.status_code == 400 and f"rows.jsonl, line {why}:" in reply.json()["error"]["message"]

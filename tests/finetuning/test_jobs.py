@@ -215,6 +215,8 @@ def test_checks_limits_pagination_and_cancel_while_queued(served):
             (dict(extra_body={"adapter": {"rank": 0}}), "adapter.rank"),
             (dict(model="gpt-4o-mini"), "model"),
             (dict(suffix="no spaces"), "suffix"),
+            (dict(extra_body={"hyperparams": {"n_epochs": 2}}), "hyperparams"),  # misspelt: refused, not ignored
+            (dict(hyperparameters={"n_epoch": 2}), "hyperparameters.n_epoch"),
         ]
         for options, param in bad:
             with pytest.raises(openai.BadRequestError) as e:

@@ -84,6 +84,16 @@ def test_no_key_or_a_wrong_key_is_401_before_anything_else(client, tiny_folder, 
     assert "wrong" not in capsys.readouterr().err + caplog.text
 
 
+def test_two_authorization_headers_are_a_400_whichever_comes_first(client):
+    """A proxy that checks the first header and a server that reads the last would disagree on who
+    asks: two are refused, before anything else runs, whatever their order or keys."""
+    for pair in ((ACME, GLOBEX), (GLOBEX, ACME), (ACME, ACME), ("wrong", ACME)):
+        headers = [("authorization", f"Bearer {key}") for key in pair]
+        r = client.get("/v1/models", headers=headers)
+        assert r.status_code == 400 and "one Authorization header" in r.json()["error"]["message"], (pair, r.text)
+    assert client.get("/v1/models", headers=auth(ACME)).status_code == 200
+
+
 def test_each_tenant_sees_the_base_and_its_own_adapters_only(client, tiny_folder):
     base = tiny_folder.name  # a folder by its own name
     listed = {key: ids(client, key) for key in (ADMIN, ACME, ACME2, GLOBEX)}

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tiedlora.cli import main
-from tiedlora.loss import TokenLoss, collate, pack
+from tiedlora.loss import TokenLoss, collate, pack_rows, packed_batch
 from tiedlora.tasks import DataError
 from tiedlora.tasks.own import OwnData, encode_messages
 
@@ -165,10 +165,10 @@ def test_packed_examples_do_not_see_each_other(tiny_folder, tokenizer):
     loss = TokenLoss(model)
     with torch.no_grad():
         alone = sum(loss(**collate([e], 0, "cpu")).item() for e in examples)
-        packed = pack(examples, 0, 1024, "cpu")
+        packed = packed_batch(pack_rows(examples, 1024), 0, "cpu")
         assert packed["input_ids"].shape[0] == 1
         together = loss(**packed).item()
-        rows = pack(examples, 0, 40, "cpu")  # narrower rows: several, padded with a filler sequence
+        rows = packed_batch(pack_rows(examples, 40), 0, "cpu")  # narrower rows: several, padded with a filler sequence
         assert rows["input_ids"].shape[0] > 1
         several = loss(**rows).item()
     assert together == pytest.approx(alone, rel=1e-4) and several == pytest.approx(alone, rel=1e-4)
@@ -248,3 +248,41 @@ def test_eval_refuses_what_it_cannot_score_in_one_line(tiny_folder, tmp_path, ca
         assert main(["eval", *flags]) == 2, flags
         err = capsys.readouterr().err  # after any "Loading weights" bar
         assert err.splitlines()[-1].startswith(f"tiedlora eval: {words}") and "Traceback" not in err, err
+
+
+ROW = '{"prompt": "Q", "completion": " A"}'
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "x\\ud800", "completion": " y"}', "line 2: holds an unpaired surrogate escape"),
+        ("[" * 100_000 + "]" * 100_000, "line 2: nested too deeply to be a row"),
+        ('{"prompt": "x", "completion": " y", "n": ' + "9" * 5000 + "}", "line 2: Exceeds the limit"),
+        ('{"prompt": "' + "x" * (4 << 20) + '", "completion": " y"}', "line 2: 4,194,3"),
+        (b"\xff\xfe".decode("latin-1"), "line 2: not UTF-8"),
+        ('{"prompt": "x",', "line 2: not JSON"),
+    ],
+)
+def test_the_row_reader_refuses_what_no_row_is_naming_the_line(tmp_path, line, message):
+    """One reader (`numbered_lines`) for --data and the service's uploads: bounded parsing, each
+    refusal a DataError naming the line, never a RecursionError or a tokenizer's TypeError later."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes((ROW + "\n" + line + "\n").encode("utf-8" if "\xff" not in line else "latin-1"))
+    with pytest.raises(DataError, match=message):
+        OwnData(str(path)).load("train")
+
+
+def test_the_row_reader_splits_on_newlines_alone_and_skips_blank_lines(tmp_path):
+    """Blank lines and CRLF ends are fine; U+2028 and U+0085 inside a string (what json.dumps with
+    ensure_ascii=False writes) are text, not line breaks; a refusal names the real line number."""
+    rows = [{"prompt": f"Q{i}\u2028\u0085", "completion": f" A{i}"} for i in range(30)]
+    text = "\r\n\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n"
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text, encoding="utf-8", newline="")
+    data = OwnData(str(path))
+    read = list(data.load("train")) + list(data.load("validation"))
+    assert sorted(r["prompt"] for r in read) == sorted(r["prompt"] for r in rows)
+    path.write_text(text + '{"prompt": 3}\n', encoding="utf-8", newline="")
+    with pytest.raises(DataError, match="line 61"):
+        OwnData(str(path)).load("train")

@@ -273,7 +273,7 @@ GOOD = b'{"question": "q", "answer": "#### 1"}\n'
         (GOOD + b'{"question": "q", "answer": \n', 2, "not JSON"),
         (GOOD + GOOD + b'{"question": "caf\xe9", "answer": "#### 1"}\n', 3, "not UTF-8"),
         (GOOD + b'{"question": "q"}\n', 2, "no answer"),
-        (GOOD + b"\n" + GOOD, 2, "not JSON"),
+        (GOOD + b"\n" + b'{"question": "q"}\n', 3, "no answer"),  # a blank line is skipped, and counted
         (b'["question", "answer"]\n', 1, "no question, answer"),
     ],
 )

@@ -536,3 +536,26 @@ def test_a_long_lived_trainer_forgets_ended_jobs(tiny_folder, tmp_path):
     joint.run()
     assert sorted((r.name, r.status) for r in reports) == [("acme", "succeeded")]
     assert joint.status == {} and joint.cancelled == set() and joint.active == [] and joint.waiting == []
+
+
+def test_whatever_a_tenants_data_raises_fails_that_tenant_alone(tiny_folder, tmp_path, monkeypatch):
+    """Not only TiedLoraError: a tokenizer's TypeError (as an unpaired surrogate once raised from
+    inside the step loop) while a tenant is prepared fails that tenant, and the others train on."""
+    import tiedlora.train.tenants as tenants
+
+    real = tenants.load_data
+
+    def load_data(task, tokenizer, cfg):
+        if "poison" in cfg.out:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+        return real(task, tokenizer, cfg)
+
+    monkeypatch.setattr(tenants, "load_data", load_data)
+    jobs = job_options(tmp_path)
+    summary = together(
+        tiny_folder, tmp_path / "out", {"acme": {**jobs["acme"], "max_steps": 2}, "poison": jobs["globex"]}
+    )
+    assert summary["acme"]["status"] == "succeeded" and summary["poison"]["status"] == "failed"
+    assert "TypeError: TextEncodeInput" in summary["poison"]["error"]
+    error = json.loads((tmp_path / "out" / "poison" / "error.json").read_text())["error"]
+    assert error == summary["poison"]["error"]

@@ -461,8 +461,11 @@ class Authorize:
         keys = self.served.keys
         who: Caller | None = ADMIN
         if keys is not None and scope["path"] not in OPEN_PATHS:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            who = keys.caller(header)
+            sent = [v for k, v in scope["headers"] if k == b"authorization"]
+            if len(sent) > 1:  # a proxy checking the first and this server the last would disagree on who asks
+                body = error_body(400, "Send one Authorization header, not several.")
+                return await JSONResponse(body, status_code=400)(scope, receive, send)
+            who = keys.caller(sent[0].decode("latin-1") if sent else "")
         if who is None:
             body = error_body(401, "Missing or incorrect API key: send it as the header Authorization: Bearer KEY.")
             body["error"]["code"] = "invalid_api_key"

@@ -4,7 +4,6 @@ nothing is stored), capped per file and per tenant, kept in the store."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -12,7 +11,7 @@ from fastapi.responses import Response
 
 from ..serve.app import CallerBy
 from ..serve.schemas import ApiError
-from ..tasks.base import DataError
+from ..tasks.base import DataError, numbered_lines
 from ..tasks.own import FORMS, check_row
 from .store import Store
 
@@ -56,19 +55,10 @@ def checked_rows(content: bytes, filename: str) -> list[dict]:
     """The rows, each checked as `tiedlora train --data` checks it; or a 400 naming the first bad
     line and its field."""
     try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(400, f"{filename} is not UTF-8 text; upload JSON lines of {FORMS}.", "file") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(check_row(json.loads(line), FIELDS, f"{filename}, line {n}"))
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"{filename}, line {n} is not JSON ({e.msg}); expected {FORMS}.", "file") from None
-        except DataError as e:
-            raise ApiError(400, str(e), "file") from None
+        numbered = numbered_lines(content, filename, f"expected {FORMS}")
+        rows = [check_row(row, FIELDS, f"{filename}, line {n}") for n, row in numbered]
+    except DataError as e:
+        raise ApiError(400, str(e), "file") from None
     if not rows:
         raise ApiError(400, f"{filename} holds no rows; upload JSON lines of {FORMS}.", "file")
     return rows

@@ -34,16 +34,19 @@ SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     n_epochs: int | Literal["auto"] = "auto"
     batch_size: int | Literal["auto"] = "auto"
     learning_rate_multiplier: float | Literal["auto"] = "auto"
 
 
 class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     hyperparameters: Hyperparameters | None = None
 
 
 class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: str = "supervised"
     supervised: Supervised | None = None
 
@@ -58,6 +61,7 @@ class Adapter(BaseModel):
 
 
 class JobBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, as OpenAI answers, never ignored
     model: str
     training_file: str
     validation_file: str | None = None

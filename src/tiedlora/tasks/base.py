@@ -13,7 +13,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..config import TiedLoraError
 from ..runs import PREDICTIONS
@@ -64,13 +64,13 @@ def _expected(fields: tuple[str, ...]) -> str:
     return f"expected one JSON object per row with fields {', '.join(fields)}"
 
 
-def check(rows: list, fields: tuple[str, ...], where: str, unit: str, problem=None) -> list[dict]:
+def check(rows: list, fields: tuple[str, ...], where: str, unit: str, problem=None, numbers=None) -> list[dict]:
     """Stop at the first unusable row, naming it: a KeyError deep inside a metric helps nobody,
     and a value of the wrong form trains on nonsense without a word. A field "a|b" needs either
     of a, b; "a.b" needs key b inside a; `problem(row)` says what else is wrong, or None."""
     if not rows:
         raise DataError(f"{where}: no rows; {_expected(fields)}.")
-    for n, row in enumerate(rows, 1):
+    for n, row in zip(numbers or range(1, len(rows) + 1), rows):  # `numbers`: each row's line, blank lines skipped
         missing = [f for f in fields if not any(_has(row, alt) for alt in f.split("|"))]
         if missing:
             raise DataError(f"{where}, {unit} {n}: no {', '.join(missing)}; {_expected(fields)}.")
@@ -99,33 +99,51 @@ def _shown(v) -> str:
     return f"{type(v).__name__} {str(v)[:40]!r}"
 
 
-def json_lines(path: Path, expected: str) -> list:
-    """The value on each line of a JSON Lines file; a line that is not UTF-8 JSON, or longer
-    than any row needs (MAX_LINE_BYTES), is named."""
-    try:
-        lines = path.read_bytes().split(b"\n")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror}).") from None
-    if lines[-1] == b"":
-        lines.pop()
+def numbered_lines(data: bytes, where: str, expected: str) -> list[tuple[int, Any]]:
+    """(line number, value) of each line of JSON Lines: the one reader of rows, for `tiedlora
+    train --data`, the paper's files and the fine-tuning service's uploads alike, so what one
+    accepts the others read the same. Lines end in \n (a \r before it is dropped; no other line
+    break splits a line, as JSON strings may hold U+2028 or U+0085); blank lines are skipped.
+    Parsing is bounded: a line longer than any row needs (MAX_LINE_BYTES), nested past Python's
+    recursion limit, holding an integer of more digits than Python converts, or an unpaired
+    surrogate escape ("\ud800", which is no text a tokenizer reads) is refused, naming it."""
     rows = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(data.split(b"\n"), 1):
+        line = line.removesuffix(b"\r")
+        if not line.strip():
+            continue
         if len(line) > MAX_LINE_BYTES:
             raise DataError(
-                f"{path}, line {n}: {len(line):,} bytes, more than the {MAX_LINE_BYTES:,} a row may take; "
+                f"{where}, line {n}: {len(line):,} bytes, more than the {MAX_LINE_BYTES:,} a row may take; "
                 "split or shorten it."
             )
         try:
-            rows.append(json.loads(line.decode("utf-8")))
+            value = json.loads(line.decode("utf-8"))
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeDecodeError:
-            raise DataError(f"{path}, line {n}: not UTF-8; {expected}.") from None
+            raise DataError(f"{where}, line {n}: not UTF-8; {expected}.") from None
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{where}, line {n}: holds an unpaired surrogate escape (\\ud800 to \\udfff), which is no text; "
+                f"{expected}."
+            ) from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {n}: not JSON ({e.msg}); {expected}.") from None
+            raise DataError(f"{where}, line {n}: not JSON ({e.msg}); {expected}.") from None
+        except RecursionError:
+            raise DataError(f"{where}, line {n}: nested too deeply to be a row; {expected}.") from None
+        except ValueError as e:  # an integer past Python's digit limit for str -> int
+            raise DataError(f"{where}, line {n}: {e}; {expected}.") from None
+        rows.append((n, value))
     return rows
 
 
 def read_jsonl(path: Path, fields: tuple[str, ...], problem=None) -> list[dict]:
-    return check(json_lines(path, _expected(fields)), fields, str(path), "line", problem)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}).") from None
+    numbered = numbered_lines(data, str(path), _expected(fields))
+    return check([v for _, v in numbered], fields, str(path), "line", problem, [n for n, _ in numbered])
 
 
 class Scorer(Protocol):

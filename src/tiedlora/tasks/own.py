@@ -23,7 +23,7 @@ from pathlib import Path
 from ..runs import SAMPLES
 from ..tokens import chat_ids, prompt_ids
 from . import metrics
-from .base import HELD_OUT, DataError, Rows, Scorer, json_lines, share
+from .base import HELD_OUT, DataError, Rows, Scorer, numbered_lines, share
 
 ROLES = ("system", "user", "assistant")
 
@@ -231,6 +231,13 @@ def encode_messages(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
     return {"input_ids": full, "labels": labels}
 
 
+def read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}).") from None
+
+
 def read_rows(source: str, split: str, fields: dict) -> tuple[list[dict], str]:
     """Every row of a file or Hub data set, checked and in the normal form ({"prompt",
     "completion"} or {"messages"}), and where they came from."""
@@ -238,7 +245,7 @@ def read_rows(source: str, split: str, fields: dict) -> tuple[list[dict], str]:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
-            numbered, unit = list(enumerate(json_lines(path, FORMS), 1)), "line"
+            numbered, unit = numbered_lines(read_bytes(path), str(path), FORMS), "line"
         elif suffix == ".csv":
             numbered, unit = read_csv(path), "line"
         elif suffix == ".parquet":

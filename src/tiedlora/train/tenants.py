@@ -245,6 +245,9 @@ class JointTraining:
             except TiedLoraError as e:
                 self.fail(job.name, str(e))
                 continue
+            except Exception as e:  # whatever a tenant's rows make the tokenizer raise: it fails alone
+                self.fail(job.name, f"job {job.name!r}: its data could not be prepared ({type(e).__name__}: {e}).")
+                continue
             if tenant.long and not self.quiet and self.main:
                 print(f"{job.name}: {tenant.long}")
             if tenant.finished is not None:
