@@ -68,6 +68,11 @@ def open_adapter(adapter: str, model_name: str | None, base: bool = False, as_tr
 RENAMED = {"config": "preset"}
 
 
+def renamed(options: dict) -> dict:
+    """Recorded options under today's names."""
+    return {RENAMED.get(k, k): v for k, v in options.items()}
+
+
 def run_options(folder: Path) -> dict | None:
     """The options a run folder was trained with, or None for a plain adapter folder."""
     if not is_run(folder):
@@ -78,7 +83,7 @@ def run_options(folder: Path) -> dict | None:
             f'{Path(folder) / RUN} is damaged: expected {{"config": {{...}}, "versions": {{...}}}}; '
             "restore it, or train again in another --out."
         )
-    return {RENAMED.get(k, k): v for k, v in run["config"].items()}
+    return renamed(run["config"])
 
 
 def clean_stale(folder: Path) -> None:

@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 
 from ..config import TiedLoraError
-from ..runs import RENAMED
+from ..runs import renamed
 
 metadata = MetaData()
 
@@ -373,5 +373,5 @@ def safe_url(url: str) -> str:
 
 
 def stored_options(row) -> dict:
-    """A job's `tiedlora train` options as stored, under today's names (`runs.RENAMED`)."""
-    return {RENAMED.get(k, k): v for k, v in json.loads(row["options"]).items()}
+    """A job's `tiedlora train` options as stored, under today's names."""
+    return renamed(json.loads(row["options"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,6 +23,7 @@ from .prompts import TEMPLATES, encode
 
 SPLITS = ("train", "validation", "test")
 BUNDLED = Path(__file__).parent / "data"
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's escape of U+D800..U+DFFF (JSON writes \u, never \U)
 MAX_LINE_BYTES = 4 << 20  # the longest row of the five data sets is a few kB; a 100 MB line is not a row
 # The offline split, for sources without a train split: a row goes to the first split whose
 # bound its group's share is under, so 80/10/10.
@@ -119,7 +121,8 @@ def numbered_lines(data: bytes, where: str, expected: str) -> list[tuple[int, An
             )
         try:
             value = json.loads(line.decode("utf-8"))
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            if SURROGATE_ESCAPE.search(line):  # only then can a string hold one: not every row is written again
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeDecodeError:
             raise DataError(f"{where}, line {n}: not UTF-8; {expected}.") from None
         except UnicodeEncodeError:
@@ -137,12 +140,15 @@ def numbered_lines(data: bytes, where: str, expected: str) -> list[tuple[int, An
     return rows
 
 
-def read_jsonl(path: Path, fields: tuple[str, ...], problem=None) -> list[dict]:
+def read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror}).") from None
-    numbered = numbered_lines(data, str(path), _expected(fields))
+
+
+def read_jsonl(path: Path, fields: tuple[str, ...], problem=None) -> list[dict]:
+    numbered = numbered_lines(read_bytes(path), str(path), _expected(fields))
     return check([v for _, v in numbered], fields, str(path), "line", problem, [n for n, _ in numbered])
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..runs import SAMPLES
 from ..tokens import chat_ids, prompt_ids
 from . import metrics
-from .base import HELD_OUT, DataError, Rows, Scorer, numbered_lines, share
+from .base import HELD_OUT, DataError, Rows, Scorer, numbered_lines, read_bytes, share
 
 ROLES = ("system", "user", "assistant")
 
@@ -229,13 +229,6 @@ def encode_messages(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
             )
         labels[len(before) : len(through)] = full[len(before) : len(through)]
     return {"input_ids": full, "labels": labels}
-
-
-def read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror}).") from None
 
 
 def read_rows(source: str, split: str, fields: dict) -> tuple[list[dict], str]:

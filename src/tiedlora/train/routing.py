@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layer import AdaptedLinear, GroupAdapter, RowSeeds, add_update
+from ..layer import AdaptedLinear, GroupAdapter, RowSeeds, SharedInput, add_update
 
 Members = dict[str, AdaptedLinear]  # a tenant's adapted projections by their path in the model
 
@@ -38,20 +38,16 @@ class Segment:
 
     def __init__(self, members: Members, rows: slice, seeds: RowSeeds | None = None):
         self.members, self.rows, self.seeds = members, rows, seeds
-        self.last: tuple[GroupAdapter, torch.Tensor, bool, torch.Tensor] | None = (
-            None  # the group's h, as `SharedInput`
-        )
+        self.shared = SharedInput()  # the last group's h
+        self.adapter: GroupAdapter | None = None  # that group
 
     def down(self, adapter: GroupAdapter, x: torch.Tensor, training: bool) -> torch.Tensor:
         """The tenant's h for this group on its rows, once for all the group's members (q, k and v
         are called one after another on the same x)."""
-        grad = torch.is_grad_enabled()
-        last = self.last
-        if last is not None and last[0] is adapter and last[1] is x and last[2] == grad:
-            return last[3]
-        h = adapter.project(x[self.rows], training, self.seeds)
-        self.last = (adapter, x, grad, h)
-        return h
+        if adapter is not self.adapter:  # another group: its own h
+            self.shared.clear()
+            self.adapter = adapter
+        return self.shared.get(x, lambda x: adapter.project(x[self.rows], training, self.seeds))
 
 
 class Route:
